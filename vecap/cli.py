@@ -1,0 +1,184 @@
+"""The ``vecap`` command: one subcommand per stage and tool.
+
+This is an entry point: it parses arguments, sets up logging and calls the library.
+The library never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("vecap")
+
+STAGE_HELP = {
+    "caption": "stage 1: a VLM captions every image of the pending input shards → <root>/captions/",
+    "fuse": "stage 2: an LLM fuses alt-text and VLM caption into the VeC caption → <root>/fused/",
+    "write": "stage 3: CLIP-ready shards mixing alt-text and VeC captions → <root>/vecap/",
+    "run": "caption → fuse → write in one Ray job, streaming; the same files as the three stages",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="pipelines/demo.yaml", help="recipe file (default: %(default)s)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set caption.batch_size=32 (repeatable)",
+    )
+
+
+def _stage_cmd(args: argparse.Namespace) -> int:
+    from vecap.config import load_config
+    from vecap.pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
+    result = run(cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress)
+    print(result.summary())
+    for step in steps:
+        print(f"{step:<8} → {cfg.stage_dir({'caption': 'captions', 'fuse': 'fused', 'write': 'vecap'}[step])}")
+    return 0
+
+
+def _download_cmd(args: argparse.Namespace) -> int:
+    from vecap.download import download
+
+    extra = {}
+    for item in args.option:
+        from vecap.config import parse_override
+
+        path, value = parse_override(item)
+        extra[".".join(path)] = value
+    out = download(
+        args.url_list, args.output, input_format=args.input_format, url_col=args.url_col,
+        caption_col=args.caption_col, number_sample_per_shard=args.shard_size, **extra,
+    )
+    print(f"img2dataset shards → {out}")
+    return 0
+
+
+def _sample_data_cmd(args: argparse.Namespace) -> int:
+    from vecap.sample_data import make_sample_data
+
+    out = make_sample_data(args.root, n_images=args.n_images, shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"sample img2dataset shards → {out}")
+    return 0
+
+
+def _models_cmd(args: argparse.Namespace) -> int:
+    from vecap.tiny_models import build_tiny_models
+
+    paths = build_tiny_models(args.out, scale=args.scale, overwrite=args.overwrite)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _inspect_cmd(args: argparse.Namespace) -> int:
+    from vecap.inspect import inspect_path
+
+    print(inspect_path(args.path, n_rows=args.rows))
+    return 0
+
+
+def _report_cmd(args: argparse.Namespace) -> int:
+    from vecap.report import build_report
+
+    root = args.root
+    if root is None:
+        from vecap.config import load_config
+
+        root = load_config(args.config, args.overrides).root
+    out = build_report(root, args.out, n_samples=args.samples)
+    print(f"report → {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vecap",
+        description="Visual-enriched captions for CLIP training sets: caption images with a VLM, "
+        "fuse the captions with the alt-text using an LLM, write mixed CLIP-ready shards. "
+        "Runs on a local Ray by default, on a cluster when RAY_ADDRESS is set.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="fetch a URL list into img2dataset webdataset shards (<out>/NNNNN.tar ...)")
+    p.add_argument("url_list", help="parquet, csv or tsv file with url and caption columns")
+    p.add_argument("output", help="output folder, normally <root>/images")
+    p.add_argument("--input-format", default=None, help="parquet|csv|tsv (default: from the extension)")
+    p.add_argument("--url-col", default="url")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="any other img2dataset option")
+    p.set_defaults(func=_download_cmd)
+
+    p = sub.add_parser("sample-data", help="generate images, serve them on loopback and download them with img2dataset")
+    p.add_argument("--root", default="data/sample", help="dataset root; shards go to <root>/images")
+    p.add_argument("--n-images", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=16)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_sample_data_cmd)
+
+    p = sub.add_parser("models", help="build tiny random-weight models (offline) for tests and the demo")
+    p.add_argument("kind", choices=["tiny"], help="what to build")
+    p.add_argument("--out", default="models", help="folder for the model folders")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "bench"], help="tiny: tests/demo; bench: large enough to time")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_models_cmd)
+
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _add_config_args(p)
+        p.add_argument("--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings")
+        p.add_argument("--shards", nargs="*", help="only these shard names (e.g. 00000 00003)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=_stage_cmd)
+
+    p = sub.add_parser("inspect", help="summarise a shard or a stage folder: rows, statuses, a few rows")
+    p.add_argument("path", help="a .parquet, .tar or _stats.json of any stage, or a stage folder")
+    p.add_argument("--rows", type=int, default=5, help="rows to show")
+    p.set_defaults(func=_inspect_cmd)
+
+    p = sub.add_parser("report", help="one self-contained HTML page: samples side by side, statuses, lengths, entities")
+    _add_config_args(p)
+    p.add_argument("--root", default=None, help="dataset root (default: the config's root)")
+    p.add_argument("--out", default=None, help="HTML file (default: <root>/report.html)")
+    p.add_argument("--samples", type=int, default=48, help="samples in the grid")
+    p.set_defaults(func=_report_cmd)
+
+    p = sub.add_parser("bench", help="side-by-side benchmarks (pipeline vs bare engine, vLLM vs HF, I/O, memory)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    p.add_argument("--out", default="bench/results")
+    p.set_defaults(func=_bench_cmd)
+    return parser
+
+
+def _bench_cmd(args: argparse.Namespace) -> int:
+    from vecap.bench import main as bench_main
+
+    return bench_main(out_dir=args.out, quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from vecap.config import ConfigError
+    from vecap.pipeline import ConfigMismatch
+
+    try:
+        return args.func(args)
+    except (ConfigError, ConfigMismatch, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Run img2dataset over a URL list with the settings this pipeline needs.
+
+The pipeline reads img2dataset's webdataset output as is (DESIGN.md, "Data on disk") and
+copies the original image bytes into its own output, so the download must not resize or
+re-encode. img2dataset 1.47.0 can only keep the original bytes with
+``disable_all_reencoding=True``; then every image member is named ``<key>.<encode_format>``
+whatever the real format is (a PNG arrives as ``<key>.jpg``), ``width``/``height`` are left
+null and no size/area/aspect filter runs. Readers must sniff the real format from the bytes
+(:func:`vecap.images.sniff_image_format`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The one place that says how this pipeline calls img2dataset (sample data and `download`).
+IMG2DATASET_DEFAULTS: dict[str, Any] = {
+    "output_format": "webdataset",  # NNNNN.tar/.parquet/_stats.json: the pipeline's input contract
+    "resize_mode": "no",  # never resize (also what happens if reencoding is turned back on)
+    "disable_all_reencoding": True,  # keep the server's bytes exactly: no decode, no re-encode
+    "encode_format": "jpg",  # only names the tar member; with the line above the bytes stay as served
+    "compute_hash": "sha256",  # sha256 of the original bytes, in the .json and the Parquet
+    "min_image_size": 0,  # no filters: a sample-level problem becomes a status downstream
+    "max_image_area": math.inf,
+    "max_aspect_ratio": math.inf,
+    "incremental_mode": "incremental",  # a rerun skips shards that have their _stats.json
+}
+
+# Options that only have an effect when img2dataset decodes the image; giving one of them
+# without saying anything about `disable_all_reencoding` turns reencoding back on.
+_DECODING_OPTIONS: dict[str, Any] = {
+    "resize_mode": "no",
+    "min_image_size": 0,
+    "max_image_area": math.inf,
+    "max_aspect_ratio": math.inf,
+    "bbox_col": None,
+}
+
+# img2dataset's input formats, longest suffix first so ".csv.gz" wins over ".gz".
+INPUT_FORMATS: tuple[str, ...] = (
+    "jsonl.gz",
+    "json.gz",
+    "csv.gz",
+    "tsv.gz",
+    "txt.gz",
+    "parquet",
+    "jsonl",
+    "json",
+    "csv",
+    "tsv",
+    "txt",
+)
+
+def infer_input_format(url_list: str | Path) -> str:
+    """img2dataset's ``input_format`` from a file name (or the files of a folder)."""
+    path = Path(url_list)
+    if path.is_dir():
+        found = {fmt for f in path.iterdir() if f.is_file() and (fmt := _format_of(f.name))}
+        if len(found) != 1:
+            raise ValueError(
+                f"cannot infer the input format of folder {path}: found formats {sorted(found) or 'none'}; "
+                f"pass input_format= (one of {', '.join(INPUT_FORMATS)})"
+            )
+        return found.pop()
+    fmt = _format_of(path.name)
+    if fmt is None:
+        raise ValueError(
+            f"cannot infer the input format of {path} from its extension; "
+            f"pass input_format= (one of {', '.join(INPUT_FORMATS)})"
+        )
+    return fmt
+
+
+def _format_of(name: str) -> str | None:
+    lower = name.lower()
+    return next((fmt for fmt in INPUT_FORMATS if lower.endswith("." + fmt)), None)
+
+
+def _check_columns(url_list: Path, input_format: str, url_col: str, caption_col: str | None) -> None:
+    """Fail early, naming the column, instead of deep inside img2dataset's worker processes."""
+    if url_list.is_dir():
+        return
+    if input_format == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(url_list).names
+    elif input_format in ("csv", "tsv"):
+        with url_list.open(encoding="utf-8", newline="") as f:
+            import csv
+
+            names = next(csv.reader(f, delimiter="," if input_format == "csv" else "\t"), [])
+    else:
+        return
+    missing = [c for c in (url_col, caption_col) if c is not None and c not in names]
+    if missing:
+        raise ValueError(f"{url_list}: column(s) {missing} not found; columns are {names}")
+
+
+def resolve_img2dataset_options(**overrides: Any) -> dict[str, Any]:
+    """The pipeline's defaults merged with the caller's options.
+
+    Asking for a resize, a size filter or blurring without mentioning
+    ``disable_all_reencoding`` turns reencoding back on (with a warning), since img2dataset
+    would otherwise silently ignore the request.
+    """
+    options = {**IMG2DATASET_DEFAULTS, **overrides}
+    if "disable_all_reencoding" not in overrides:
+        asked = [k for k, neutral in _DECODING_OPTIONS.items() if k in overrides and overrides[k] != neutral]
+        if asked:
+            log.warning(
+                "img2dataset options %s need decoding: reencoding is turned on, "
+                "so images are no longer the original bytes",
+                asked,
+            )
+            options["disable_all_reencoding"] = False
+    return options
+
+
+def download(
+    url_list: str | Path,
+    output_folder: str | Path,
+    *,
+    input_format: str | None = None,
+    url_col: str = "url",
+    caption_col: str | None = "caption",
+    processes_count: int | None = None,
+    thread_count: int = 32,
+    number_sample_per_shard: int = 10000,
+    **img2dataset_options: Any,
+) -> Path:
+    """Download a URL list into ``output_folder`` as the pipeline's ``images/`` input.
+
+    `url_list` is a local file (parquet/csv/tsv/json/jsonl/txt, optionally .gz) or a folder
+    of such files; any other img2dataset option (``save_additional_columns``, ``timeout``,
+    ``retries``, ``distributor``...) is passed through. Returns the output folder.
+
+    img2dataset starts spawned worker processes and installs a SIGINT handler: call this
+    from the main thread, and from scripts under ``if __name__ == "__main__":``.
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # also inherited by img2dataset's spawned workers
+
+    path = Path(url_list)
+    if not path.exists():
+        raise ValueError(f"URL list not found: {path}")
+    if input_format is None:
+        input_format = infer_input_format(path)
+    elif input_format not in INPUT_FORMATS:
+        raise ValueError(f"unknown input_format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
+    if input_format.startswith("txt"):
+        caption_col = None  # a txt list has URLs only
+    _check_columns(path, input_format, url_col, caption_col)
+
+    options = resolve_img2dataset_options(**img2dataset_options)
+    options.update(
+        url_list=str(path),
+        output_folder=str(output_folder),
+        input_format=input_format,
+        url_col=url_col,
+        caption_col=caption_col,
+        processes_count=processes_count or max(1, os.cpu_count() or 1),
+        thread_count=thread_count,
+        number_sample_per_shard=number_sample_per_shard,
+    )
+    log.info("img2dataset %s -> %s (%s)", path, output_folder, {k: options[k] for k in IMG2DATASET_DEFAULTS})
+
+    from img2dataset import download as i2d_download
+
+    i2d_download(**options)
+    out = Path(output_folder)
+    _log_summary(out)
+    return out
+
+
+def _log_summary(output_folder: Path) -> None:
+    """img2dataset only prints; put the totals into our log."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    stats = sorted(output_folder.glob("*_stats.json")) if output_folder.is_dir() else []
+    for f in stats:
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for k in totals:
+            totals[k] += int(d.get(k) or 0)
+    log.info("img2dataset wrote %d shard(s) to %s: %s", len(stats), output_folder, totals)

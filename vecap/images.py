@@ -1,0 +1,145 @@
+"""Decode untrusted image bytes into small RGB images on CPU workers.
+
+Everything a web image can be is handled here, so that the engine actors only
+ever receive small, valid RGB pixel buffers: decompression bombs and oversized
+files are refused before decoding, animated images give their first frame, 16-bit,
+CMYK, palette, grey and alpha images become plain RGB (alpha over white), EXIF
+orientation is applied, and the result is downscaled to what the model needs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from vecap import schemas
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used; ``status`` is one of the ``schemas.IMAGE_*`` statuses."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Raw RGB bytes (row-major, 3 bytes a pixel) of the downscaled image, and the original size."""
+
+    pixels: bytes
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.frombytes("RGB", (self.width, self.height), self.pixels)
+
+
+def _target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Scale so the shorter side is at most ``short_side``; never upscale."""
+    shorter = min(width, height)
+    if shorter <= short_side:
+        return width, height
+    scale = short_side / shorter
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_rgb(im):
+    """Any PIL mode → RGB; transparency is composited over white, 16-bit is scaled, not clipped."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" else max(float(arr.max()), 1.0)
+        if im.mode == "I" and arr.max() <= 255:
+            top = 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype("uint8")
+        im = Image.fromarray(arr, mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_bytes: int) -> PreparedImage:
+    """Decode, normalise and downscale one image; raises :class:`ImageRejected` with a status."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageRejected(schemas.IMAGE_EMPTY, "zero bytes")
+    if len(data) > max_bytes:
+        raise ImageRejected(schemas.IMAGE_TOO_LARGE, f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width <= 0 or height <= 0:
+                raise ImageRejected(schemas.IMAGE_EMPTY, f"size {width}x{height}")
+            if width * height > max_pixels:
+                raise ImageRejected(schemas.IMAGE_TOO_LARGE, f"{width}x{height} pixels > limit {max_pixels}")
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            target = _target_size(width, height, short_side)
+            if im.format == "JPEG":
+                im.draft("RGB", target)  # decode at reduced scale: much cheaper for big JPEGs
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+            # exif_transpose may swap the axes: recompute from the decoded image.
+            target = _target_size(im.width, im.height, short_side)
+            if im.size != target:
+                im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected(schemas.IMAGE_TOO_LARGE, str(err)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, TypeError) as err:
+        raise ImageRejected(schemas.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+    return PreparedImage(im.tobytes(), im.width, im.height, width, height)
+
+
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "jpg"),
+    (b"\x89PNG\r\n\x1a\n", 0, "png"),
+    (b"WEBP", 8, "webp"),
+    (b"GIF8", 0, "gif"),
+    (b"BM", 0, "bmp"),
+    (b"II*\x00", 0, "tiff"),
+    (b"MM\x00*", 0, "tiff"),
+)
+
+
+def sniff_image_format(data: bytes) -> str | None:
+    """The real file extension of image bytes (jpg/png/webp/gif/bmp/tiff), None if unknown.
+
+    img2dataset names every member ``.jpg`` when it keeps the original bytes, so the
+    write stage names its members from this instead.
+    """
+    for magic, offset, ext in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            if ext == "webp" and data[:4] != b"RIFF":
+                continue
+            return ext
+    return None
+
+
+def image_size(data: bytes) -> tuple[int | None, int | None]:
+    """Width and height from the header alone (no decode); (None, None) if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any unreadable header means "unknown"
+        return None, None

@@ -1,0 +1,113 @@
+"""Arrow schemas of every stage's Parquet, and the per-sample status vocabulary.
+
+These are the contracts of DESIGN.md: flat, typed, pandas-friendly, no image bytes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- per-sample statuses -------------------------------------------------------------
+OK = "ok"
+# The image is unusable: the sample stays in every Parquet, never in the output tar.
+DOWNLOAD_FAILED = "download_failed"  # img2dataset could not fetch it (input Parquet only)
+MISSING_FROM_TAR = "missing_from_tar"  # listed as a success in the Parquet, absent from the tar
+MISSING_IMAGE = "missing_image"  # tar members for the key, but no image member
+DUPLICATE_KEY = "duplicate_key"  # a second sample with a key already seen in the shard
+INVALID_KEY = "invalid_key"  # member name not a plain file name (e.g. '../x.jpg')
+IMAGE_TOO_LARGE = "image_too_large"  # bytes or pixels over the configured limits
+IMAGE_EMPTY = "image_empty"  # zero bytes or zero width/height
+IMAGE_UNDECODABLE = "image_undecodable"  # not an image, truncated, unsupported
+# The image is fine but a model step failed; the row can be retried alone.
+MODEL_ERROR = "model_error"
+NO_TEXT = "no_text"  # neither alt-text nor a caption: nothing to train on
+
+IMAGE_FAILURES = frozenset(
+    {
+        DOWNLOAD_FAILED,
+        MISSING_FROM_TAR,
+        MISSING_IMAGE,
+        DUPLICATE_KEY,
+        INVALID_KEY,
+        IMAGE_TOO_LARGE,
+        IMAGE_EMPTY,
+        IMAGE_UNDECODABLE,
+    }
+)
+
+# Where the VeC caption came from, and which caption a vecap sample's .txt holds.
+VEC_SOURCES = ("fused", "vlm", "alt")
+TXT_SOURCES = ("alt", "vec")
+
+_PROVENANCE = [
+    ("finish_reason", pa.string()),
+    ("n_prompt_tokens", pa.int32()),
+    ("n_output_tokens", pa.int32()),
+    ("model", pa.string()),
+    ("prompt_id", pa.string()),
+    ("prompt_sha256", pa.string()),
+    ("params_sha256", pa.string()),
+    ("seed", pa.int64()),
+]
+
+CAPTIONS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("vlm_caption", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+FUSED = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("alt_text", pa.string()),
+        ("vlm_caption", pa.string()),
+        ("vec_caption", pa.string()),
+        ("vec_source", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+VECAP = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("alt_text", pa.string()),
+        ("vlm_caption", pa.string()),
+        ("vec_caption", pa.string()),
+        ("vec_source", pa.string()),
+        ("txt", pa.string()),
+        ("txt_source", pa.string()),
+        ("image_ext", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        # provenance of both models
+        ("caption_model", pa.string()),
+        ("caption_prompt_id", pa.string()),
+        ("caption_prompt_sha256", pa.string()),
+        ("caption_params_sha256", pa.string()),
+        ("fuse_model", pa.string()),
+        ("fuse_prompt_id", pa.string()),
+        ("fuse_prompt_sha256", pa.string()),
+        ("fuse_params_sha256", pa.string()),
+    ]
+)
+
+STAGE_SCHEMAS = {"captions": CAPTIONS, "fused": FUSED, "vecap": VECAP}
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows → a table with exactly ``schema``'s columns, in order; missing fields are null."""
+    names = schema.names
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)

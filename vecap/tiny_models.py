@@ -1,0 +1,377 @@
+"""Tiny random-weight LLaVA and Llama checkpoints, built offline, for tests, the demo and benchmarks.
+
+Nothing can be downloaded on the machines that run the tests, so the models the pipeline
+drives (a VLM that captions images, an LLM that fuses captions) are built here from
+scratch: a byte-level BPE tokenizer trained on generated English sentences, and models
+with fixed-seed random weights. Their output is gibberish, but they exercise the same code
+paths as ``llava-hf/llava-1.5-7b-hf`` and a Llama chat model, in vLLM and in transformers.
+
+Two scales share one code path: ``tiny`` (under 1 MB, for tests) and ``bench`` (tens of
+millions of parameters, so that generation rather than overhead dominates on a CPU).
+
+A folder counts as complete only once its marker file, written last, describes exactly
+what this code would build; models are built in a temporary folder and renamed into
+place, so an interrupted build never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MARKER = "vecap_tiny.json"
+# Bump when the build changes in a way the size table does not show (forces rebuilds).
+BUILD_VERSION = 1
+SEED = 0
+
+BOS, EOS, PAD, UNK, IMAGE = "<s>", "</s>", "<pad>", "<unk>", "<image>"
+# Trained first, so they get ids 0..4 in this order.
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 1024,  # an upper bound: the corpus may yield fewer merges
+        # vLLM's CPU attention supports head_dim 32, 64, 80, ... only (not 16).
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 2},
+        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    },
+    "bench": {
+        "vocab_size": 2048,
+        "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                 "num_attention_heads": 8, "num_key_value_heads": 8},
+        "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+    },
+}
+MAX_POSITIONS = 4096
+
+# The llava-1.5 conversation format ("USER: <image>\nDescribe the image. ASSISTANT:").
+# Content may be a string or a list of parts; image parts render as <image>. Every
+# literal newline is emitted from inside {{ }}, so trim_blocks (which transformers and
+# vLLM use) cannot swallow it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- '' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{- '\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- ' ' -}}"
+    "{%- else -%}{{- eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def model_dirs(out_dir: str | Path, scale: str = "tiny") -> dict[str, Path]:
+    """Where ``build_tiny_models`` puts each model (``{scale}-llava``, ``{scale}-llama``)."""
+    _check_scale(scale)
+    out = Path(out_dir)
+    return {"llava": out / f"{scale}-llava", "llama": out / f"{scale}-llama"}
+
+
+def build_tiny_models(out_dir: str | Path, scale: str = "tiny", overwrite: bool = False) -> dict[str, Path]:
+    """Build (or reuse) the random LLaVA and Llama of ``scale`` under ``out_dir``.
+
+    Returns ``{"llava": out_dir/"{scale}-llava", "llama": out_dir/"{scale}-llama"}``. A folder whose
+    marker matches what would be built is kept unless ``overwrite``; anything else there is replaced.
+    The result depends only on ``scale`` and this code (fixed seeds), byte for byte.
+    """
+    dirs = model_dirs(out_dir, scale)
+    for kind, path in dirs.items():
+        spec = _spec(kind, scale)
+        if not overwrite and is_complete(path, spec):
+            log.info("reusing %s model at %s", kind, path)
+            continue
+        _build_atomically(path, spec, overwrite)
+    return dirs
+
+
+def is_complete(path: str | Path, spec: dict[str, Any]) -> bool:
+    """True if ``path`` holds a finished build of exactly ``spec`` (its marker is written last)."""
+    marker = Path(path) / MARKER
+    try:
+        return json.loads(marker.read_text()) == spec
+    except (OSError, ValueError):
+        return False
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in SIZES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SIZES)}")
+
+
+def _spec(kind: str, scale: str) -> dict[str, Any]:
+    """The marker's content: what the folder holds, so a change in sizes forces a rebuild."""
+    _check_scale(scale)
+    sizes = SIZES[scale]
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "scale": scale,
+        "build_version": BUILD_VERSION,
+        "seed": SEED,
+        "vocab_size_max": sizes["vocab_size"],
+        "text": sizes["text"],
+        "description": (
+            "random-weight LlavaForConditionalGeneration (CLIP vision + Llama text), llava-hf key layout"
+            if kind == "llava" else "random-weight LlamaForCausalLM chat model"
+        ),
+    }
+    if kind == "llava":
+        spec["vision"] = sizes["vision"]
+    return spec
+
+
+def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None:
+    """Build into a temporary sibling folder, write the marker last, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if spec["kind"] == "llava":
+            _build_llava(tmp, spec["scale"])
+        else:
+            _build_llama(tmp, spec["scale"])
+        (tmp / MARKER).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            if not overwrite and is_complete(path, spec):
+                # Another process finished the same build meanwhile: keep theirs.
+                shutil.rmtree(tmp)
+                return
+            log.info("replacing %s", path)
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        log.info("built %s model (%s) at %s", spec["kind"], spec["scale"], path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def training_sentences(n: int = 600, seed: int = SEED) -> list[str]:
+    """Varied English sentences about objects, colours, places and brands (the BPE corpus).
+
+    Generated rather than downloaded; also includes the chat-template words so that the
+    prompt the pipeline sends tokenizes into a few tokens.
+    """
+    rng = random.Random(seed)
+    colors = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray",
+              "pink", "golden", "silver", "dark", "bright"]
+    objects = ["dog", "cat", "car", "bicycle", "bottle", "chair", "table", "laptop", "phone", "shoe",
+               "house", "tree", "flower", "bird", "horse", "boat", "train", "bus", "cup", "book",
+               "lamp", "guitar", "umbrella", "backpack", "clock", "sign", "pizza", "cake", "kite", "ball"]
+    places = ["on a beach", "in a park", "on a city street", "in a kitchen", "in a living room",
+              "near a river", "in the mountains", "at a market", "in a garden", "at the airport",
+              "in a forest", "on a wooden table", "in front of a store", "at night", "in the snow"]
+    brands = ["Nike", "Apple", "Toyota", "Coca-Cola", "Samsung", "Adidas", "IKEA", "Sony", "Lego",
+              "Canon", "Ford", "Nikon", "Puma", "Honda", "Starbucks"]
+    verbs = ["sitting", "standing", "lying", "parked", "shown", "placed", "hanging", "floating"]
+    counts = ["a", "one", "two", "three", "several", "many", "a few", "four"]
+    templates = [
+        "A photo of {c} {col} {o} {p}.",
+        "{C} {col} {o}s {v} {p}.",
+        "The {col} {o} is {v} {p}.",
+        "A {brand} {o} {v} {p}, next to a {col2} {o2}.",
+        "Close-up of a {col} {brand} {o} with a {col2} background.",
+        "An image showing {c} {o}s and a {col} {o2} {p}.",
+        "There is a {col} {o} {p} and the sky is {col2}.",
+        "{brand} logo printed on a {col} {o}.",
+        "A {col} {o} and a {col2} {o2} {v} {p}, photographed in {year}.",
+        "Describe the image: a {col} {o} {p}.",
+    ]
+    fixed = [
+        "USER: Describe the image. ASSISTANT: A dog on a beach.",
+        "USER: Write a short caption. ASSISTANT: A red car parked on a city street.",
+        "Describe the image in one sentence.",
+        "Rewrite the caption using the details of the alt-text and the visual description.",
+        "Numbers such as 0 1 2 3 4 5 6 7 8 9 10 100 2024 appear in captions.",
+        "Punctuation: commas, periods. Questions? Exclamations! Quotes \"like this\" and 'this'; colons: yes.",
+    ]
+    out = list(fixed)
+    while len(out) < n:
+        obj, obj2 = rng.sample(objects, 2)
+        col, col2 = rng.sample(colors, 2)
+        count = rng.choice(counts)
+        text = rng.choice(templates).format(
+            c=count, C=count.capitalize(), col=col, col2=col2, o=obj, o2=obj2, p=rng.choice(places),
+            v=rng.choice(verbs), brand=rng.choice(brands), year=rng.randint(1950, 2024),
+        )
+        out.append(text)
+    return out
+
+
+def build_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer with llava-hf's conventions, as a ``PreTrainedTokenizerFast``.
+
+    ``<image>`` is a special token (never split); the tokenizer adds ``<s>`` itself (as
+    Llama's does) and the chat template does not, so a template-rendered prompt string
+    encodes to one BOS; padding is on the left, as batched generation needs.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_sentences(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        padding_side="left",
+        model_max_length=MAX_POSITIONS,
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": IMAGE},
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _text_config(scale: str, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **SIZES[scale]["text"],
+    )
+
+
+def _generation_config(tokenizer: Any) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_llama(out: Path, scale: str) -> None:
+    """A text-only Llama chat model: ``save_pretrained`` already writes the standard layout."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer(SIZES[scale]["vocab_size"])
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(_text_config(scale, tokenizer)).eval()
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_llava(out: Path, scale: str) -> None:
+    """A LLaVA-1.5-shaped model (CLIP vision, 2-layer MLP projector, Llama text) plus its processor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    sizes = SIZES[scale]
+    vision = sizes["vision"]
+    tokenizer = build_tokenizer(sizes["vocab_size"])
+    # "default" drops CLIP's CLS feature: one image token per patch.
+    image_seq_length = (vision["image_size"] // vision["patch_size"]) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(projection_dim=vision["hidden_size"], **vision),
+        text_config=_text_config(scale, tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-2,  # as llava-1.5; needs at least two vision layers
+        vision_feature_select_strategy="default",
+        image_seq_length=image_seq_length,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(out)
+    _rewrite_llava_hf_layout(model, out)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision["image_size"]},
+        crop_size={"height": vision["image_size"], "width": vision["image_size"]},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped again by "default"
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# transformers 5 keeps the vision tower as a bare CLIPVisionTransformer under model.vision_tower,
+# and its save_pretrained writes `vision_tower.embeddings...`; vLLM (and real llava-hf
+# checkpoints) use `vision_tower.vision_model.embeddings...`. Longest prefix first.
+_LLAVA_HF_PREFIXES = [
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+]
+
+
+def llava_hf_key(name: str) -> str:
+    """The llava-hf checkpoint key for a parameter of transformers' ``LlavaForConditionalGeneration``."""
+    for old, new in _LLAVA_HF_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    raise ValueError(f"unexpected LLaVA parameter name {name!r}")
+
+
+def _rewrite_llava_hf_layout(model: Any, out: Path) -> None:
+    """Replace the weights ``save_pretrained`` wrote with one file in the llava-hf key layout."""
+    from safetensors.torch import save_file
+
+    for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        stale.unlink()
+    state = {llava_hf_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
