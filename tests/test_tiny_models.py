@@ -157,7 +157,10 @@ class TestLlama:
             vllm_ids = _until_eos(out.outputs[0].token_ids, eos)
             assert vllm_ids, "nothing generated"
             assert vllm_ids == _until_eos(hf_ids, eos)
-            print(repr(out.outputs[0].text), repr(tokenizer.decode(vllm_ids, skip_special_tokens=True)), tokenizer.convert_ids_to_tokens(vllm_ids))
+            # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence (random
+            # byte-level tokens end in one now and then); a full decode shows it as U+FFFD.
+            expected = tokenizer.decode(vllm_ids, skip_special_tokens=True).rstrip("\ufffd")
+            assert out.outputs[0].text.rstrip("\ufffd") == expected
 
 
 class TestLlava:

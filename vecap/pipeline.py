@@ -13,6 +13,7 @@ function with different ``steps``; their files are identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -206,6 +207,12 @@ def _read_rows(batch, images_dir: str, captions_dir: str, caption_kwargs: dict[s
             yield from fuse_stage.read_caption_rows(one, images_dir, captions_dir)
 
 
+def _cpu_task(num_cpus: float) -> dict[str, Any]:
+    """Remote args of a CPU step given as a function: Ray Data then never fuses the step
+    into the next engine actor, so reading and decoding stay off the engines' critical path."""
+    return {"ray_remote_args_fn": functools.partial(dict, num_cpus=num_cpus)}
+
+
 def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
     import ray.data
 
@@ -216,7 +223,7 @@ def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
         _read_rows,
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=1,
+        **_cpu_task(1),
         fn_kwargs={
             "images_dir": str(cfg.stage_dir("images")),
             "captions_dir": str(cfg.stage_dir("captions")),
@@ -245,7 +252,7 @@ def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
         ds = ds.map_batches(
             fuse_stage.prepare_fuse_requests,
             batch_format="pyarrow",
-            num_cpus=0.25,
+            **_cpu_task(0.25),
             fn_kwargs={"prompt": prompt, "max_alt_text_words": f.max_alt_text_words, "run_seed": cfg.seed},
         )
         ds = ds.map_batches(
