@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def test_chat_template(models: dict[str, Path]) -> None:
     processor = AutoProcessor.from_pretrained(models["llava"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == "USER: <image>\nDescribe the image. ASSISTANT:"
+    assert prompt == "<s>USER: <image>\nDescribe the image. ASSISTANT:"
 
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
     conversation = [
@@ -118,9 +117,11 @@ def test_chat_template(models: dict[str, Path]) -> None:
         {"role": "user", "content": [{"type": "text", "text": "A caption?"}]},
     ]
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    assert text == "Be brief.\nUSER: Hi ASSISTANT: Hello.</s>USER: A caption? ASSISTANT:"
-    ids = tokenizer(text).input_ids
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert text == "<s>Be brief.\nUSER: Hi ASSISTANT: Hello.</s>USER: A caption? ASSISTANT:"
+    # One BOS, from the template, whether or not the tokenizer is asked to add special tokens.
+    for add_special_tokens in (True, False):
+        ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.padding_side == "left"
 
 

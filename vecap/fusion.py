@@ -81,7 +81,9 @@ def kept_entities(source: str, output: str) -> tuple[int, int]:
     if not ents:
         return 0, 0
     low = output.lower()
-    return sum(1 for e in ents if e in low), len(ents)
+    words = {m.group(0) for m in _WORD.finditer(low)} | {m.group(0) for m in _NUMBER.finditer(low)}
+    # whole words for Latin text ("air" is not kept by "pair"); substrings for unspaced scripts
+    return sum(1 for e in ents if (e in words if e.isascii() else e in low)), len(ents)
 
 
 # --- validation -------------------------------------------------------------------------

@@ -104,7 +104,9 @@ def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_byte
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageRejected(schemas.IMAGE_TOO_LARGE, str(err)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, TypeError) as err:
+    except UnidentifiedImageError:
+        raise ImageRejected(schemas.IMAGE_UNDECODABLE, "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as err:
         raise ImageRejected(schemas.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
     return PreparedImage(im.tobytes(), im.width, im.height, width, height)
 

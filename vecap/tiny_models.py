@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 MARKER = "vecap_tiny.json"
 # Bump when the build changes in a way the size table does not show (forces rebuilds).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SEED = 0
+# An upper bound: the generated corpus yields about 700 tokens, for both scales.
+VOCAB_SIZE = 1024
 
 BOS, EOS, PAD, UNK, IMAGE = "<s>", "</s>", "<pad>", "<unk>", "<image>"
 # Trained first, so they get ids 0..4 in this order.
@@ -38,7 +40,6 @@ SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "vocab_size": 1024,  # an upper bound: the corpus may yield fewer merges
         # vLLM's CPU attention supports head_dim 32, 64, 80, ... only (not 16).
         "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                  "num_attention_heads": 2, "num_key_value_heads": 2},
@@ -46,7 +47,6 @@ SIZES: dict[str, dict[str, Any]] = {
                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
     },
     "bench": {
-        "vocab_size": 2048,
         "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
                  "num_attention_heads": 8, "num_key_value_heads": 8},
         "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -55,11 +55,15 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 MAX_POSITIONS = 4096
 
-# The llava-1.5 conversation format ("USER: <image>\nDescribe the image. ASSISTANT:").
+# The llava-1.5 conversation format ("<s>USER: <image>\nDescribe the image. ASSISTANT:").
 # Content may be a string or a list of parts; image parts render as <image>. Every
 # literal newline is emitted from inside {{ }}, so trim_blocks (which transformers and
-# vLLM use) cannot swallow it.
+# vLLM use) cannot swallow it. The template writes the BOS and the tokenizer adds none,
+# so every path gets exactly one: a rendered string tokenized with special tokens
+# (vLLM's generate, transformers' processor), and vLLM's chat()/server, which tokenize the
+# rendered chat without adding special tokens.
 CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{- '' -}}"
     "{%- elif message['role'] == 'user' -%}{{- 'USER: ' -}}"
@@ -129,7 +133,7 @@ def _spec(kind: str, scale: str) -> dict[str, Any]:
         "scale": scale,
         "build_version": BUILD_VERSION,
         "seed": SEED,
-        "vocab_size_max": sizes["vocab_size"],
+        "vocab_size_max": VOCAB_SIZE,
         "text": sizes["text"],
         "description": (
             "random-weight LlavaForConditionalGeneration (CLIP vision + Llama text), llava-hf key layout"
@@ -151,6 +155,10 @@ def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None
         else:
             _build_llama(tmp, spec["scale"])
         (tmp / MARKER).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        # mkdtemp and safetensors create owner-only files; models are shared read-only.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         if path.exists():
             if not overwrite and is_complete(path, spec):
                 # Another process finished the same build meanwhile: keep theirs.
@@ -223,11 +231,10 @@ def training_sentences(n: int = 600, seed: int = SEED) -> list[str]:
 def build_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer with llava-hf's conventions, as a ``PreTrainedTokenizerFast``.
 
-    ``<image>`` is a special token (never split); the tokenizer adds ``<s>`` itself (as
-    Llama's does) and the chat template does not, so a template-rendered prompt string
-    encodes to one BOS; padding is on the left, as batched generation needs.
+    ``<image>`` is a special token (never split); BOS comes from the chat template, not from
+    the tokenizer (see ``CHAT_TEMPLATE``); padding is on the left, as batched generation needs.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -241,10 +248,6 @@ def build_tokenizer(vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(training_sentences(), trainer=trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -290,7 +293,7 @@ def _build_llama(out: Path, scale: str) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    tokenizer = build_tokenizer(SIZES[scale]["vocab_size"])
+    tokenizer = build_tokenizer(VOCAB_SIZE)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(_text_config(scale, tokenizer)).eval()
     model.generation_config = _generation_config(tokenizer)
@@ -311,7 +314,7 @@ def _build_llava(out: Path, scale: str) -> None:
 
     sizes = SIZES[scale]
     vision = sizes["vision"]
-    tokenizer = build_tokenizer(sizes["vocab_size"])
+    tokenizer = build_tokenizer(VOCAB_SIZE)
     # "default" drops CLIP's CLS feature: one image token per patch.
     image_seq_length = (vision["image_size"] // vision["patch_size"]) ** 2
     config = LlavaConfig(

@@ -1,0 +1,223 @@
+"""The whole pipeline: CLIP-ready shards read as open_clip reads them, mixing, stage-by-stage equality,
+kill-and-resume with a real SIGKILL, and the cluster path through `ray job submit`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from vecap import schemas
+from vecap.mixing import choose_txt, pick_caption
+from vecap.pipeline import run
+from vecap.reader import ShardReader, list_shards
+from vecap.writer import StageDir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _all_input_keys(images: Path) -> set[str]:
+    return {s.key for shard in list_shards(str(images)) for s in ShardReader(str(images), shard)}
+
+
+def _vecap_rows(root: Path) -> dict[str, dict]:
+    out = StageDir(root / "vecap")
+    rows = [r for s in sorted(out.done()) for r in out.read_table(s).to_pylist()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "a key was written twice"
+    return {r["key"]: r for r in rows}
+
+
+def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(make_root, demo_config):
+    import webdataset as wds
+
+    root = make_root("run")
+    result = run(demo_config(root), progress=False)
+    assert set(result.tallies) == {"caption", "fuse", "write"}
+    rows = _vecap_rows(root)
+    assert set(rows) == _all_input_keys(root / "images")
+    sizes = json.loads((root / "vecap" / "sizes.json").read_text())
+    manifest = json.loads((root / "vecap" / "_run.json").read_text())
+    assert manifest["fingerprints"]["caption"]["model"].endswith("tiny-llava") and manifest["versions"]["ray"]
+
+    # sizes.json matches the tars, the tars hold ok samples only, with the original bytes
+    inputs = {s.key: s for shard in list_shards(str(root / "images")) for s in ShardReader(str(root / "images"), shard)}
+    for tar_name, count in sizes.items():
+        with tarfile.open(root / "vecap" / tar_name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = {n.split(".", 1)[0] for n in members}
+        assert len(keys) == count
+        for key in keys:
+            row = rows[key]
+            assert row["status"] == schemas.OK and row["txt"] and row["txt_source"] in schemas.TXT_SOURCES
+            image = members[f"{key}.{row['image_ext']}"]
+            assert image == inputs[key].image and hashlib.sha256(image).hexdigest() == row["sha256"]
+            assert members[f"{key}.txt"].decode() == row["txt"]
+            meta = json.loads(members[f"{key}.json"])
+            assert meta["vec_caption"] == row["vec_caption"] and meta["alt_text"] == row["alt_text"]
+    assert sum(sizes.values()) == sum(1 for r in rows.values() if r["status"] == schemas.OK)
+    failed = [r for r in rows.values() if r["status"] != schemas.OK]
+    assert failed and all(r["txt"] is None for r in failed)  # kept in the Parquet, not in the tar
+    assert {r["image_ext"] for r in rows.values() if r["image_ext"]} >= {"jpg", "png", "webp"}
+
+    # Read as open_clip's training loader does (image by jpg;png;jpeg;webp, text by txt).
+    urls = [str(root / "vecap" / name) for name in sorted(sizes)]
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=False)
+        .decode("pilrgb")
+        .rename(image="jpg;png;jpeg;webp", text="txt")
+        .to_tuple("image", "text")
+        .batched(4, partial=True)
+    )
+    seen = 0
+    for images, texts in dataset:
+        assert len(images) == len(texts) and all(t for t in texts)
+        assert all(im.mode == "RGB" for im in images)
+        seen += len(images)
+    assert seen == sum(sizes.values())
+
+    # The same files from the three stage targets, one after the other.
+    staged = make_root("staged")
+    for step in ("caption", "fuse", "write"):
+        run(demo_config(staged), [step], progress=False)
+    for stage in ("captions", "fused", "vecap"):
+        for shard in list_shards(str(root / stage), ".parquet"):
+            assert pq.read_table(root / stage / f"{shard}.parquet").equals(pq.read_table(staged / stage / f"{shard}.parquet"))
+    for name in sizes:
+        assert (root / "vecap" / name).read_bytes() == (staged / "vecap" / name).read_bytes()
+
+    # A changed mix is refused for committed shards.
+    from vecap.pipeline import ConfigMismatch
+
+    with pytest.raises(ConfigMismatch, match="p_vec"):
+        run(demo_config(root, "write.p_vec=0.9"), ["write"], progress=False)
+
+
+def test_mixing_ratio_is_near_p_reproducible_and_never_empty():
+    keys = [f"{i:09d}" for i in range(600)]
+    for p in (0.5, 0.2):
+        picks = [choose_txt("random", p, 0, k, "alt text", "vec text") for k in keys]
+        share = sum(1 for _, src in picks if src == "vec") / len(keys)
+        assert abs(share - p) < 0.06
+        assert picks == [choose_txt("random", p, 0, k, "alt text", "vec text") for k in keys]
+    other_seed = [choose_txt("random", 0.5, 1, k, "a", "v")[1] for k in keys]
+    assert other_seed != [choose_txt("random", 0.5, 0, k, "a", "v")[1] for k in keys]
+    assert choose_txt("random", 1.0, 0, "k", "alt", "") == ("alt", "alt")  # the other stands in
+    assert choose_txt("alt", 0.5, 0, "k", "", "vec") == ("vec", "vec")
+    assert choose_txt("vec", 0.5, 0, "k", "alt", "vec") == ("vec", "vec")
+    assert choose_txt("random", 0.5, 0, "k", " ", None) is None
+
+
+def test_pick_caption_draws_from_the_json_per_access(tmp_path):
+    import webdataset as wds
+
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(200):
+            meta = json.dumps({"alt_text": f"alt {i}", "vec_caption": f"vec {i}", "vlm_caption": ""}).encode()
+            info = tarfile.TarInfo(f"{i:05d}.json")
+            info.size = len(meta)
+            tar.addfile(info, io.BytesIO(meta))
+    stage = pick_caption({"alt_text": 0.3, "vec_caption": 0.7, "vlm_caption": 5.0}, seed=0)
+    texts = [s["txt"] for s in wds.WebDataset(str(path), shardshuffle=False).decode().compose(stage)]
+    assert len(texts) == 200 and all(t.startswith(("alt", "vec")) for t in texts)  # empty vlm never drawn
+    assert 0.55 < sum(t.startswith("vec") for t in texts) / 200 < 0.85
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recipe(tmp_path: Path, root: Path, tiny_models) -> Path:
+    data = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    data["root"] = str(root)
+    data["caption"]["model"] = str(tiny_models["llava"])
+    data["fuse"]["model"] = str(tiny_models["llama"])
+    data["max_inflight_shards"] = 1
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_sigkill_halfway_then_resume(make_root, tiny_models, tmp_path):
+    root = make_root()
+    recipe = _recipe(tmp_path, root, tiny_models)
+    cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fused = StageDir(root / "fused")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and len(fused.done()) < 1 and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    committed = {s: fused.stats_path(s).read_bytes() for s in fused.done()}
+    n_shards = len(list_shards(str(root / "images")))
+    assert 1 <= len(committed) < n_shards, "the kill should land halfway"
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {s: fused.stats_path(s).read_bytes() for s in committed} == committed  # not recomputed
+    assert set(_vecap_rows(root)) == _all_input_keys(root / "images")  # complete, each key once
+    assert len(StageDir(root / "vecap").done()) == n_shards
+    assert not [p for d in ("captions", "fused", "vecap") for p in (root / d).glob(".*")]  # no temp files left
+
+
+def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
+    """A private cluster (own temp dir and ports), a job submitted to it, and only that cluster stopped."""
+    root = make_root()
+    recipe = _recipe(tmp_path, root, tiny_models)
+    gcs, dash = _free_port(), _free_port()
+    env = _env() | {"RAY_AUTH_MODE": "disabled"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true", "--num-cpus=8", f"--temp-dir={tmp_path / 'ray'}", "--object-store-memory=400000000",
+         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
+         "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                  sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
+        deadline = time.time() + 120
+        while True:  # the dashboard takes a few seconds to come up
+            out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if out.returncode == 0 or time.time() > deadline or "Connection" not in out.stderr + out.stdout:
+                break
+            time.sleep(3)
+        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+        assert "SUCCEEDED" in out.stdout + out.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    assert set(_vecap_rows(root)) == _all_input_keys(root / "images")
+    import ray
+
+    assert not ray.is_initialized() or ray.cluster_resources()  # the test session's own Ray (if any) still answers
