@@ -41,10 +41,11 @@ class HFEngine(ChatEngine):
         prompts = [self._render(r.messages) for r in requests]
         if self.spec.multimodal:
             inputs = self.processor(
-                text=prompts, images=[r.image for r in requests], padding=True, return_tensors="pt"
+                text=prompts, images=[r.image for r in requests], padding=True, return_tensors="pt",
+                add_special_tokens=False,  # the chat template already holds BOS
             )
         else:
-            inputs = self.tokenizer(prompts, padding=True, return_tensors="pt")
+            inputs = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():

@@ -40,7 +40,10 @@ class VLLMEngine(ChatEngine):
                     seed=r.seed if s.temperature > 0 else None,
                 )
             )
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        # The chat template already holds BOS and the other special tokens (as in vLLM's chat path).
+        outputs = self.llm.generate(
+            inputs, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False}
+        )
         result = []
         for out in outputs:
             comp = out.outputs[0]
