@@ -19,7 +19,7 @@ from vecap.images import prepare_image
 from vecap.prompts import load_prompt
 
 pytestmark = pytest.mark.slow
-VLLM_ENGINE = {"max_model_len": 512, "enforce_eager": True}
+VLLM_ENGINE = {"max_model_len": 2048, "enforce_eager": True}
 
 
 def _images():
@@ -62,8 +62,10 @@ def test_hf_and_vllm_give_the_same_greedy_outputs(tiny_models, kind):
     requests = _caption_requests() if multimodal else _fuse_requests()
     vllm_texts, vllm_out = _texts("vllm", tiny_models[kind], multimodal, requests, engine_kwargs=VLLM_ENGINE)
     hf_texts, hf_out = _texts("hf", tiny_models[kind], multimodal, requests)
-    assert vllm_texts == hf_texts
+    # vLLM holds back a trailing incomplete UTF-8 byte that a full decode shows as U+FFFD
+    assert [t.rstrip("\ufffd") for t in vllm_texts] == [t.rstrip("\ufffd") for t in hf_texts]
     assert [g.n_prompt_tokens for g in vllm_out] == [g.n_prompt_tokens for g in hf_out]
+    assert [g.n_output_tokens for g in vllm_out] == [g.n_output_tokens for g in hf_out]
     assert len(vllm_texts) == len(requests) and all(t for t in vllm_texts)
 
 
@@ -103,7 +105,7 @@ def test_openai_backend_against_a_real_vllm_server(tiny_models, tmp_path):
     port = _free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["llava"]),
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
            "--dtype", "float32", "--served-model-name", "tiny-llava"]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -122,7 +124,7 @@ def test_openai_backend_against_a_real_vllm_server(tiny_models, tmp_path):
         assert all(g.finish_reason in ("stop", "length") and g.n_output_tokens > 0 for g in out)
         # the same model, prompt and images through the offline engine: the same greedy captions
         offline, _ = _texts("vllm", tiny_models["llava"], True, requests, engine_kwargs=VLLM_ENGINE)
-        assert texts == offline
+        assert [t.rstrip("\ufffd") for t in texts] == [t.rstrip("\ufffd") for t in offline]
     finally:
         os.killpg(server.pid, 9)
         server.wait()
