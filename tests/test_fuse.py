@@ -84,3 +84,35 @@ def test_fuse_without_captions_says_what_to_run(make_root, demo_config):
     root = make_root()
     with pytest.raises(RuntimeError, match="vecap caption"):
         run(demo_config(root), ["fuse"], progress=False)
+
+
+def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
+    """Rows whose model call failed are redone alone; the rest of the shard is kept as committed."""
+    root = tmp_path / "root"
+    shutil.copytree(captioned, root)
+    captions = StageDir(root / "captions")
+    shard = sorted(captions.done())[0]
+    rows = captions.read_table(shard).to_pylist()
+    ok_keys = [r["key"] for r in rows if r["status"] == schemas.OK][:2]
+    for r in rows:
+        if r["key"] in ok_keys:
+            r.update(status=schemas.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None)
+    stats = captions.read_stats(shard)
+    captions.commit(shard, stats, schemas.table(rows, schemas.CAPTIONS), schemas.CAPTIONS)
+    (root / "fused").mkdir(exist_ok=True)
+    fused = StageDir(root / "fused")
+    fused.commit(shard, {"n_rows": 0}, schemas.table([], schemas.FUSED), schemas.FUSED)  # built from the old rows
+
+    cfg = demo_config(root)
+    result = run(cfg, ["caption"], retry_failed=True, progress=False)
+    assert result.tallies["caption"].shards == 1
+    after = {r["key"]: r for r in captions.read_table(shard).to_pylist()}
+    assert len(after) == len(rows)
+    for r in rows:
+        if r["key"] in ok_keys:
+            assert after[r["key"]]["status"] == schemas.OK and after[r["key"]]["vlm_caption"]
+        else:
+            assert after[r["key"]] == r  # untouched
+    assert not fused.is_done(shard)  # derived from the old captions: invalidated
+    again = run(cfg, ["caption"], retry_failed=True, progress=False)
+    assert again.tallies["caption"].shards == 0  # nothing failed any more

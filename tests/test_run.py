@@ -10,8 +10,10 @@ import os
 import signal
 import socket
 import subprocess
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +73,7 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(make_root, dem
     assert sum(sizes.values()) == sum(1 for r in rows.values() if r["status"] == schemas.OK)
     failed = [r for r in rows.values() if r["status"] != schemas.OK]
     assert failed and all(r["txt"] is None for r in failed)  # kept in the Parquet, not in the tar
+    assert rows["9900004"]["status"] == schemas.UNSUPPORTED_FORMAT  # a GIF: open_clip would not read it
     assert {r["image_ext"] for r in rows.values() if r["image_ext"]} >= {"jpg", "png", "webp"}
 
     # Read as open_clip's training loader does (image by jpg;png;jpeg;webp, text by txt).
@@ -192,13 +195,15 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     gcs, dash = _free_port(), _free_port()
     env = _env() | {"RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=8", f"--temp-dir={tmp_path / 'ray'}", "--object-store-memory=400000000",
+         "--include-dashboard=true", "--num-cpus=8", f"--temp-dir={temp_dir}", "--object-store-memory=400000000",
          "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
          "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
          f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
     )
     try:
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
@@ -209,7 +214,7 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
             if out.returncode == 0 or time.time() > deadline or "Connection" not in out.stderr + out.stdout:
                 break
             time.sleep(3)
-        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:], (tmp_path / "head.log").read_text()[-3000:])
         assert "SUCCEEDED" in out.stdout + out.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -217,6 +222,8 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert set(_vecap_rows(root)) == _all_input_keys(root / "images")
     import ray
 

@@ -34,7 +34,10 @@ def _stage_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
-    result = run(cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress)
+    result = run(
+        cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress,
+        retry_failed=getattr(args, "retry_failed", False),
+    )
     print(result.summary())
     for step in steps:
         print(f"{step:<8} → {cfg.stage_dir({'caption': 'captions', 'fuse': 'fused', 'write': 'vecap'}[step])}")
@@ -135,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings")
         p.add_argument("--shards", nargs="*", help="only these shard names (e.g. 00000 00003)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name in ("caption", "fuse"):
+            p.add_argument(
+                "--retry-failed", action="store_true",
+                help="redo only the rows whose model call failed in committed shards (later stages of those shards are invalidated)",
+            )
         p.set_defaults(func=_stage_cmd)
 
     p = sub.add_parser("inspect", help="summarise a shard or a stage folder: rows, statuses, a few rows")

@@ -87,6 +87,9 @@ class WriteConfig(_Section):
 
     mix: Literal["random", "vec", "alt", "both"] = "random"
     p_vec: float = Field(0.5, ge=0, le=1)
+    # Image formats copied into the output tars (what open_clip's loader reads). Others are
+    # never re-encoded: they stay out of the tar with status "unsupported_format".
+    image_exts: list[str] = Field(default_factory=lambda: ["jpg", "png", "webp"])
 
 
 class PipelineConfig(_Section):

@@ -123,7 +123,7 @@ def _fingerprints(cfg: PipelineConfig, steps: Sequence[str]) -> dict[str, dict[s
             spec = engine_spec(section, multimodal)
             prints[step] = Provenance(spec.model, prompt.id, prompt.sha256, params_hash(spec)).columns()
     if "write" in steps:
-        prints["write"] = {"mix": cfg.write.mix, "p_vec": cfg.write.p_vec, "seed": cfg.seed}
+        prints["write"] = {"mix": cfg.write.mix, "p_vec": cfg.write.p_vec, "seed": cfg.seed, "image_exts": sorted(cfg.write.image_exts)}
     return prints
 
 
@@ -163,15 +163,32 @@ class _Plan:
     captioned: set[str] = field(default_factory=set)
     fused: set[str] = field(default_factory=set)
     written: set[str] = field(default_factory=set)
+    retry: dict[str, set[str]] = field(default_factory=dict)  # shard → failed keys to redo alone
 
 
-def plan(cfg: PipelineConfig, steps: Sequence[str], shards: Sequence[str] | None = None) -> tuple[_Plan, dict[str, StageTally]]:
+def failed_keys(step: str, table_rows: list[dict[str, Any]]) -> set[str]:
+    """Keys whose model call failed in a committed shard: what ``--retry-failed`` redoes."""
+    if step == "caption":
+        return {r["key"] for r in table_rows if r["status"] == schemas.MODEL_ERROR}
+    return {r["key"] for r in table_rows if (r["error"] or "").startswith("model_error")}
+
+
+def plan(
+    cfg: PipelineConfig, steps: Sequence[str], shards: Sequence[str] | None = None, retry_failed: bool = False
+) -> tuple[_Plan, dict[str, StageTally]]:
     dirs = {s: StageDir(cfg.stage_dir(STAGE_DIRS[s])) for s in STEPS}
     done = {s: dirs[s].done() for s in STEPS}
     p = _Plan()
     tallies = {s: StageTally() for s in steps}
+    if retry_failed and list(steps) not in (["caption"], ["fuse"]):
+        raise ValueError("--retry-failed works on one model stage at a time: caption or fuse")
     for shard in shards if shards is not None else list_shards(str(cfg.stage_dir("images"))):
         need = {s: s in steps and shard not in done[s] for s in STEPS}
+        if retry_failed and shard in done[steps[0]]:
+            keys = failed_keys(steps[0], dirs[steps[0]].read_table(shard).to_pylist())
+            if keys:
+                need[steps[0]] = True
+                p.retry[shard] = keys
         for s in steps:
             tallies[s].skipped_shards += 0 if need[s] else 1
         if need["caption"]:
@@ -197,14 +214,12 @@ def plan(cfg: PipelineConfig, steps: Sequence[str], shards: Sequence[str] | None
 
 def _read_rows(batch, images_dir: str, captions_dir: str, caption_kwargs: dict[str, Any]):
     """Ray Data UDF: one input shard → its work rows, from the images or from committed captions."""
-    import pyarrow as pa
-
-    for source, shard in zip(batch.column("source").to_pylist(), batch.column("shard").to_pylist()):
-        one = pa.table({"shard": [shard]})
+    for source, shard, keys in zip(*(batch.column(c).to_pylist() for c in ("source", "shard", "keys"))):
+        only = set(json.loads(keys)) if keys else None
         if source == "images":
-            yield from caption_stage.read_image_rows(one, images_dir, **caption_kwargs)
+            yield from caption_stage.read_image_rows(shard, images_dir, only_keys=only, **caption_kwargs)
         else:
-            yield from fuse_stage.read_caption_rows(one, images_dir, captions_dir)
+            yield from fuse_stage.read_caption_rows(shard, images_dir, captions_dir, only_keys=only)
 
 
 def _cpu_task(num_cpus: float) -> dict[str, Any]:
@@ -216,8 +231,11 @@ def _cpu_task(num_cpus: float) -> dict[str, Any]:
 def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
     import ray.data
 
-    items = [{"source": "images", "shard": s} for s in p.from_images]
-    items += [{"source": "captions", "shard": s} for s in p.from_captions]
+    def keys(shard: str) -> str:
+        return json.dumps(sorted(p.retry[shard])) if shard in p.retry else ""
+
+    items = [{"source": "images", "shard": s, "keys": keys(s)} for s in p.from_images]
+    items += [{"source": "captions", "shard": s, "keys": keys(s)} for s in p.from_captions]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         _read_rows,
@@ -312,6 +330,7 @@ def run(
     overwrite: bool = False,
     shards: Sequence[str] | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> RunResult:
     """Run ``steps`` (a contiguous part of caption → fuse → write) over every pending shard."""
     import ray
@@ -321,7 +340,7 @@ def run(
     for s in STEPS:
         StageDir(cfg.stage_dir(STAGE_DIRS[s])).remove_stale_temps()
     prints = check_fingerprints(cfg, steps, overwrite)
-    p, tallies = plan(cfg, steps, shards)
+    p, tallies = plan(cfg, steps, shards, retry_failed)
     init_ray(cfg)
     log.info(
         "plan: %d shard(s) from images, %d from captions, %d write-only (skipping done shards)",
@@ -334,7 +353,10 @@ def run(
 
     def submit_write(shard: str) -> None:
         pending_writes.append(
-            write_task.remote(str(cfg.root_path), shard, cfg.write.mix, cfg.write.p_vec, cfg.seed, cfg.caption.max_image_bytes)
+            write_task.remote(
+                str(cfg.root_path), shard, cfg.write.mix, cfg.write.p_vec, cfg.seed,
+                tuple(cfg.write.image_exts), cfg.caption.max_image_bytes,
+            )
         )
 
     def drain_writes(block_until: int) -> None:
@@ -367,11 +389,12 @@ def run(
                     report.pop("n_rows", None)
                     if shard in p.captioned:
                         out = caption_stage.caption_rows(rows, Provenance(**prints["caption"]))
+                        out = _merge_retried(captions_dir, shard, out, p)
                         stats = _stage_stats("caption", shard, out, prints["caption"], report, {})
                         captions_dir.commit(shard, stats, schemas.table(out, schemas.CAPTIONS), schemas.CAPTIONS)
                         tallies["caption"].add(stats)
                     if shard in p.fused:
-                        out = fuse_stage.fused_rows(rows, Provenance(**prints["fuse"]))
+                        out = _merge_retried(fused_dir, shard, fuse_stage.fused_rows(rows, Provenance(**prints["fuse"])), p)
                         extra = {"fallbacks": fuse_stage.fallback_counts(rows), "vec_sources": dict(Counter(r["vec_source"] for r in out if r["vec_source"]))}
                         stats = _stage_stats("fuse", shard, out, prints["fuse"], report, extra)
                         fused_dir.commit(shard, stats, schemas.table(out, schemas.FUSED), schemas.FUSED)
@@ -390,6 +413,19 @@ def run(
         if s != "write":
             StageDir(cfg.stage_dir(STAGE_DIRS[s])).write_json("_run.json", run_manifest(cfg, [s], prints, None))
     return RunResult(tallies, time.time() - t0)
+
+
+def _merge_retried(out: StageDir, shard: str, new_rows: list[dict], p: _Plan) -> list[dict]:
+    """For a retried shard: the committed rows with the retried keys replaced, and the
+    stages built from the old rows invalidated (they are recomputed on the next run)."""
+    if shard not in p.retry:
+        return new_rows
+    fresh = {r["key"]: r for r in new_rows}
+    merged = [fresh.get(r["key"], r) for r in out.read_table(shard).to_pylist()]
+    step = next(s for s, d in STAGE_DIRS.items() if d == out.path.name)
+    for later in STEPS[STEPS.index(step) + 1 :]:
+        StageDir(out.path.parent / STAGE_DIRS[later]).invalidate(shard)
+    return merged
 
 
 def run_manifest(cfg: PipelineConfig, steps: Sequence[str], prints: dict, sizes: dict | None) -> dict[str, Any]:

@@ -21,6 +21,9 @@ IMAGE_UNDECODABLE = "image_undecodable"  # not an image, truncated, unsupported
 # The image is fine but a model step failed; the row can be retried alone.
 MODEL_ERROR = "model_error"
 NO_TEXT = "no_text"  # neither alt-text nor a caption: nothing to train on
+# Write stage only: the image format is not one CLIP loaders read (open_clip: jpg/png/webp);
+# bytes are never re-encoded, so the sample stays out of the tar (its row says why).
+UNSUPPORTED_FORMAT = "unsupported_format"
 
 IMAGE_FAILURES = frozenset(
     {

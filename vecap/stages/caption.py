@@ -24,55 +24,60 @@ STAGE = "caption"
 
 
 def read_image_rows(
-    batch: pa.Table,
+    shard: str,
     images_dir: str,
     image_size: int,
     max_pixels: int,
     max_bytes: int,
     run_seed: int,
+    only_keys: set[str] | None = None,
     rows_per_block: int = 32,
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF: shard names → work rows with decoded pixels, then the shard's marker row."""
-    for shard in batch.column("shard").to_pylist():
-        reader = ShardReader(images_dir, shard, max_image_bytes=max_bytes)
-        seen: set[str] = set()
-        dropped: list[str] = []
-        rows: list[dict[str, Any]] = []
-        for sample in reader:
-            if sample.key in seen:  # one row per key: later copies are counted, not written
-                dropped.append(sample.key)
-                continue
-            seen.add(sample.key)
-            row: dict[str, Any] = {
-                "key": sample.key,
-                "shard": shard,
-                "is_marker": False,
-                "status": sample.status,
-                "error": sample.error,
-                "alt_text": sample.alt_text,
-                "url": sample.url,
-                "caption_seed": seed_for(run_seed, STAGE, sample.key),
-                "needs_caption": False,
-            }
-            if sample.status == schemas.OK:
-                try:
-                    img = prepare_image(sample.image, image_size, max_pixels, max_bytes)
-                    row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
-                except ImageRejected as err:
-                    row.update(status=err.status, error=str(err))
-            rows.append(row)
-            if len(rows) >= rows_per_block:
-                yield work_table(rows)
-                rows = []
-        report = {
-            "n_rows": len(seen),
-            "truncated": reader.report.truncated,
-            "read_error": reader.report.error,
-            "missing_txt": reader.report.missing_txt,
-            "dropped_duplicate_keys": dropped,
+    """One input shard → work rows with decoded pixels (blocks of ``rows_per_block``), then its marker row.
+
+    ``only_keys`` restricts the rows to those keys (retrying failed rows alone).
+    """
+    reader = ShardReader(images_dir, shard, max_image_bytes=max_bytes)
+    seen: set[str] = set()
+    dropped: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for sample in reader:
+        if sample.key in seen:  # one row per key: later copies are counted, not written
+            dropped.append(sample.key)
+            continue
+        seen.add(sample.key)
+        if only_keys is not None and sample.key not in only_keys:
+            continue
+        row: dict[str, Any] = {
+            "key": sample.key,
+            "shard": shard,
+            "is_marker": False,
+            "status": sample.status,
+            "error": sample.error,
+            "alt_text": sample.alt_text,
+            "url": sample.url,
+            "caption_seed": seed_for(run_seed, STAGE, sample.key),
+            "needs_caption": False,
         }
-        rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
-        yield work_table(rows)
+        if sample.status == schemas.OK:
+            try:
+                img = prepare_image(sample.image, image_size, max_pixels, max_bytes)
+                row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
+            except ImageRejected as err:
+                row.update(status=err.status, error=str(err))
+        rows.append(row)
+        if len(rows) >= rows_per_block:
+            yield work_table(rows)
+            rows = []
+    report = {
+        "n_rows": len(seen) if only_keys is None else len(seen & only_keys),
+        "truncated": reader.report.truncated,
+        "read_error": reader.report.error,
+        "missing_txt": reader.report.missing_txt,
+        "dropped_duplicate_keys": dropped,
+    }
+    rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
+    yield work_table(rows)
 
 
 class CaptionWorker(EngineWorker):

@@ -24,28 +24,31 @@ from vecap.writer import StageDir
 STAGE = "fuse"
 
 
-def read_caption_rows(batch: pa.Table, images_dir: str, captions_dir: str) -> Iterator[pa.Table]:
-    """Ray Data UDF: shard names → work rows from ``captions/`` joined with the alt-texts."""
-    for shard in batch.column("shard").to_pylist():
-        alts = read_alt_texts(images_dir, shard)
-        rows = []
-        for c in StageDir(captions_dir).read_table(shard).to_pylist():
-            alt = alts.get(c["key"], {})
-            rows.append(
-                {
-                    "key": c["key"],
-                    "shard": shard,
-                    "is_marker": False,
-                    "status": c["status"],
-                    "error": c["error"],
-                    "alt_text": alt.get("alt_text"),
-                    "url": alt.get("url"),
-                    "vlm_caption": c["vlm_caption"],
-                    "caption_seed": c["seed"],
-                }
-            )
-        rows.append({"shard": shard, "is_marker": True, "report": json.dumps({"n_rows": len(rows)})})
-        yield work_table(rows)
+def read_caption_rows(
+    shard: str, images_dir: str, captions_dir: str, only_keys: set[str] | None = None
+) -> Iterator[pa.Table]:
+    """One shard's committed captions, joined with its alt-texts → work rows, then its marker row."""
+    alts = read_alt_texts(images_dir, shard)
+    rows = []
+    for c in StageDir(captions_dir).read_table(shard).to_pylist():
+        if only_keys is not None and c["key"] not in only_keys:
+            continue
+        alt = alts.get(c["key"], {})
+        rows.append(
+            {
+                "key": c["key"],
+                "shard": shard,
+                "is_marker": False,
+                "status": c["status"],
+                "error": c["error"],
+                "alt_text": alt.get("alt_text"),
+                "url": alt.get("url"),
+                "vlm_caption": c["vlm_caption"],
+                "caption_seed": c["seed"],
+            }
+        )
+    rows.append({"shard": shard, "is_marker": True, "report": json.dumps({"n_rows": len(rows)})})
+    yield work_table(rows)
 
 
 def instructions_of(prompt: Prompt) -> str:

@@ -35,7 +35,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(
-    root: str, shard: str, mix: str, p_vec: float, seed: int, max_image_bytes: int = 32 << 20
+    root: str,
+    shard: str,
+    mix: str,
+    p_vec: float,
+    seed: int,
+    image_exts: tuple[str, ...] = ("jpg", "png", "webp"),
+    max_image_bytes: int = 32 << 20,
 ) -> dict[str, Any]:
     """Build and commit ``<root>/vecap/<shard>.{tar,parquet}`` and its stats; returns the stats."""
     t0 = time.time()
@@ -55,13 +61,16 @@ def write_shard(
             rows[sample.key] = row
             if row["status"] != schemas.OK or sample.image is None:
                 continue
+            # img2dataset names every member .jpg; name ours by the real format (bytes unchanged)
+            ext = sniff_image_format(sample.image) or sample.ext
+            if ext not in image_exts:
+                row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{ext} images are not read by CLIP loaders")
+                continue
             choice = choose_txt(mix, p_vec, seed, sample.key, light_clean(f["alt_text"]), f["vec_caption"])
             if choice is None:
                 row.update(status=schemas.NO_TEXT, error="neither alt-text nor VeC caption has text")
                 continue
             row["txt"], row["txt_source"] = choice
-            # img2dataset names every member .jpg; name ours by the real format (bytes unchanged)
-            ext = sniff_image_format(sample.image) or sample.ext
             row["image_ext"] = ext
             row["sha256"] = hashlib.sha256(sample.image).hexdigest()
             row["width"], row["height"] = image_size(sample.image)
@@ -93,7 +102,7 @@ def write_shard(
         "n_samples": n_samples,
         "statuses": statuses,
         "txt_sources": txt_sources,
-        "fingerprint": {"mix": mix, "p_vec": p_vec, "seed": seed},
+        "fingerprint": {"mix": mix, "p_vec": p_vec, "seed": seed, "image_exts": sorted(image_exts)},
         "seconds": round(time.time() - t0, 3),
     }
     out.commit(
