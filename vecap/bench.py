@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -309,9 +310,13 @@ def _bare_rep(engine: Any, requests: list, batch_size: int) -> dict[str, Any]:
             "errors": sum(g.error is not None for g in out), "load": _load(), "_out": out}
 
 
-def _alternate(rep: int, a: Callable[[], None], b: Callable[[], None]) -> None:
-    for f in ((a, b) if rep % 2 == 0 else (b, a)):
-        f()
+def _alternate(rep: int, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run both sides of a comparison, ``a`` first in even repetitions and ``b`` first in odd ones."""
+    if rep % 2 == 0:
+        ra = a()
+        return ra, b()
+    rb = b()
+    return a(), rb
 
 
 def _summarise_pipeline(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -371,8 +376,10 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
     for rep in range(s.reps):
         root = _fresh_root(f"caption-{rep}", ctx.images)
         cfg = ctx.cfg(root)
-        _alternate(rep, lambda: pipe.append(_pipeline_rep(ctx, "caption", cfg, shards)),
-                   lambda: bare.append(_bare_rep(engine, requests, s.batch_size)))
+        p_rep, b_rep = _alternate(rep, partial(_pipeline_rep, ctx, "caption", cfg, shards),
+                                  partial(_bare_rep, engine, requests, s.batch_size))
+        pipe.append(p_rep)
+        bare.append(b_rep)
         log.info("caption rep %d: pipeline %.2f img/s steady (%.1fs wall, engine start %.1fs), bare %.2f img/s",
                  rep, pipe[-1]["steady_per_s"] or 0, pipe[-1]["wall_s"], pipe[-1]["engine_startup_s"], bare[-1]["per_s"])
         if rep == 0:
@@ -447,8 +454,6 @@ def _write_captions(root: Path, shards: list[str], cfg: Any) -> None:
 
 def fuse_requests(cfg: Any, root: Path, shards: list[str]) -> list:
     """The fuse actor's requests, built with the stage's own CPU steps (same messages and seeds)."""
-    import pyarrow as pa
-
     from vecap.backends import Request
     from vecap.prompts import load_prompt
     from vecap.stages import fuse as fuse_stage
@@ -457,7 +462,7 @@ def fuse_requests(cfg: Any, root: Path, shards: list[str]) -> list:
     prompt = load_prompt("fuse", f.prompt)
     requests = []
     for shard in shards:
-        for table in fuse_stage.read_caption_rows(pa.table({"shard": [shard]}), str(root / "images"), str(root / "captions")):
+        for table in fuse_stage.read_caption_rows(shard, str(root / "images"), str(root / "captions")):
             table = fuse_stage.prepare_fuse_requests(table, prompt, f.max_alt_text_words, cfg.seed)
             for r in table.to_pylist():
                 if r.get("needs_fuse"):
@@ -495,8 +500,10 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
             (root / "images").symlink_to(ctx.images.resolve(), target_is_directory=True)
             shutil.copytree(base / "captions", root / "captions")
             cfg = ctx.cfg(root, f"fuse.engine.enable_prefix_caching={str(pc_on).lower()}")
-            _alternate(rep, lambda: pipe[pc_on].append(_pipeline_rep(ctx, "fuse", cfg, shards)),
-                       lambda: bare[pc_on].append(_bare_rep(engines[pc_on], requests, s.batch_size)))
+            p_rep, b_rep = _alternate(rep, partial(_pipeline_rep, ctx, "fuse", cfg, shards),
+                                      partial(_bare_rep, engines[pc_on], requests, s.batch_size))
+            pipe[pc_on].append(p_rep)
+            bare[pc_on].append(b_rep)
             log.info("fuse rep %d, prefix caching %s: pipeline %.2f/s steady (%.1fs wall), bare %.2f/s",
                      rep, "on" if pc_on else "off", pipe[pc_on][-1]["steady_per_s"] or 0, pipe[pc_on][-1]["wall_s"],
                      bare[pc_on][-1]["per_s"])
@@ -534,8 +541,10 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
         _run_batches(hf_engine, requests[: min(4, n)], s.batch_size)  # warm-up
         v, h = [], []
         for rep in range(s.reps):
-            _alternate(rep, lambda: v.append(_bare_rep(vllm_engine, requests, s.batch_size)),
-                       lambda: h.append(_bare_rep(hf_engine, requests, s.batch_size)))
+            v_rep, h_rep = _alternate(rep, partial(_bare_rep, vllm_engine, requests, s.batch_size),
+                                      partial(_bare_rep, hf_engine, requests, s.batch_size))
+            v.append(v_rep)
+            h.append(h_rep)
             log.info("backends %s rep %d: vLLM %.2f/s, hf %.2f/s", kind, rep, v[-1]["per_s"], h[-1]["per_s"])
         same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], h[0]["_out"]))
         out[kind] = {
@@ -557,8 +566,6 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
 def _io_vecap(images: Path, shards: list[str], out_root: Path, cfg: Any, image_size: int) -> int:
     """The pipeline's CPU path for a shard, model left out: read + decode (the caption stage's
     own read UDF) and the Parquet commit of the shard's rows (captions/ layout, no captions)."""
-    import pyarrow as pa
-
     from vecap import schemas
     from vecap.stages import caption as caption_stage
     from vecap.stages.common import Provenance
@@ -570,8 +577,8 @@ def _io_vecap(images: Path, shards: list[str], out_root: Path, cfg: Any, image_s
     n = 0
     for shard in shards:
         rows, report = [], {}
-        for table in caption_stage.read_image_rows(pa.table({"shard": [shard]}), str(images), image_size,
-                                                   c.max_image_pixels, c.max_image_bytes, cfg.seed):
+        for table in caption_stage.read_image_rows(shard, str(images), image_size=image_size, max_pixels=c.max_image_pixels,
+                                                   max_bytes=c.max_image_bytes, run_seed=cfg.seed):
             for r in table.to_pylist():
                 if r["is_marker"]:
                     report = json.loads(r["report"])
@@ -598,10 +605,8 @@ def _io_plain(images: Path, shards: list[str]) -> int:
             for member in tar:
                 if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in exts:
                     data = tar.extractfile(member).read()
-                    try:
+                    with contextlib.suppress(Exception):  # the sample's one non-image page
                         Image.open(_io.BytesIO(data)).convert("RGB")
-                    except Exception:  # noqa: BLE001 - the sample's non-image page
-                        pass
                     n += 1
     return n
 
@@ -630,8 +635,7 @@ def bench_io(ctx: Ctx) -> dict[str, Any]:
 
     one_plain()  # page cache warm for both
     plain.clear()
-    reps = max(3, s.reps)
-    for rep in range(reps):
+    for rep in range(max(3, s.reps)):
         _alternate(rep, one_vecap, one_plain)
     log.info("io: vecap %.2fs, plain %.2fs per pass over %d samples", _median(vec), _median(plain), n_plain)
     return {
@@ -789,6 +793,8 @@ def _table(results: dict[str, Any]) -> tuple[list[list[str]], dict[str, bool | N
     b = results.get("backends")
     if b and "error" not in b:
         for kind, v in b.items():
+            if not isinstance(v, dict):
+                continue
             add(f"vLLM / hf, {kind} model", f"requests/s, bare engines, greedy, {v['requests']} requests, batch {v['batch_size']}"
                 f" (identical outputs {v['outputs_identical']})", v["vllm_per_s"], v["hf_per_s"], "backends")
     i = results.get("io")
@@ -883,6 +889,7 @@ def main(out_dir: str = "bench/results", quick: bool = False) -> int:
     os.environ[TIMINGS_ENV] = str(ctx.timings)
     ray_tmp = tempfile.mkdtemp(prefix="vecap-bench-ray-", dir="/tmp")
     results: dict[str, Any] = {}
+    section_s: dict[str, float] = {}
     sections: list[tuple[str, Callable[[Ctx], dict[str, Any]]]] = [
         ("io", bench_io),
         ("memory", bench_memory),
@@ -904,10 +911,10 @@ def main(out_dir: str = "bench/results", quick: bool = False) -> int:
             log.info("=== %s", name)
             try:
                 results[name] = fn(ctx)
-            except Exception as err:  # noqa: BLE001 - one failed section must not hide the others
+            except Exception as err:  # one failed section must not hide the others
                 log.exception("section %s failed", name)
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
-            results.setdefault(name, {})["section_s"] = time.time() - t0
+            section_s[name] = time.time() - t0
             log.info("=== %s done in %.0fs", name, time.time() - t0)
     finally:
         with contextlib.suppress(Exception):
@@ -921,6 +928,7 @@ def main(out_dir: str = "bench/results", quick: bool = False) -> int:
         "sizes": asdict(sizes),
         "reps": sizes.reps,
         "seconds": time.time() - t_start,
+        "section_seconds": section_s,
         "load_start": load_start,
         "load_end": _load(),
         "cpus": os.cpu_count(),
@@ -928,8 +936,7 @@ def main(out_dir: str = "bench/results", quick: bool = False) -> int:
         "data": str(ctx.images),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    rows, verdicts = _table(results)
-    results["verdicts"] = verdicts
+    results["verdicts"] = _table(results)[1]
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2, default=str) + "\n")
     md = _markdown(results)
     (out / "results.md").write_text(md)

@@ -399,6 +399,7 @@ def run(
                         stats = _stage_stats("fuse", shard, out, prints["fuse"], report, extra)
                         fused_dir.commit(shard, stats, schemas.table(out, schemas.FUSED), schemas.FUSED)
                         tallies["fuse"].add(stats)
+                        _fault_point(tallies["fuse"].shards)
                     if shard in p.written:
                         submit_write(shard)
                         drain_writes(cfg.max_inflight_shards)
@@ -413,6 +414,17 @@ def run(
         if s != "write":
             StageDir(cfg.stage_dir(STAGE_DIRS[s])).write_json("_run.json", run_manifest(cfg, [s], prints, None))
     return RunResult(tallies, time.time() - t0)
+
+
+def _fault_point(n_committed: int) -> None:
+    """Fault injection for the resume tests: ``VECAP_FAULT_KILL_AFTER_FUSED=N`` SIGKILLs the
+    driver right after its N-th fused shard is committed (a real kill at a known point)."""
+    limit = os.environ.get("VECAP_FAULT_KILL_AFTER_FUSED")
+    if limit and n_committed >= int(limit):
+        import signal
+
+        log.warning("fault injection: SIGKILL after %d fused shard(s)", n_committed)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _merge_retried(out: StageDir, shard: str, new_rows: list[dict], p: _Plan) -> list[dict]:
