@@ -370,6 +370,27 @@ def run(
         submit_write(shard)
         drain_writes(cfg.max_inflight_shards)
 
+    def commit(shard: str, rows: list[dict], report: dict) -> None:
+        """All of a shard's rows are back: commit its captions and/or fused Parquet, queue its write."""
+        if shard in p.captioned:
+            out = _merge_retried(captions_dir, shard, caption_stage.caption_rows(rows, Provenance(**prints["caption"])), p)
+            stats = _stage_stats("caption", shard, out, prints["caption"], report, {})
+            captions_dir.commit(shard, stats, schemas.table(out, schemas.CAPTIONS), schemas.CAPTIONS)
+            tallies["caption"].add(stats)
+        if shard in p.fused:
+            out = _merge_retried(fused_dir, shard, fuse_stage.fused_rows(rows, Provenance(**prints["fuse"])), p)
+            extra = {
+                "fallbacks": fuse_stage.fallback_counts(out),
+                "vec_sources": dict(Counter(r["vec_source"] for r in out if r["vec_source"])),
+            }
+            stats = _stage_stats("fuse", shard, out, prints["fuse"], report, extra)
+            fused_dir.commit(shard, stats, schemas.table(out, schemas.FUSED), schemas.FUSED)
+            tallies["fuse"].add(stats)
+            _fault_point(tallies["fuse"].shards)
+        if shard in p.written:
+            submit_write(shard)
+            drain_writes(cfg.max_inflight_shards)
+
     model_shards = p.from_images + p.from_captions
     if model_shards:
         bar = _progress(_expected_rows(cfg, model_shards), enabled=progress)
@@ -383,26 +404,11 @@ def run(
                 else:
                     rows_by_shard[shard].append(row)
                     bar.update(1)
+                # A shard is complete once its marker and as many rows as it announced are here.
                 if shard in reports and len(rows_by_shard[shard]) == reports[shard]["n_rows"]:
-                    rows = sorted(rows_by_shard.pop(shard), key=lambda r: r["key"])
                     report = reports.pop(shard)
-                    report.pop("n_rows", None)
-                    if shard in p.captioned:
-                        out = caption_stage.caption_rows(rows, Provenance(**prints["caption"]))
-                        out = _merge_retried(captions_dir, shard, out, p)
-                        stats = _stage_stats("caption", shard, out, prints["caption"], report, {})
-                        captions_dir.commit(shard, stats, schemas.table(out, schemas.CAPTIONS), schemas.CAPTIONS)
-                        tallies["caption"].add(stats)
-                    if shard in p.fused:
-                        out = _merge_retried(fused_dir, shard, fuse_stage.fused_rows(rows, Provenance(**prints["fuse"])), p)
-                        extra = {"fallbacks": fuse_stage.fallback_counts(rows), "vec_sources": dict(Counter(r["vec_source"] for r in out if r["vec_source"]))}
-                        stats = _stage_stats("fuse", shard, out, prints["fuse"], report, extra)
-                        fused_dir.commit(shard, stats, schemas.table(out, schemas.FUSED), schemas.FUSED)
-                        tallies["fuse"].add(stats)
-                        _fault_point(tallies["fuse"].shards)
-                    if shard in p.written:
-                        submit_write(shard)
-                        drain_writes(cfg.max_inflight_shards)
+                    report.pop("n_rows")
+                    commit(shard, sorted(rows_by_shard.pop(shard), key=lambda r: r["key"]), report)
         bar.close()
         if rows_by_shard or reports:
             raise RuntimeError(f"stream ended with incomplete shards: {sorted(set(rows_by_shard) | set(reports))}")

@@ -162,11 +162,10 @@ def fused_rows(rows: list[dict[str, Any]], prov: Provenance) -> list[dict[str, A
 
 
 def fallback_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Per-reason counts of rows whose VeC caption is not the LLM's (the shard stats' fallbacks)."""
+    """Per-reason counts of fused rows whose VeC caption is not the LLM's (the shard stats' fallbacks)."""
     counts: dict[str, int] = {}
     for r in rows:
-        reason = r.get("fuse_error")
-        if r.get("vec_source") in ("vlm", "alt") or (reason and r["status"] == schemas.NO_TEXT):
-            key = (reason or "unknown").split(":", 1)[0]
-            counts[key] = counts.get(key, 0) + 1
+        if r["vec_source"] in ("vlm", "alt") or r["status"] == schemas.NO_TEXT:
+            reason = (r["error"] or "unknown").split(":", 1)[0]
+            counts[reason] = counts.get(reason, 0) + 1
     return counts
