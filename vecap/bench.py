@@ -79,8 +79,8 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class Sizes:
-    reps: int
-    n_images: int  # generated sample images (one data set for every section)
+    reps: int  # repetitions of each comparison (fewer if a section runs out of its time budget)
+    n_images: int  # generated sample images: one data set for every section
     shard_size: int
     caption_shards: int
     fuse_shards: int
@@ -88,31 +88,45 @@ class Sizes:
     backend_caption_requests: int
     backend_fuse_requests: int
     io_shards: int
-    memory_shards: int  # N = this many shards; 4N = four times as many
+    memory_shards: int  # N = the samples of this many shards; 4N = four times as many shards
+    memory_command: str  # the `vecap` subcommand of the memory runs: run (all stages) or caption
+    caption_variant: bool  # also time the caption stage with caption.cpus_per_actor=2 (one repetition)
+    # Seconds per section; a section starts another repetition only if it should end before
+    # the sum of the budgets so far (time a section leaves unused passes to the next).
+    budget_s: dict[str, float] = field(default_factory=dict)
     io_image_size: int = 336  # LLaVA-1.5's input: what a real run decodes to
 
 
-FULL = Sizes(reps=3, n_images=320, shard_size=32, caption_shards=6, fuse_shards=3, batch_size=32,
-             backend_caption_requests=32, backend_fuse_requests=16, io_shards=10, memory_shards=2)
-QUICK = Sizes(reps=2, n_images=320, shard_size=32, caption_shards=1, fuse_shards=1, batch_size=16,
-              backend_caption_requests=8, backend_fuse_requests=8, io_shards=4, memory_shards=1)
+FULL = Sizes(reps=3, n_images=320, shard_size=32, caption_shards=3, fuse_shards=2, batch_size=16,
+             backend_caption_requests=16, backend_fuse_requests=8, io_shards=10, memory_shards=2,
+             memory_command="run", caption_variant=True,
+             budget_s={"setup": 45, "io": 20, "memory": 110, "caption": 220, "fuse": 360, "backends": 75})
+QUICK = Sizes(reps=1, n_images=64, shard_size=8, caption_shards=2, fuse_shards=1, batch_size=4,
+              backend_caption_requests=4, backend_fuse_requests=4, io_shards=8, memory_shards=1,
+              memory_command="caption", caption_variant=False,
+              budget_s={"setup": 40, "io": 10, "memory": 50, "caption": 40, "fuse": 60, "backends": 20})
 
 
 # --------------------------------------------------------------------------- timed actors
 class _Timed:
     """Mixin for the stages' engine actors: records engine start-up and every batch.
 
-    Writes one JSON file per actor into ``$VECAP_BENCH_TIMINGS`` after each event.
-    Adds two ``time.time()`` calls per batch; the stage's code is otherwise unchanged.
+    Writes one JSON file per actor into ``$VECAP_BENCH_TIMINGS`` after each event. Per
+    batch it adds two clock readings and a count; the stage's code is otherwise unchanged.
     """
 
-    stage = ""
+    stage = ""  # (the stage's ``flag`` comes from the actor class: this mixin must not shadow it)
 
-    def _timed_init(self, init: Callable[[], None]) -> None:
+    def _timed_init(self, init: Callable[[], None], args: tuple, kwargs: dict) -> None:
         t0 = time.time()
+        spec = kwargs.get("spec", args[0] if args else None)
+        if getattr(spec, "backend", None) == "vllm":
+            import vllm  # noqa: F401 - timed on its own: each new actor process imports it first
+
+        t1 = time.time()
         init()
-        self._rec: dict[str, Any] = {"stage": self.stage, "pid": os.getpid(), "init_start": t0,
-                                     "init_end": time.time(), "calls": []}
+        self._rec: dict[str, Any] = {"stage": self.stage, "pid": os.getpid(), "init_start": t0, "import_s": t1 - t0,
+                                     "init_end": time.time(), "calls": [], "threads": _thread_settings()}
         self._gen_s = 0.0
         generate = self.engine.generate
 
@@ -126,7 +140,7 @@ class _Timed:
         self.engine.generate = timed_generate
         self._dump()
 
-    def _timed_call(self, call, batch):
+    def _timed_call(self, call: Callable[[Any], Any], batch: Any) -> Any:
         import pyarrow.compute as pc
 
         t0 = time.time()
@@ -150,21 +164,30 @@ class _Timed:
 class TimedCaptionWorker(_Timed, _CaptionWorker):
     stage = "caption"
 
-    def __init__(self, *args, **kwargs) -> None:
-        self._timed_init(lambda: _CaptionWorker.__init__(self, *args, **kwargs))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._timed_init(lambda: _CaptionWorker.__init__(self, *args, **kwargs), args, kwargs)
 
-    def __call__(self, batch):
+    def __call__(self, batch: Any) -> Any:
         return self._timed_call(lambda b: _CaptionWorker.__call__(self, b), batch)
 
 
 class TimedFuseWorker(_Timed, _FuseWorker):
     stage = "fuse"
 
-    def __init__(self, *args, **kwargs) -> None:
-        self._timed_init(lambda: _FuseWorker.__init__(self, *args, **kwargs))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._timed_init(lambda: _FuseWorker.__init__(self, *args, **kwargs), args, kwargs)
 
-    def __call__(self, batch):
+    def __call__(self, batch: Any) -> Any:
         return self._timed_call(lambda b: _FuseWorker.__call__(self, b), batch)
+
+
+def _thread_settings() -> dict[str, Any]:
+    """What decides how many cores an engine uses: torch's threads, the CPU affinity, OMP_NUM_THREADS."""
+    settings: dict[str, Any] = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    if "torch" in sys.modules:
+        settings["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return settings
 
 
 @contextlib.contextmanager
@@ -223,18 +246,40 @@ class Ctx:
     models: dict[str, Path]
     tiny: dict[str, Path]
     timings: Path
+    t_start: float
     overrides: list[str] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)
     requests: dict[str, list] = field(default_factory=dict)
+    cut: dict[str, str] = field(default_factory=dict)  # sections cut short by their time budget
 
-    def cfg(self, root: Path, *extra: str):
+    def cfg(self, root: Path, *extra: str) -> Any:
         from vecap.config import load_config
 
         return load_config(REPO / "pipelines" / "demo.yaml", [f"root={root}", *self.overrides, *extra])
 
+    def deadline(self, section: str) -> float:
+        total = 0.0
+        for name, seconds in self.sizes.budget_s.items():
+            total += seconds
+            if name == section:
+                break
+        return self.t_start + total
+
+    def reps(self, section: str) -> Iterator[int]:
+        """Repetition numbers: up to ``sizes.reps``, while the next one should fit in the budget."""
+        durations: list[float] = []
+        for rep in range(self.sizes.reps):
+            if rep and time.time() + max(durations) > self.deadline(section):
+                self.cut[section] = f"{rep} of {self.sizes.reps} repetitions (time budget)"
+                log.warning("%s: stopping after %d repetition(s): the next would overrun the time budget", section, rep)
+                return
+            t0 = time.time()
+            yield rep
+            durations.append(time.time() - t0)
+
 
 def _vllm_reset(engine: Any) -> None:
-    """Empty the engine's prefix and multimodal caches: the next call starts cold, as a new run."""
+    """Empty the engine's prefix and multimodal caches: the next call starts cold, as in a new run."""
     llm = getattr(engine, "llm", None)
     if llm is None:
         return
@@ -246,11 +291,15 @@ def _vllm_reset(engine: Any) -> None:
 def _run_batches(engine: Any, requests: list, batch_size: int) -> tuple[float, list]:
     """Hand the engine the requests in batches, as the stage's actor gets them; returns (seconds, outputs)."""
     _vllm_reset(engine)
-    out = []
+    out: list = []
     t0 = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         out += engine.generate(requests[i : i + batch_size])
-    return time.perf_counter() - t0, out
+    seconds = time.perf_counter() - t0
+    errors = [g.error for g in out if g.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(out)} requests failed, e.g. {errors[0]}")
+    return seconds, out
 
 
 def _load_engine_timed(spec: Any) -> tuple[Any, float]:
@@ -262,7 +311,7 @@ def _load_engine_timed(spec: Any) -> tuple[Any, float]:
 
 
 def _pipeline_rep(ctx: Ctx, stage: str, cfg: Any, shards: list[str]) -> dict[str, Any]:
-    """One pipeline run of one stage; throughput from its actor's own records."""
+    """One pipeline run of one stage; throughput from its engine actor's own records."""
     from vecap import pipeline
     from vecap.stages import caption as caption_stage
     from vecap.stages import fuse as fuse_stage
@@ -284,30 +333,31 @@ def _pipeline_rep(ctx: Ctx, stage: str, cfg: Any, shards: list[str]) -> dict[str
     startup = rec["init_end"] - rec["init_start"]
     steady_n = sum(c[2] for c in calls[1:])
     steady_s = calls[-1][1] - calls[0][1] if len(calls) > 1 else None
-    first_call_s = calls[0][1] - calls[0][0] if calls else None
     return {
         "wall_s": wall,
         "requests": n,
         "rows": result.tallies[stage].rows,
         "calls": len(calls),
-        "engine_startup_s": startup,
-        "engine_ready_after_s": rec["init_end"] - t0,
-        "first_call_s": first_call_s,
+        "engine_startup_s": startup,  # the actor's constructor: import vllm + engine construction
+        "import_vllm_s": rec["import_s"],
+        "actor_started_after_s": rec["init_start"] - t0,  # Ray Data planning, worker process, imports
+        "first_call_s": calls[0][1] - calls[0][0] if calls else None,
+        "after_last_call_s": t0 + wall - calls[-1][1] if calls else None,  # last commit, stream teardown
         "e2e_per_s": n / wall,
         "excl_startup_per_s": n / (wall - startup),
         "steady_per_s": steady_n / steady_s if steady_s else None,
-        # share of the steady window the engine was generating (the rest: the actor's own
-        # row handling, and waiting for input)
+        # share of the steady window the engine spent generating; the rest is the actor's own
+        # row handling (Arrow ↔ Python, requests) and waiting for input
         "engine_busy": sum(c[3] for c in calls[1:]) / steady_s if steady_s else None,
         "actor_overhead_s": sum((c[1] - c[0]) - c[3] for c in calls),
         "load": _load(),
+        "actor_threads": rec.get("threads"),
     }
 
 
 def _bare_rep(engine: Any, requests: list, batch_size: int) -> dict[str, Any]:
     seconds, out = _run_batches(engine, requests, batch_size)
-    return {"seconds": seconds, "requests": len(requests), "per_s": len(requests) / seconds,
-            "errors": sum(g.error is not None for g in out), "load": _load(), "_out": out}
+    return {"seconds": seconds, "requests": len(requests), "per_s": len(requests) / seconds, "load": _load(), "_out": out}
 
 
 def _alternate(rep: int, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[Any, Any]:
@@ -319,14 +369,17 @@ def _alternate(rep: int, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[An
     return a(), rb
 
 
+_PIPE_KEYS = ("wall_s", "engine_startup_s", "import_vllm_s", "actor_started_after_s", "first_call_s", "after_last_call_s",
+              "e2e_per_s", "excl_startup_per_s", "steady_per_s", "engine_busy", "actor_overhead_s")
+
+
 def _summarise_pipeline(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("wall_s", "engine_startup_s", "engine_ready_after_s", "first_call_s", "e2e_per_s",
-            "excl_startup_per_s", "steady_per_s", "engine_busy", "actor_overhead_s")
-    return {k: _median([r[k] for r in reps]) for k in keys} | {"requests": reps[0]["requests"], "reps": reps}
+    return {k: _median([r[k] for r in reps]) for k in _PIPE_KEYS} | {"requests": reps[0]["requests"], "reps": reps}
 
 
-def _strip(reps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in reps]
+def _summarise_bare(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"per_s": _median([r["per_s"] for r in reps]), "seconds": _median([r["seconds"] for r in reps]),
+            "reps": [{k: v for k, v in r.items() if not k.startswith("_")} for r in reps]}
 
 
 # --------------------------------------------------------------------------- 1. caption
@@ -354,8 +407,9 @@ def caption_requests(cfg: Any, images_dir: Path, shards: list[str]) -> list:
                 img = prepare_image(sample.image, c.image_size, c.max_image_pixels, c.max_image_bytes)
             except ImageRejected:
                 continue
-            requests.append(Request(messages=messages, seed=seed_for(cfg.seed, "caption", sample.key), image=img.to_pil()))
-            requests[-1].key = sample.key  # for comparing outputs
+            request = Request(messages=messages, seed=seed_for(cfg.seed, "caption", sample.key), image=img.to_pil())
+            request.key = sample.key  # type: ignore[attr-defined]  # to compare outputs
+            requests.append(request)
     return requests
 
 
@@ -370,23 +424,37 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
     engine, startup = _load_engine_timed(spec)
     ctx.engines["caption"], ctx.requests["caption"] = engine, requests
     warm_s, _ = _run_batches(engine, requests[: s.batch_size], s.batch_size)
-    log.info("caption: bare engine up in %.1fs, first batch (warm-up) %.1fs; %d images, %d reps",
-             startup, warm_s, len(requests), s.reps)
-    pipe, bare = [], []
-    for rep in range(s.reps):
+    log.info("caption: bare engine up in %.1fs (first vLLM engine of this process), warm-up batch %.1fs; %d images",
+             startup, warm_s, len(requests))
+    pipe: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
+    same = None
+    for rep in ctx.reps("caption"):
         root = _fresh_root(f"caption-{rep}", ctx.images)
         cfg = ctx.cfg(root)
         p_rep, b_rep = _alternate(rep, partial(_pipeline_rep, ctx, "caption", cfg, shards),
                                   partial(_bare_rep, engine, requests, s.batch_size))
         pipe.append(p_rep)
         bare.append(b_rep)
-        log.info("caption rep %d: pipeline %.2f img/s steady (%.1fs wall, engine start %.1fs), bare %.2f img/s",
-                 rep, pipe[-1]["steady_per_s"] or 0, pipe[-1]["wall_s"], pipe[-1]["engine_startup_s"], bare[-1]["per_s"])
+        log.info("caption rep %d: pipeline %.2f img/s steady (%.1fs wall, engine start %.1fs), bare engine %.2f img/s",
+                 rep, p_rep["steady_per_s"] or 0, p_rep["wall_s"], p_rep["engine_startup_s"], b_rep["per_s"])
         if rep == 0:
-            same = _compare_captions(root, requests, bare[-1]["_out"])
+            same = _compare_captions(root, requests, b_rep["_out"])
         shutil.rmtree(root)
     if pipe[0]["requests"] != len(requests):
-        log.warning("caption: pipeline captioned %d images, bare engine %d", pipe[0]["requests"], len(requests))
+        log.warning("caption: the pipeline captioned %d images, the bare engine %d", pipe[0]["requests"], len(requests))
+    variant = None
+    if s.caption_variant and time.time() + 1.2 * max(p["wall_s"] for p in pipe) + _median([b["seconds"] for b in bare]) \
+            < ctx.deadline("caption"):
+        # Ray sets OMP_NUM_THREADS to an actor's num_cpus: with cpus_per_actor=1 the engine gets one thread.
+        root = _fresh_root("caption-variant", ctx.images)
+        cfg = ctx.cfg(root, "caption.cpus_per_actor=2")
+        variant = {"setting": "caption.cpus_per_actor=2", "pipeline": _pipeline_rep(ctx, "caption", cfg, shards),
+                   "bare": _bare_rep(engine, requests, s.batch_size)}
+        variant["bare"].pop("_out")
+        log.info("caption, cpus_per_actor=2: pipeline %.2f img/s steady, bare engine %.2f img/s",
+                 variant["pipeline"]["steady_per_s"] or 0, variant["bare"]["per_s"])
+        shutil.rmtree(root)
     return {
         "images": len(requests),
         "shards": shards,
@@ -394,10 +462,11 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
         "model": str(spec.model),
         "bare_engine_startup_s": startup,
         "bare_warmup_batch_s": warm_s,
+        "bare_threads": _thread_settings(),
         "pipeline": _summarise_pipeline(pipe),
-        "bare": {"per_s": _median([r["per_s"] for r in bare]), "seconds": _median([r["seconds"] for r in bare]),
-                 "reps": _strip(bare)},
+        "bare": _summarise_bare(bare),
         "outputs_identical": same,
+        "variant": variant,
     }
 
 
@@ -406,16 +475,16 @@ def _compare_captions(root: Path, requests: list, outs: list) -> str:
     import pyarrow.parquet as pq
 
     committed = {}
-    for p in (root / "captions").glob("*.parquet"):
-        for r in pq.read_table(p, columns=["key", "vlm_caption"]).to_pylist():
+    for path in (root / "captions").glob("*.parquet"):
+        for r in pq.read_table(path, columns=["key", "vlm_caption"]).to_pylist():
             committed[r["key"]] = r["vlm_caption"]
-    same = sum(committed.get(r.key) == (g.text or "").strip() for r, g in zip(requests, outs))
+    same = sum(committed.get(r.key) == ((g.text or "").strip() or None) for r, g in zip(requests, outs))
     return f"{same}/{len(requests)}"
 
 
 # --------------------------------------------------------------------------- 2. fuse
 def _write_captions(root: Path, shards: list[str], cfg: Any) -> None:
-    """Committed captions for the fuse stage's input: in-domain sentences of the bench tokenizer.
+    """Committed captions as the fuse stage's input: in-domain sentences for the bench tokenizer.
 
     (The random bench VLM's captions are byte soup, often empty, which the fuse stage
     settles without the LLM; real captions are one sentence.)
@@ -479,46 +548,39 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
     cfg0 = ctx.cfg(base)
     _write_captions(base, shards, cfg0)
     requests = fuse_requests(cfg0, base, shards)
+    modes = {"on": "fuse.engine.enable_prefix_caching=true", "off": "fuse.engine.enable_prefix_caching=false"}
     result: dict[str, Any] = {"requests": len(requests), "shards": shards, "batch_size": s.batch_size,
-                              "model": cfg0.fuse.model, "prefix_caching": {}}
-    engines, pipe, bare = {}, {True: [], False: []}, {True: [], False: []}
-    for pc_on in (True, False):
-        spec = engine_spec(ctx.cfg(base, f"fuse.engine.enable_prefix_caching={str(pc_on).lower()}").fuse, multimodal=False)
-        engines[pc_on], startup = _load_engine_timed(spec)
-        warm_s, out = _run_batches(engines[pc_on], requests[: s.batch_size], s.batch_size)
-        result["prefix_caching"][pc_on] = {"bare_engine_startup_s": startup, "bare_warmup_batch_s": warm_s}
-        log.info("fuse (prefix caching %s): bare engine up in %.1fs, warm-up batch %.1fs, prompt ~%d tokens",
-                 "on" if pc_on else "off", startup, warm_s, out[0].n_prompt_tokens or 0)
+                              "model": cfg0.fuse.model, "prefix_caching": {m: {} for m in modes}}
+    engines: dict[str, Any] = {}
+    for mode, override in modes.items():
+        # Both engines stay alive to the end: destroying an in-process vLLM engine tears down
+        # vLLM's process-wide parallel state, which breaks the other engines of this process.
+        engines[mode], startup = _load_engine_timed(engine_spec(ctx.cfg(base, override).fuse, multimodal=False))
+        warm_s, out = _run_batches(engines[mode], requests[: s.batch_size], s.batch_size)
+        result["prefix_caching"][mode] |= {"bare_engine_startup_s": startup, "bare_warmup_batch_s": warm_s}
+        log.info("fuse, prefix caching %s: bare engine up in %.1fs, warm-up batch %.1fs", mode, startup, warm_s)
     result["prompt_tokens_mean"] = statistics.mean(g.n_prompt_tokens or 0 for g in out)
-    ctx.engines["fuse"], ctx.requests["fuse"] = engines[True], requests
-    for rep in range(s.reps):
-        for pc_on in (True, False) if rep % 2 == 0 else (False, True):
-            root = WORK / "runs" / f"fuse-{rep}-{pc_on}"
-            if root.exists():
-                shutil.rmtree(root)
-            root.mkdir(parents=True)
-            (root / "images").symlink_to(ctx.images.resolve(), target_is_directory=True)
+    result["output_tokens_mean"] = statistics.mean(g.n_output_tokens or 0 for g in out)
+    ctx.engines["fuse"], ctx.engines["fuse_no_prefix_caching"], ctx.requests["fuse"] = engines["on"], engines["off"], requests
+    pipe: dict[str, list] = {m: [] for m in modes}
+    bare: dict[str, list] = {m: [] for m in modes}
+    for rep in ctx.reps("fuse"):
+        for mode in modes if rep % 2 == 0 else reversed(modes):
+            root = _fresh_root(f"fuse-{rep}-{mode}", ctx.images)
             shutil.copytree(base / "captions", root / "captions")
-            cfg = ctx.cfg(root, f"fuse.engine.enable_prefix_caching={str(pc_on).lower()}")
+            cfg = ctx.cfg(root, modes[mode])
             p_rep, b_rep = _alternate(rep, partial(_pipeline_rep, ctx, "fuse", cfg, shards),
-                                      partial(_bare_rep, engines[pc_on], requests, s.batch_size))
-            pipe[pc_on].append(p_rep)
-            bare[pc_on].append(b_rep)
-            log.info("fuse rep %d, prefix caching %s: pipeline %.2f/s steady (%.1fs wall), bare %.2f/s",
-                     rep, "on" if pc_on else "off", pipe[pc_on][-1]["steady_per_s"] or 0, pipe[pc_on][-1]["wall_s"],
-                     bare[pc_on][-1]["per_s"])
+                                      partial(_bare_rep, engines[mode], requests, s.batch_size))
+            pipe[mode].append(p_rep)
+            bare[mode].append(b_rep)
+            log.info("fuse rep %d, prefix caching %s: pipeline %.2f/s steady (%.1fs wall), bare engine %.2f/s",
+                     rep, mode, p_rep["steady_per_s"] or 0, p_rep["wall_s"], b_rep["per_s"])
             shutil.rmtree(root)
-    for pc_on in (True, False):
-        result["prefix_caching"][pc_on] |= {
-            "pipeline": _summarise_pipeline(pipe[pc_on]),
-            "bare": {"per_s": _median([r["per_s"] for r in bare[pc_on]]),
-                     "seconds": _median([r["seconds"] for r in bare[pc_on]]), "reps": _strip(bare[pc_on])},
-        }
-        if pipe[pc_on][0]["requests"] != len(requests):
-            log.warning("fuse: pipeline sent %d requests, bare engine %d", pipe[pc_on][0]["requests"], len(requests))
-    engines[False].close()
+    for mode in modes:
+        result["prefix_caching"][mode] |= {"pipeline": _summarise_pipeline(pipe[mode]), "bare": _summarise_bare(bare[mode])}
+        if pipe[mode][0]["requests"] != len(requests):
+            log.warning("fuse: the pipeline sent %d requests, the bare engine %d", pipe[mode][0]["requests"], len(requests))
     shutil.rmtree(base)
-    result["prefix_caching"] = {("on" if k else "off"): v for k, v in result["prefix_caching"].items()}
     return result
 
 
@@ -538,25 +600,24 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
         vllm_engine = ctx.engines[kind]
         hf_spec = replace(engine_spec(section, multimodal), backend="hf", engine_kwargs={})
         hf_engine, hf_startup = _load_engine_timed(hf_spec)
-        _run_batches(hf_engine, requests[: min(4, n)], s.batch_size)  # warm-up
-        v, h = [], []
-        for rep in range(s.reps):
+        _run_batches(hf_engine, requests[: min(2, n)], s.batch_size)  # warm-up
+        v: list[dict[str, Any]] = []
+        h: list[dict[str, Any]] = []
+        for rep in ctx.reps("backends"):
             v_rep, h_rep = _alternate(rep, partial(_bare_rep, vllm_engine, requests, s.batch_size),
                                       partial(_bare_rep, hf_engine, requests, s.batch_size))
             v.append(v_rep)
             h.append(h_rep)
-            log.info("backends %s rep %d: vLLM %.2f/s, hf %.2f/s", kind, rep, v[-1]["per_s"], h[-1]["per_s"])
+            log.info("backends, %s model, rep %d: vLLM %.2f/s, hf %.2f/s", kind, rep, v_rep["per_s"], h_rep["per_s"])
         same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], h[0]["_out"]))
         out[kind] = {
             "requests": len(requests),
             "batch_size": s.batch_size,
             "model": str(section.model),
             "hf_startup_s": hf_startup,
-            "vllm_per_s": _median([r["per_s"] for r in v]),
-            "hf_per_s": _median([r["per_s"] for r in h]),
+            "vllm": _summarise_bare(v),
+            "hf": _summarise_bare(h),
             "outputs_identical": f"{same}/{len(requests)}",
-            "vllm_reps": _strip(v),
-            "hf_reps": _strip(h),
         }
         del hf_engine
     return out
@@ -564,8 +625,8 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- 4. I/O
 def _io_vecap(images: Path, shards: list[str], out_root: Path, cfg: Any, image_size: int) -> int:
-    """The pipeline's CPU path for a shard, model left out: read + decode (the caption stage's
-    own read UDF) and the Parquet commit of the shard's rows (captions/ layout, no captions)."""
+    """The pipeline's CPU path for a shard, model left out: read + decode + resize (the caption
+    stage's own read step) and the atomic Parquet commit of the shard's rows (captions/ layout)."""
     from vecap import schemas
     from vecap.stages import caption as caption_stage
     from vecap.stages.common import Provenance
@@ -584,15 +645,14 @@ def _io_vecap(images: Path, shards: list[str], out_root: Path, cfg: Any, image_s
                     report = json.loads(r["report"])
                 else:
                     rows.append(r)
-        n += sum(1 for r in rows if r["needs_caption"] or r["status"] != "ok")
-        table_rows = caption_stage.caption_rows(rows, prov)
+        n += len(rows)
         stats = {"stage": "caption", "shard": shard, "n_rows": len(rows), "read_report": report}
-        out.commit(shard, stats, schemas.table(table_rows, schemas.CAPTIONS), schemas.CAPTIONS)
+        out.commit(shard, stats, schemas.table(caption_stage.caption_rows(rows, prov), schemas.CAPTIONS), schemas.CAPTIONS)
     return n
 
 
-def _io_plain(images: Path, shards: list[str]) -> int:
-    """A plain loop: tarfile + PIL decode to RGB, nothing else."""
+def _io_plain(images: Path, shards: list[str], resize_to: int | None = None) -> int:
+    """A plain loop: tarfile + PIL decode to RGB (+ a plain resize to ``resize_to`` on the short side)."""
     import io as _io
     import tarfile
 
@@ -606,7 +666,10 @@ def _io_plain(images: Path, shards: list[str]) -> int:
                 if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in exts:
                     data = tar.extractfile(member).read()
                     with contextlib.suppress(Exception):  # the sample's one non-image page
-                        Image.open(_io.BytesIO(data)).convert("RGB")
+                        im = Image.open(_io.BytesIO(data)).convert("RGB")
+                        if resize_to and min(im.size) > resize_to:
+                            scale = resize_to / min(im.size)
+                            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
                     n += 1
     return n
 
@@ -615,38 +678,34 @@ def bench_io(ctx: Ctx) -> dict[str, Any]:
     s = ctx.sizes
     shards = ctx.shards[: s.io_shards]
     cfg = ctx.cfg(WORK / "runs" / "io")
-    vec, plain = [], []
-    n_vec = n_plain = 0
+    times: dict[str, list[float]] = {"vecap": [], "plain": [], "plain_resize": []}
+    counts: dict[str, int] = {}
+    out_root = WORK / "runs" / "io"
 
-    def one_vecap() -> None:
-        nonlocal n_vec
-        root = WORK / "runs" / "io"
-        shutil.rmtree(root, ignore_errors=True)
-        t0 = time.perf_counter()
-        n_vec = _io_vecap(ctx.images, shards, root, cfg, s.io_image_size)
-        vec.append(time.perf_counter() - t0)
-        shutil.rmtree(root, ignore_errors=True)
+    def vecap() -> int:
+        shutil.rmtree(out_root, ignore_errors=True)
+        n = _io_vecap(ctx.images, shards, out_root, cfg, s.io_image_size)
+        shutil.rmtree(out_root, ignore_errors=True)
+        return n
 
-    def one_plain() -> None:
-        nonlocal n_plain
-        t0 = time.perf_counter()
-        n_plain = _io_plain(ctx.images, shards)
-        plain.append(time.perf_counter() - t0)
-
-    one_plain()  # page cache warm for both
-    plain.clear()
+    sides = {"vecap": vecap, "plain": partial(_io_plain, ctx.images, shards),
+             "plain_resize": partial(_io_plain, ctx.images, shards, s.io_image_size)}
+    _io_plain(ctx.images, shards)  # page cache warm for every side
     for rep in range(max(3, s.reps)):
-        _alternate(rep, one_vecap, one_plain)
-    log.info("io: vecap %.2fs, plain %.2fs per pass over %d samples", _median(vec), _median(plain), n_plain)
+        for name in sides if rep % 2 == 0 else reversed(sides):
+            t0 = time.perf_counter()
+            counts[name] = sides[name]()
+            times[name].append(time.perf_counter() - t0)
+    samples = counts["plain"]  # image members of the tars; the vecap side also has rows for failed downloads
+    log.info("io: per pass over %d samples: vecap %.2fs, plain %.2fs, plain+resize %.2fs", samples,
+             _median(times["vecap"]), _median(times["plain"]), _median(times["plain_resize"]))
     return {
-        "samples": n_plain,
-        "vecap_samples": n_vec,
+        "samples": samples,
+        "vecap_rows": counts["vecap"],
         "shards": len(shards),
         "image_size": s.io_image_size,
-        "vecap_per_s": n_plain / _median(vec),
-        "plain_per_s": n_plain / _median(plain),
-        "vecap_s": vec,
-        "plain_s": plain,
+        **{f"{k}_per_s": samples / _median(v) for k, v in times.items()},
+        "seconds": times,
     }
 
 
@@ -662,16 +721,16 @@ def _pss_kib(pid: int) -> int | None:
     return None
 
 
-def _sample_tree(proc, stop: threading.Event, peak: dict[str, Any], interval: float = 0.25) -> None:
+def _sample_tree(proc: Any, stop: threading.Event, peak: dict[str, int], interval: float = 0.25) -> None:
+    """Peak memory of a process and all its descendants, sampled until ``stop``."""
     import psutil
 
     while not stop.is_set():
         try:
-            procs = [proc] + proc.children(recursive=True)
+            procs = [proc, *proc.children(recursive=True)]
         except psutil.Error:
             procs = []
-        rss = pss = 0
-        biggest = 0
+        rss = pss = biggest = 0
         for p in procs:
             try:
                 r = p.memory_info().rss
@@ -680,10 +739,8 @@ def _sample_tree(proc, stop: threading.Event, peak: dict[str, Any], interval: fl
             rss += r
             biggest = max(biggest, r)
             pss += (_pss_kib(p.pid) or r // 1024) * 1024
-        peak["rss"] = max(peak.get("rss", 0), rss)
-        peak["pss"] = max(peak.get("pss", 0), pss)
-        peak["largest_process_rss"] = max(peak.get("largest_process_rss", 0), biggest)
-        peak["processes"] = max(peak.get("processes", 0), len(procs))
+        for key, value in (("rss", rss), ("pss", pss), ("largest_process_rss", biggest), ("processes", len(procs))):
+            peak[key] = max(peak.get(key, 0), value)
         stop.wait(interval)
 
 
@@ -692,13 +749,13 @@ def _memory_run(ctx: Ctx, shards: list[str], name: str) -> dict[str, Any]:
 
     root = _fresh_root(name, ctx.images)
     ray_tmp = tempfile.mkdtemp(prefix="vecap-bench-ray-", dir="/tmp")
-    cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(REPO / "pipelines" / "demo.yaml"),
+    cmd = [sys.executable, "-m", "vecap.cli", ctx.sizes.memory_command, "--config", str(REPO / "pipelines" / "demo.yaml"),
            "--no-progress", "--set", f"root={root}", "--set", f"caption.model={ctx.tiny['llava']}",
            "--set", f"fuse.model={ctx.tiny['llama']}", "--shards", *shards]
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     env.pop(TIMINGS_ENV, None)
     log_path = WORK / "runs" / f"{name}.log"
-    peak: dict[str, Any] = {}
+    peak: dict[str, int] = {}
     stop = threading.Event()
     t0 = time.time()
     with open(log_path, "w") as logf:
@@ -714,16 +771,15 @@ def _memory_run(ctx: Ctx, shards: list[str], name: str) -> dict[str, Any]:
         sampler.join()
     wall = time.time() - t0
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    rows = 0
-    for stats in (root / "vecap").glob("*_stats.json"):
-        rows += json.loads(stats.read_text()).get("n_rows", 0)
     if rc != 0:
         raise RuntimeError(f"memory run {name} failed (exit {rc}); see {log_path}")
+    last = {"run": "vecap", "caption": "captions"}[ctx.sizes.memory_command]
+    rows = sum(json.loads(p.read_text()).get("n_rows", 0) for p in (root / last).glob("*_stats.json"))
     shutil.rmtree(root)
+    mib = 2**20
     return {"shards": len(shards), "samples": rows, "wall_s": wall,
-            "peak_pss_mib": peak.get("pss", 0) / 2**20, "peak_rss_sum_mib": peak.get("rss", 0) / 2**20,
-            "largest_process_rss_mib": peak.get("largest_process_rss", 0) / 2**20,
-            "max_processes": peak.get("processes", 0)}
+            "peak_pss_mib": peak.get("pss", 0) / mib, "peak_rss_sum_mib": peak.get("rss", 0) / mib,
+            "largest_process_rss_mib": peak.get("largest_process_rss", 0) / mib, "max_processes": peak.get("processes", 0)}
 
 
 def bench_memory(ctx: Ctx) -> dict[str, Any]:
@@ -731,12 +787,12 @@ def bench_memory(ctx: Ctx) -> dict[str, Any]:
     if 4 * k > len(ctx.shards):
         raise RuntimeError(f"need {4 * k} shards, have {len(ctx.shards)}")
     small = _memory_run(ctx, ctx.shards[:k], "memory-n")
-    log.info("memory: N=%d samples peak PSS %.0f MiB (%.0fs)", small["samples"], small["peak_pss_mib"], small["wall_s"])
+    log.info("memory: N=%d samples, peak PSS %.0f MiB (%.0fs)", small["samples"], small["peak_pss_mib"], small["wall_s"])
     large = _memory_run(ctx, ctx.shards[: 4 * k], "memory-4n")
-    log.info("memory: 4N=%d samples peak PSS %.0f MiB (%.0fs)", large["samples"], large["peak_pss_mib"], large["wall_s"])
-    return {"n": small, "4n": large, "ratio_pss": large["peak_pss_mib"] / small["peak_pss_mib"],
+    log.info("memory: 4N=%d samples, peak PSS %.0f MiB (%.0fs)", large["samples"], large["peak_pss_mib"], large["wall_s"])
+    return {"command": ctx.sizes.memory_command, "n": small, "4n": large, "ratio_pss": large["peak_pss_mib"] / small["peak_pss_mib"],
             "ratio_rss_sum": large["peak_rss_sum_mib"] / small["peak_rss_sum_mib"],
-            "models": {k2: str(v) for k2, v in ctx.tiny.items()}}
+            "models": {name: str(path) for name, path in ctx.tiny.items()}}
 
 
 # --------------------------------------------------------------------------- report
@@ -749,65 +805,97 @@ def _fmt(x: Any, nd: int = 2) -> str:
 
 
 def _table(results: dict[str, Any]) -> tuple[list[list[str]], dict[str, bool | None]]:
-    """Rows: comparison | measured | A | B | A/B | target | met."""
+    """Rows of: comparison | what is measured | A | B | A/B | target | met."""
     rows: list[list[str]] = []
     verdicts: dict[str, bool | None] = {}
 
-    def add(name: str, measured: str, a: Any, b: Any, key: str | None, ratio: float | None = None, unit: str = "") -> None:
-        ratio = _ratio(a, b) if ratio is None else ratio
-        target, ok = ("", None)
+    def add(name: str, measured: str, a: Any, b: Any, key: str | None = None) -> None:
+        ratio = _ratio(a, b)
+        target, ok = "", None
         if key:
             target = TARGETS[key][0]
             ok = TARGETS[key][1](ratio) if ratio is not None else None
-            verdicts[f"{key}:{name}"] = ok
-        rows.append([name, measured, f"{_fmt(a)}{unit}", f"{_fmt(b)}{unit}", _fmt(ratio),
-                     target, {True: "yes", False: "**no**", None: ""}[ok]])
+            verdicts[name] = ok
+        rows.append([name, measured, _fmt(a), _fmt(b), _fmt(ratio), target, {True: "yes", False: "**no**", None: ""}[ok]])
 
-    c = results.get("caption")
-    if c and "error" not in c:
-        p = c["pipeline"]
+    def ok(section: str) -> dict[str, Any] | None:
+        v = results.get(section)
+        return v if isinstance(v, dict) and "error" not in v else None
+
+    if c := ok("caption"):
+        p, b = c["pipeline"], c["bare"]
         n = f"{c['images']} images, batch {c['batch_size']}"
-        add("caption stage / bare engine", f"images/s, steady state (after the first batch; {n})",
-            p["steady_per_s"], c["bare"]["per_s"], "caption")
-        add("caption stage / bare engine", "images/s, run wall time minus the actor's engine start-up",
-            p["excl_startup_per_s"], c["bare"]["per_s"], None)
-        add("caption stage / bare engine", "images/s, whole run (incl. engine start-up) / bare incl. nothing",
-            p["e2e_per_s"], c["bare"]["per_s"], None)
-        add("caption engine start-up", "s: in the pipeline's actor / first construction in this process",
-            p["engine_startup_s"], c["bare_engine_startup_s"], None)
-        add("caption first batch (warm-up)", "s: pipeline actor's first batch / bare engine's first batch",
-            p["first_call_s"], c["bare_warmup_batch_s"], None)
-    f = results.get("fuse")
-    if f and "error" not in f:
+        add("caption stage / bare engine", f"images/s in steady state, after the engine's first batch ({n})",
+            p["steady_per_s"], b["per_s"], "caption")
+        add("caption stage / bare engine (b)", "images/s: images / (run wall time − the actor's engine start-up)",
+            p["excl_startup_per_s"], b["per_s"])
+        add("caption stage / bare engine (c)", "images/s: images / whole run wall time (start-up included)",
+            p["e2e_per_s"], b["per_s"])
+        add("caption engine start-up", "s: actor (import vllm + engine) / first engine of the bench process (import + engine)",
+            p["engine_startup_s"], c["bare_engine_startup_s"])
+        add("caption first batch", "s: the actor's first batch (warm-up) / the bare engine's warm-up batch",
+            p["first_call_s"], c["bare_warmup_batch_s"])
+        threads = p["reps"][0].get("actor_threads") or {}
+        add("caption engine threads", f"torch threads: actor (OMP_NUM_THREADS={threads.get('OMP_NUM_THREADS')}, set by Ray "
+            "from cpus_per_actor) / bench process", threads.get("torch_threads"), c["bare_threads"].get("torch_threads"))
+        if v := c.get("variant"):
+            add("caption stage / bare engine (d), caption.cpus_per_actor=2", "images/s in steady state, one repetition "
+                "(Ray then sets OMP_NUM_THREADS=2 in the actor)", v["pipeline"]["steady_per_s"], v["bare"]["per_s"])
+    if f := ok("fuse"):
+        tok = f"{f['requests']} requests, batch {f['batch_size']}, ~{f['prompt_tokens_mean']:.0f} prompt tokens"
         for mode in ("on", "off"):
             m = f["prefix_caching"][mode]
-            add(f"fuse stage / bare engine, prefix caching {mode}",
-                f"fusions/s, steady state ({f['requests']} requests, batch {f['batch_size']}, ~{f['prompt_tokens_mean']:.0f} prompt tokens)",
+            add(f"fuse stage / bare engine, prefix caching {mode}", f"fusions/s in steady state ({tok})",
                 m["pipeline"]["steady_per_s"], m["bare"]["per_s"], "fuse")
-            add(f"fuse stage / bare engine, prefix caching {mode}", "fusions/s, run wall time minus engine start-up",
-                m["pipeline"]["excl_startup_per_s"], m["bare"]["per_s"], None)
-        add("prefix caching on / off", "fusions/s of the bare engine",
-            f["prefix_caching"]["on"]["bare"]["per_s"], f["prefix_caching"]["off"]["bare"]["per_s"], None)
-        add("fuse engine start-up", "s: pipeline actor (caching on) / first construction here",
-            f["prefix_caching"]["on"]["pipeline"]["engine_startup_s"], f["prefix_caching"]["on"]["bare_engine_startup_s"], None)
-    b = results.get("backends")
-    if b and "error" not in b:
-        for kind, v in b.items():
-            if not isinstance(v, dict):
-                continue
-            add(f"vLLM / hf, {kind} model", f"requests/s, bare engines, greedy, {v['requests']} requests, batch {v['batch_size']}"
-                f" (identical outputs {v['outputs_identical']})", v["vllm_per_s"], v["hf_per_s"], "backends")
-    i = results.get("io")
-    if i and "error" not in i:
-        add("I/O: vecap path / plain loop", f"samples/s: read+decode+resize to {i['image_size']}+Parquet commit / tarfile+PIL decode"
-            f" ({i['samples']} samples, {i['shards']} shards)", i["vecap_per_s"], i["plain_per_s"], "io")
-    m = results.get("memory")
-    if m and "error" not in m:
-        add("memory: 4N / N", f"peak PSS MiB of `vecap run` process tree (tiny models; N={m['n']['samples']}, 4N={m['4n']['samples']})",
-            m["4n"]["peak_pss_mib"], m["n"]["peak_pss_mib"], "memory", unit="")
-        add("memory: 4N / N", "peak summed RSS MiB (counts shared pages once per process)",
-            m["4n"]["peak_rss_sum_mib"], m["n"]["peak_rss_sum_mib"], None)
+            add(f"fuse stage / bare engine, prefix caching {mode} (b)", "fusions/s: requests / (run wall time − engine start-up)",
+                m["pipeline"]["excl_startup_per_s"], m["bare"]["per_s"])
+        on, off = f["prefix_caching"]["on"], f["prefix_caching"]["off"]
+        add("prefix caching on / off, bare engine", "fusions/s", on["bare"]["per_s"], off["bare"]["per_s"])
+        add("prefix caching on / off, fuse stage", "fusions/s in steady state",
+            on["pipeline"]["steady_per_s"], off["pipeline"]["steady_per_s"])
+        add("fuse engine start-up", "s: actor (import vllm + engine) / another engine in the bench process (no import)",
+            on["pipeline"]["engine_startup_s"], on["bare_engine_startup_s"])
+    if b := ok("backends"):
+        for kind in ("caption", "fuse"):
+            if kind in b:
+                v = b[kind]
+                add(f"vLLM / hf, {kind} model", f"requests/s, bare engines, greedy, {v['requests']} requests, batch "
+                    f"{v['batch_size']} (identical outputs: {v['outputs_identical']})", v["vllm"]["per_s"], v["hf"]["per_s"],
+                    "backends")
+    if i := ok("io"):
+        add("I/O: vecap path / plain loop", f"samples/s: read + decode + resize to {i['image_size']} + Parquet commit / "
+            f"tarfile + PIL decode ({i['samples']} samples, {i['shards']} shards)", i["vecap_per_s"], i["plain_per_s"], "io")
+        add("I/O: vecap path / plain loop + resize", f"samples/s: as above / tarfile + PIL decode + resize to {i['image_size']}",
+            i["vecap_per_s"], i["plain_resize_per_s"])
+    if m := ok("memory"):
+        add("memory: 4N / N", f"peak PSS (MiB) of the `vecap {m['command']}` process tree, tiny models, N={m['n']['samples']} "
+            f"samples, 4N={m['4n']['samples']}", m["4n"]["peak_pss_mib"], m["n"]["peak_pss_mib"], "memory")
+        add("memory: 4N / N (b)", "peak RSS summed over the tree (MiB; shared pages counted in every process)",
+            m["4n"]["peak_rss_sum_mib"], m["n"]["peak_rss_sum_mib"])
     return rows, verdicts
+
+
+NOTES = """\
+- A and B are medians over the repetitions; the two sides of a comparison run one after the other in
+  each repetition, in alternating order, on the same inputs. Rows marked (b), (c) show the same
+  comparison measured another way; only the first row of each carries the target.
+- Models: bench-scale random-weight LLaVA and Llama (`vecap.tiny_models`, scale=bench), with the
+  settings of `pipelines/demo.yaml` (float32, eager); the memory runs use the tiny models.
+- Pipeline side: `vecap.pipeline.run(cfg, [stage], overwrite=True)` on a fresh root per repetition,
+  with Ray started beforehand. A subclass of the stage's engine actor records when its engine was
+  ready and when each batch started and ended (nothing else changes). Steady state = requests after
+  the actor's first batch / time from the end of its first batch to the end of its last. A new
+  engine's first batch is slower (warm-up): it is left out on both sides.
+- Bare-engine side: `load_engine(spec).generate(batch)` in the bench process, with the stage's own
+  EngineSpec, the same requests (built by the stages' own functions; images decoded beforehand with
+  `prepare_image`) and the same batch size; warmed up once, and its prefix and multimodal caches are
+  emptied before each repetition (the same prompts would otherwise come from the cache).
+- Fuse input: committed captions made of in-domain sentences (the random VLM's captions are mostly
+  empty or byte soup, which the stage settles without the LLM). The bench tokenizer is a small BPE:
+  the fuse prompt is ~3x longer in tokens than with Llama-3's tokenizer, which favours prefix caching.
+- Memory: psutil samples every 0.25 s of the `python -m vecap.cli run` (quick: `caption`) subprocess and all its
+  descendants (Ray's GCS, raylet, workers, engine actors); PSS from /proc/<pid>/smaps_rollup.
+"""
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -816,30 +904,18 @@ def _markdown(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     meta = results["meta"]
+    summary = (
+        f"{'Quick' if meta['quick'] else 'Full'} run: up to {meta['reps']} repetition(s) per comparison; "
+        f"{meta['seconds']:.0f} s in all; load average {meta['load_start']} at the start and {meta['load_end']} at "
+        f"the end, on {meta['cpus']} CPUs (a shared machine: other jobs slow either side at random)."
+    )
+    lines += ["", summary, "", NOTES.rstrip()]
+    if meta["cut_short"]:
+        lines += ["", "Cut short by the time budget: " + "; ".join(f"{k}: {v}" for k, v in meta["cut_short"].items())]
     errors = [f"- {k}: {v['error']}" for k, v in results.items() if isinstance(v, dict) and "error" in v]
-    notes = [
-        "",
-        f"{'quick' if meta['quick'] else 'full'} run, {meta['reps']} repetitions (median; the order of the two sides alternates), "
-        f"{meta['seconds']:.0f}s in all; load average {meta['load_start']} at the start, {meta['load_end']} at the end "
-        f"on {meta['cpus']} CPUs (a shared machine: other jobs slow either side at random).",
-        "",
-        "- Models: bench-scale random-weight LLaVA and Llama (vecap.tiny_models, scale=bench), float32, "
-        "the settings of pipelines/demo.yaml; the memory runs use the tiny models.",
-        "- Pipeline: `vecap.pipeline.run(cfg, [stage], overwrite=True)` on a fresh root each repetition, Ray started beforehand. "
-        "Steady state: requests after the engine actor's first batch / time from the end of its first batch to the end of its "
-        "last (from the actor's own clock: a subclass of the stage's actor records the times). The first batch of a new engine "
-        "is slower (warm-up) and is left out on both sides: the bare engine gets a warm-up batch before timing.",
-        "- Bare engine: `load_engine(spec).generate(batch)` with the same EngineSpec, the same requests (built by the stages' own "
-        "functions, images decoded beforehand) and the same batch size; its prefix and multimodal caches are reset before each "
-        "repetition.",
-        "- Fuse input: committed captions with in-domain sentences (the random VLM's captions would mostly be settled without "
-        "the LLM); the requests are what the fuse stage sends.",
-        "- Memory: psutil samples (every 0.25 s) of the `vecap run` subprocess and all its descendants (Ray's GCS, raylet, "
-        "workers and engine actors); PSS from /proc/<pid>/smaps_rollup.",
-    ]
     if errors:
-        notes += ["", "Sections that failed:", *errors]
-    return "\n".join(lines + notes) + "\n"
+        lines += ["", "Sections that failed:", *errors]
+    return "\n".join(lines) + "\n"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -853,7 +929,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- main
-def _prepare(sizes: Sizes) -> Ctx:
+def _prepare(sizes: Sizes, t_start: float) -> Ctx:
     from vecap.reader import list_shards
     from vecap.sample_data import make_sample_data
     from vecap.tiny_models import build_tiny_models
@@ -869,53 +945,50 @@ def _prepare(sizes: Sizes) -> Ctx:
     overrides = [
         f"caption.model={models['llava']}",
         f"fuse.model={models['llama']}",
-        f"caption.image_size={vision['image_size']}",
+        f"caption.image_size={vision['image_size']}",  # the bench LLaVA's input size
         f"caption.batch_size={sizes.batch_size}",
         f"fuse.batch_size={sizes.batch_size}",
     ]
     return Ctx(sizes=sizes, images=data, shards=list_shards(str(data)), models=models, tiny=tiny,
-               timings=timings, overrides=overrides)
+               timings=timings, t_start=t_start, overrides=overrides)
 
 
 def main(out_dir: str = "bench/results", quick: bool = False) -> int:
-    """Run every comparison; write ``results.json`` and ``results.md`` to ``out_dir``; 0 if all sections ran."""
+    """Run every comparison; write ``results.json`` and ``results.md`` to ``out_dir``. 0 if every section ran."""
     _setup_env()
     t_start = time.time()
     sizes = QUICK if quick else FULL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_start = _load()
-    ctx = _prepare(sizes)
-    os.environ[TIMINGS_ENV] = str(ctx.timings)
+    ctx = _prepare(sizes, t_start)
+    os.environ[TIMINGS_ENV] = str(ctx.timings)  # inherited by the local Ray's workers
     ray_tmp = tempfile.mkdtemp(prefix="vecap-bench-ray-", dir="/tmp")
     results: dict[str, Any] = {}
-    section_s: dict[str, float] = {}
+    section_s: dict[str, float] = {"setup": time.time() - t_start}
     sections: list[tuple[str, Callable[[Ctx], dict[str, Any]]]] = [
         ("io", bench_io),
-        ("memory", bench_memory),
+        ("memory", bench_memory),  # subprocesses, before this process holds any engine
         ("caption", bench_caption),
         ("fuse", bench_fuse),
         ("backends", bench_backends),
     ]
     try:
         for name, fn in sections:
-            if name == "caption":  # Ray for the in-process pipeline runs, started before any timing
-                import ray
-
-                from vecap.pipeline import init_ray
-
-                os.environ["RAY_TMPDIR"] = ray_tmp
-                init_ray(ctx.cfg(WORK / "runs" / "ray"))
-                log.info("Ray up: %s", ray.cluster_resources())
             t0 = time.time()
             log.info("=== %s", name)
             try:
+                if name == "caption":  # the local Ray of the pipeline runs, started before any timing
+                    from vecap.pipeline import init_ray
+
+                    os.environ["RAY_TMPDIR"] = ray_tmp
+                    init_ray(ctx.cfg(WORK / "runs" / "ray"))
                 results[name] = fn(ctx)
             except Exception as err:  # one failed section must not hide the others
                 log.exception("section %s failed", name)
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
             section_s[name] = time.time() - t0
-            log.info("=== %s done in %.0fs", name, time.time() - t0)
+            log.info("=== %s done in %.0fs", name, section_s[name])
     finally:
         with contextlib.suppress(Exception):
             import ray
@@ -929,9 +1002,11 @@ def main(out_dir: str = "bench/results", quick: bool = False) -> int:
         "reps": sizes.reps,
         "seconds": time.time() - t_start,
         "section_seconds": section_s,
+        "cut_short": ctx.cut,
         "load_start": load_start,
         "load_end": _load(),
         "cpus": os.cpu_count(),
+        "config": str(REPO / "pipelines" / "demo.yaml"),
         "config_overrides": ctx.overrides,
         "data": str(ctx.images),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -260,7 +260,7 @@ def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
             fn_constructor_kwargs={"spec": engine_spec(c, multimodal=True), "prompt": load_prompt("caption", c.prompt)},
             batch_size=c.batch_size,
             batch_format="pyarrow",
-            concurrency=c.actors,
+            compute=ray.data.ActorPoolStrategy(size=c.actors),
             num_cpus=c.cpus_per_actor,
             num_gpus=c.gpus_per_actor,
         )
@@ -278,7 +278,7 @@ def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
             fn_constructor_kwargs={"spec": engine_spec(f, multimodal=False)},
             batch_size=f.batch_size,
             batch_format="pyarrow",
-            concurrency=f.actors,
+            compute=ray.data.ActorPoolStrategy(size=f.actors),
             num_cpus=f.cpus_per_actor,
             num_gpus=f.gpus_per_actor,
         )
