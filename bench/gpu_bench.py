@@ -299,7 +299,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     per_s = len(outs) / seconds
     ceiling = args.peak_tflops / tflop
     return {
-        "model": "LLaVA-1.5-7B" if stage == "caption" else "Llama-3-8B",
+        "model": ("LLaVA-1.5-7B" if stage == "caption" else "Llama-3-8B") + (" (reduced config)" if args.reduced else ""),
         "reduced": args.reduced,
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "dtype": spec.dtype,

@@ -22,7 +22,7 @@ def test_gpu_bench_reduced_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--reduced", "--out", str(out), "--work", str(tmp_path / "m")],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())

@@ -94,7 +94,7 @@ def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_byte
             if im.format == "JPEG":
                 im.draft("RGB", target)  # decode at reduced scale: much cheaper for big JPEGs
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to rotate
             im = _to_rgb(im)
             # exif_transpose may swap the axes: recompute from the decoded image.
             target = _target_size(im.width, im.height, short_side)
