@@ -22,17 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 _WORK = REPO / ".cache" / "test"
 (_WORK / "tmp").mkdir(parents=True, exist_ok=True)
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    "HF_HOME": str(_WORK / "hf"),
-    "VLLM_CACHE_ROOT": str(_WORK / "vllm"),
-}.items():
+from vecap.cpu_env import offline_cpu_env  # noqa: E402
+
+for _key, _value in offline_cpu_env(_WORK).items():
     os.environ.setdefault(_key, _value)
 
 

@@ -58,6 +58,8 @@ from typing import Any
 from vecap.stages.caption import CaptionWorker as _CaptionWorker
 from vecap.stages.fuse import FuseWorker as _FuseWorker
 
+from vecap.cpu_env import offline_cpu_env
+
 log = logging.getLogger("vecap.bench")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,17 +67,7 @@ WORK = REPO / ".cache" / "bench"
 TIMINGS_ENV = "VECAP_BENCH_TIMINGS"
 
 # What vLLM on a CPU needs (see pipelines/demo.yaml); caches stay inside the workspace.
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    "HF_HOME": str(REPO / ".cache" / "hf"),
-    "VLLM_CACHE_ROOT": str(REPO / ".cache" / "vllm"),
-}
+ENV = offline_cpu_env(REPO / ".cache")
 
 TARGETS = {
     "caption": ("≥ 0.9 × bare engine", lambda r: r >= 0.9),
