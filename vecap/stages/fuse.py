@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from vecap import fusion, schemas
-from vecap.backends import EngineSpec, Generation, Request
+from vecap.backends import Generation, Request
 from vecap.prompts import Prompt
 from vecap.reader import read_alt_texts
 from vecap.stages.common import EngineWorker, Provenance, seed_for, work_table
@@ -81,9 +81,6 @@ class FuseWorker(EngineWorker):
     """Holds the text LLM; generates for the rows that need fusing."""
 
     flag = "needs_fuse"
-
-    def __init__(self, spec: EngineSpec) -> None:
-        super().__init__(spec)
 
     def request(self, row: dict[str, Any]) -> Request:
         return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"])

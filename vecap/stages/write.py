@@ -19,7 +19,7 @@ from vecap import schemas
 from vecap.fusion import light_clean
 from vecap.images import image_size, sniff_image_format
 from vecap.mixing import choose_txt
-from vecap.reader import ShardReader, read_parquet_rows
+from vecap.reader import ShardReader
 from vecap.writer import StageDir
 
 STAGE = "write"
@@ -48,7 +48,6 @@ def write_shard(
     out = StageDir(f"{root}/vecap")
     fused = {r["key"]: r for r in StageDir(f"{root}/fused").read_table(shard).to_pylist()}
     captions = {r["key"]: r for r in StageDir(f"{root}/captions").read_table(shard).to_pylist()}
-    meta = {str(r["key"]): r for r in read_parquet_rows(f"{root}/images", shard)}
     rows: dict[str, dict[str, Any]] = {}
     tmp_tar = out.temp_path(f"{shard}.tar")
     n_samples = 0
@@ -57,7 +56,7 @@ def write_shard(
             f = fused.get(sample.key)
             if f is None or sample.key in rows:
                 continue  # not in this stage's input (e.g. a dropped duplicate): nothing to write
-            row = _row(shard, sample.key, f, captions.get(sample.key, {}), meta.get(sample.key, {}), sample.url)
+            row = _row(shard, sample.key, f, captions.get(sample.key, {}), sample.url)
             rows[sample.key] = row
             if row["status"] != schemas.OK or sample.image is None:
                 continue
@@ -66,7 +65,8 @@ def write_shard(
             if ext not in image_exts:
                 row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{ext} images are not read by CLIP loaders")
                 continue
-            choice = choose_txt(mix, p_vec, seed, sample.key, light_clean(f["alt_text"]), f["vec_caption"])
+            alt = light_clean(f["alt_text"])
+            choice = choose_txt(mix, p_vec, seed, sample.key, alt, f["vec_caption"])
             if choice is None:
                 row.update(status=schemas.NO_TEXT, error="neither alt-text nor VeC caption has text")
                 continue
@@ -77,15 +77,16 @@ def write_shard(
             _add(tar, f"{sample.key}.{ext}", sample.image)
             _add(tar, f"{sample.key}.txt", row["txt"].encode())
             if mix == "both":
-                _add(tar, f"{sample.key}.alt.txt", (light_clean(f["alt_text"]) or row["txt"]).encode())
+                _add(tar, f"{sample.key}.alt.txt", (alt or row["txt"]).encode())
                 _add(tar, f"{sample.key}.vec.txt", (f["vec_caption"] or row["txt"]).encode())
             sample_json = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
             _add(tar, f"{sample.key}.json", json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode())
             n_samples += 1
-    # Keys whose image never reached the tar reader (failed downloads, lost members).
+    # The reader yields every key of the input (failed downloads too); a fused key it did not
+    # yield means the input changed since: keep the row, say the image is gone.
     for key, f in fused.items():
         if key not in rows:
-            rows[key] = _row(shard, key, f, captions.get(key, {}), meta.get(key, {}), None)
+            rows[key] = _row(shard, key, f, captions.get(key, {}), None)
             if rows[key]["status"] == schemas.OK:
                 rows[key].update(status=schemas.MISSING_FROM_TAR, error="image not found in the input tar")
     ordered = [rows[k] for k in sorted(rows)]
@@ -115,11 +116,11 @@ def write_shard(
     return stats
 
 
-def _row(shard: str, key: str, f: dict, c: dict, meta: dict, url: str | None) -> dict[str, Any]:
+def _row(shard: str, key: str, f: dict, c: dict, url: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {
         "key": key,
         "shard": shard,
-        "url": url or meta.get("url"),
+        "url": url,
         "alt_text": f.get("alt_text"),
         "vlm_caption": f.get("vlm_caption"),
         "vec_caption": f.get("vec_caption"),
