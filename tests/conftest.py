@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 _WORK = REPO / ".cache" / "test"
 (_WORK / "tmp").mkdir(parents=True, exist_ok=True)
-from vecap.cpu_env import offline_cpu_env  # noqa: E402
+from vecap.demo.cpu_env import offline_cpu_env  # noqa: E402
 
 for _key, _value in offline_cpu_env(_WORK).items():
     os.environ.setdefault(_key, _value)
@@ -30,7 +30,7 @@ for _key, _value in offline_cpu_env(_WORK).items():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from vecap.tiny_models import build_tiny_models
+    from vecap.demo.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("models"))
 
@@ -89,7 +89,7 @@ def sample_images(tmp_path_factory) -> Path:
     """A small img2dataset sample (real download from loopback) plus one shard of bad images."""
     from helpers import sample_members, write_img2dataset_parquet, write_tar
 
-    from vecap.sample_data import make_sample_data
+    from vecap.demo.sample_data import make_sample_data
 
     root = tmp_path_factory.mktemp("sample")
     images = make_sample_data(root, n_images=20, shard_size=8)
@@ -137,7 +137,7 @@ def demo_config(tiny_models, ray_local):
 
     def make(root: Path, *overrides: str):
         return load_config(
-            REPO / "pipelines" / "demo.yaml",
+            "demo",
             [f"root={root}", f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}", *overrides],
         )
 

@@ -54,3 +54,17 @@ def write_img2dataset_parquet(path: Path, rows: list[dict]) -> Path:
     ]
     pq.write_table(pa.Table.from_pylist(full), path)
     return path
+
+
+def stage_output(root, step: str):
+    """The committed shards of a stage (``step``: caption, fuse, write) under ``root``."""
+    from vecap.layout import Layout
+    from vecap.outputs import StageOutput
+
+    return StageOutput(Layout(str(root)), step)
+
+
+def marker_path(root, step: str, shard: str) -> Path:
+    from vecap.layout import Layout
+
+    return Path(Layout(str(root)).marker(step, shard))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_SHARD, BAD_STATUSES, bad_images
+from helpers import marker_path, stage_output
 
 from vecap import schemas
 from vecap.images import ImageRejected, prepare_image
 from vecap.pipeline import run
 from vecap.reader import ShardReader, list_shards
-from vecap.writer import StageDir
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_caption_stage_with_vllm_actor_pool(make_root, demo_config):
     root = make_root()
     cfg = demo_config(root, "caption.actors=2", "caption.batch_size=8")
     result = run(cfg, ["caption"], progress=False)
-    captions = StageDir(root / "captions")
+    captions = stage_output(root, "caption")
     expected = _input_keys(root / "images")
     assert captions.done() == set(expected)
     assert result.tallies["caption"].shards == len(expected)
@@ -53,20 +53,20 @@ def test_caption_stage_with_vllm_actor_pool(make_root, demo_config):
         assert all_rows[key]["status"] == schemas.OK, (key, all_rows[key])
 
     # Rerun: nothing to do, nothing rewritten.
-    before = {s: captions.stats_path(s).read_bytes() for s in expected}
+    before = {s: marker_path(root, "caption", s).read_bytes() for s in expected}
     again = run(cfg, ["caption"], progress=False)
     assert again.tallies["caption"].shards == 0 and again.tallies["caption"].skipped_shards == len(expected)
-    assert {s: captions.stats_path(s).read_bytes() for s in expected} == before
+    assert {s: marker_path(root, "caption", s).read_bytes() for s in expected} == before
 
     # Delete one done marker: only that shard reruns, and gives identical content.
     victim = sorted(expected)[1]
     old_table = captions.read_table(victim)
-    captions.stats_path(victim).unlink()
+    marker_path(root, "caption", victim).unlink()
     resumed = run(cfg, ["caption"], progress=False)
     assert resumed.tallies["caption"].shards == 1
     assert captions.read_table(victim).equals(old_table)
     for s in set(expected) - {victim}:
-        assert captions.stats_path(s).read_bytes() == before[s]
+        assert marker_path(root, "caption", s).read_bytes() == before[s]
 
 
 def test_same_inputs_same_parquet_in_a_fresh_root(make_root, demo_config):

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from vecap.config import ConfigError, load_config
+from vecap.config import RECIPES_DIR, ConfigError, load_config, resolve_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
     cfg = load_config(recipe)
     assert cfg.caption.model and cfg.fuse.model
@@ -45,10 +45,10 @@ def test_bad_choice_is_named():
 
 
 def test_set_overrides_are_typed_and_validated():
-    cfg = load_config(REPO / "pipelines/demo.yaml", ["caption.batch_size=3", "write.p_vec=0.25", "root=/tmp/x"])
+    cfg = load_config("demo", ["caption.batch_size=3", "write.p_vec=0.25", "root=/tmp/x"])
     assert cfg.caption.batch_size == 3 and cfg.write.p_vec == 0.25 and cfg.root == "/tmp/x"
     with pytest.raises(ConfigError, match=r"unknown key 'caption\.nope'"):
-        load_config(REPO / "pipelines/demo.yaml", ["caption.nope=1"])
+        load_config("demo", ["caption.nope=1"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["caption.batch_size"])
 
@@ -56,3 +56,12 @@ def test_set_overrides_are_typed_and_validated():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_recipes_resolve_by_name_or_path(tmp_path):
+    assert resolve_recipe("gpu") == RECIPES_DIR / "gpu.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: 3\n")
+    assert load_config(mine).seed == 3
+    with pytest.raises(ConfigError, match="packaged recipes: demo, gpu"):
+        load_config("nope")

@@ -8,7 +8,7 @@ import pytest
 
 from vecap import schemas
 from vecap.pipeline import run
-from vecap.writer import StageDir
+from helpers import marker_path, stage_output
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def captioned(sample_images, tmp_path_factory, tiny_models, ray_local):
     from vecap.config import load_config
-    from conftest import REPO
 
     root = tmp_path_factory.mktemp("captioned")
     shutil.copytree(sample_images, root / "images")
-    cfg = load_config(REPO / "pipelines/demo.yaml", [f"root={root}", f"caption.model={tiny_models['llava']}"])
+    cfg = load_config("demo", [f"root={root}", f"caption.model={tiny_models['llava']}"])
     run(cfg, ["caption"], progress=False)
     return root
 
@@ -30,7 +29,7 @@ def test_fuse_stage_with_vllm(captioned, tmp_path, demo_config):
     shutil.copytree(captioned, root)
     cfg = demo_config(root, "fuse.actors=2", "fuse.batch_size=8")
     result = run(cfg, ["fuse"], progress=False)
-    captions, fused = StageDir(root / "captions"), StageDir(root / "fused")
+    captions, fused = stage_output(root, "caption"), stage_output(root, "fuse")
     assert fused.done() == captions.done()
     assert result.tallies["fuse"].shards == len(captions.done())
     sources = set()
@@ -65,13 +64,13 @@ def test_fuse_stage_with_vllm(captioned, tmp_path, demo_config):
 
     # Rerun determinism and single-shard resume.
     victim = sorted(fused.done())[0]
-    before = {s: fused.stats_path(s).read_bytes() for s in fused.done()}
+    before = {s: marker_path(root, "fuse", s).read_bytes() for s in fused.done()}
     old = fused.read_table(victim)
-    fused.stats_path(victim).unlink()
+    marker_path(root, "fuse", victim).unlink()
     again = run(cfg, ["fuse"], progress=False)
     assert again.tallies["fuse"].shards == 1
     assert fused.read_table(victim).equals(old)
-    assert all(fused.stats_path(s).read_bytes() == before[s] for s in before if s != victim)
+    assert all(marker_path(root, "fuse", s).read_bytes() == before[s] for s in before if s != victim)
 
 
 def fusion_reasons():
@@ -90,7 +89,7 @@ def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
     """Rows whose model call failed are redone alone; the rest of the shard is kept as committed."""
     root = tmp_path / "root"
     shutil.copytree(captioned, root)
-    captions = StageDir(root / "captions")
+    captions = stage_output(root, "caption")
     shard = sorted(captions.done())[0]
     rows = captions.read_table(shard).to_pylist()
     ok_keys = [r["key"] for r in rows if r["status"] == schemas.OK][:2]
@@ -98,10 +97,9 @@ def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
         if r["key"] in ok_keys:
             r.update(status=schemas.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None)
     stats = captions.read_stats(shard)
-    captions.commit(shard, stats, schemas.table(rows, schemas.CAPTIONS), schemas.CAPTIONS)
-    (root / "fused").mkdir(exist_ok=True)
-    fused = StageDir(root / "fused")
-    fused.commit(shard, {"n_rows": 0}, schemas.table([], schemas.FUSED), schemas.FUSED)  # built from the old rows
+    captions.commit(shard, schemas.table(rows, schemas.CAPTIONS), stats)
+    fused = stage_output(root, "fuse")
+    fused.commit(shard, schemas.table([], schemas.FUSED), {"n_rows": 0})  # built from the old rows
 
     cfg = demo_config(root)
     result = run(cfg, ["caption"], retry_failed=True, progress=False)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import marker_path, stage_output
 
 from vecap import schemas
 from vecap.mixing import choose_txt, pick_caption
 from vecap.pipeline import run
 from vecap.reader import ShardReader, list_shards
-from vecap.writer import StageDir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def _all_input_keys(images: Path) -> set[str]:
 
 
 def _vecap_rows(root: Path) -> dict[str, dict]:
-    out = StageDir(root / "vecap")
+    out = stage_output(root, "write")
     rows = [r for s in sorted(out.done()) for r in out.read_table(s).to_pylist()]
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)), "a key was written twice"
@@ -51,14 +51,20 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(make_root, dem
     assert set(result.tallies) == {"caption", "fuse", "write"}
     rows = _vecap_rows(root)
     assert set(rows) == _all_input_keys(root / "images")
-    sizes = json.loads((root / "vecap" / "sizes.json").read_text())
-    manifest = json.loads((root / "vecap" / "_run.json").read_text())
-    assert manifest["fingerprints"]["caption"]["model"].endswith("tiny-llava") and manifest["versions"]["ray"]
+    sizes = json.loads((root / "clip" / "sizes.json").read_text())
+    manifest = json.loads((root / "captions" / "_run.json").read_text())
+    assert manifest["fingerprint"]["model"].endswith("tiny-llava") and manifest["versions"]["ray"]
+    assert manifest["totals"]["rows"] == len(rows)
+    # pandas reads every stage folder as documented: all shards, nothing else
+    import pandas as pd
+
+    for stage in ("captions", "fused", "vecap"):
+        assert sorted(pd.read_parquet(root / stage).key) == sorted(rows)
 
     # sizes.json matches the tars, the tars hold ok samples only, with the original bytes
     inputs = {s.key: s for shard in list_shards(str(root / "images")) for s in ShardReader(str(root / "images"), shard)}
     for tar_name, count in sizes.items():
-        with tarfile.open(root / "vecap" / tar_name) as tar:
+        with tarfile.open(root / "clip" / tar_name) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         keys = {n.split(".", 1)[0] for n in members}
         assert len(keys) == count
@@ -77,7 +83,7 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(make_root, dem
     assert {r["image_ext"] for r in rows.values() if r["image_ext"]} >= {"jpg", "png", "webp"}
 
     # Read as open_clip's training loader does (image by jpg;png;jpeg;webp, text by txt).
-    urls = [str(root / "vecap" / name) for name in sorted(sizes)]
+    urls = [str(root / "clip" / name) for name in sorted(sizes)]
     dataset = (
         wds.WebDataset(urls, shardshuffle=False)
         .decode("pilrgb")
@@ -100,7 +106,7 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(make_root, dem
         for shard in list_shards(str(root / stage), ".parquet"):
             assert pq.read_table(root / stage / f"{shard}.parquet").equals(pq.read_table(staged / stage / f"{shard}.parquet"))
     for name in sizes:
-        assert (root / "vecap" / name).read_bytes() == (staged / "vecap" / name).read_bytes()
+        assert (root / "clip" / name).read_bytes() == (staged / "clip" / name).read_bytes()
 
     # A changed mix is refused for committed shards.
     from vecap.pipeline import ConfigMismatch
@@ -146,8 +152,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
 def _recipe(tmp_path: Path, root: Path, tiny_models) -> Path:
-    data = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    from vecap.config import resolve_recipe
+
+    data = yaml.safe_load(resolve_recipe("demo").read_text())
     data["root"] = str(root)
     data["caption"]["model"] = str(tiny_models["llava"])
     data["fuse"]["model"] = str(tiny_models["llama"])
@@ -179,23 +197,26 @@ def test_sigkill_halfway_then_resume(make_root, tiny_models, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver had started
         except ProcessLookupError:
             pass
-    fused = StageDir(root / "fused")
-    committed = {s: fused.stats_path(s).read_bytes() for s in fused.done()}
-    captions = StageDir(root / "captions")
-    captioned = {s: captions.stats_path(s).read_bytes() for s in captions.done()}
+    fused, captions = stage_output(root, "fuse"), stage_output(root, "caption")
+    committed = {s: marker_path(root, "fuse", s).read_bytes() for s in fused.done()}
+    captioned = {s: marker_path(root, "caption", s).read_bytes() for s in captions.done()}
     n_shards = len(list_shards(str(root / "images")))
     assert 1 <= len(committed) < n_shards, "the kill should land halfway"
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {s: fused.stats_path(s).read_bytes() for s in committed} == committed  # not recomputed
-    assert {s: captions.stats_path(s).read_bytes() for s in captioned} == captioned
+    assert {s: marker_path(root, "fuse", s).read_bytes() for s in committed} == committed  # not recomputed
+    assert {s: marker_path(root, "caption", s).read_bytes() for s in captioned} == captioned
     assert set(_vecap_rows(root)) == _all_input_keys(root / "images")  # complete, each key once
-    assert len(StageDir(root / "vecap").done()) == n_shards
-    assert not [p for d in ("captions", "fused", "vecap") for p in (root / d).glob(".*")]  # no temp files left
+    assert len(stage_output(root, "write").done()) == n_shards
+    leftovers = [p for d in ("captions", "fused", "vecap", "clip") for p in (root / d).glob(".*")]
+    leftovers += [p for d in ("captions", "fused", "vecap") for p in (root / d).glob("_parts/*")]
+    assert not leftovers  # no temporary files or part files left
+    assert not (root / "_lease.json").exists()  # the lease was released
 
 
 def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
-    """A private cluster (own temp dir and ports), a job submitted to it, and only that cluster stopped."""
+    """A private two-node cluster (own temp dir and ports), a job submitted to it whose tasks land on
+    both nodes, and only that cluster stopped."""
     root = make_root()
     recipe = _recipe(tmp_path, root, tiny_models)
     gcs, dash = _free_port(), _free_port()
@@ -205,13 +226,22 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=8", f"--temp-dir={temp_dir}", "--object-store-memory=400000000",
+         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--object-store-memory=400000000",
          "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
          "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
          f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
     )
+    worker = None
     try:
+        _wait_for_port(gcs)
+        worker = subprocess.Popen(
+            [ray_bin, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=6", "--resources={\"worker_node\": 1}",
+             "--object-store-memory=300000000", "--disable-usage-stats", f"--min-worker-port={_free_port()}",
+             "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+            env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
+        )
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
                   sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
         deadline = time.time() + 120
@@ -222,12 +252,21 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
             time.sleep(3)
         assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:], (tmp_path / "head.log").read_text()[-3000:])
         assert "succeeded" in out.stdout.lower()
+        from ray.util.state import list_nodes, list_tasks
+
+        address = f"http://127.0.0.1:{dash}"
+        assert len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2
+        nodes = {t.node_id for t in list_tasks(address=address, limit=10000, raise_on_missing_output=False) if t.node_id}
+        assert len(nodes) == 2, "the job's tasks and actors should run on both nodes"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for proc in (worker, head):
+            if proc is None:
+                continue
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert set(_vecap_rows(root)) == _all_input_keys(root / "images")

@@ -21,7 +21,10 @@ STAGE_HELP = {
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default="pipelines/demo.yaml", help="recipe file (default: %(default)s)")
+    p.add_argument(
+        "--config", "-c", default="demo",
+        help="recipe: a YAML file, or a packaged recipe's name (demo, gpu) (default: %(default)s)",
+    )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set caption.batch_size=32 (repeatable)",
@@ -36,11 +39,23 @@ def _stage_cmd(args: argparse.Namespace) -> int:
     steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
     result = run(
         cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress,
-        retry_failed=getattr(args, "retry_failed", False),
+        retry_failed=getattr(args, "retry_failed", False), dry_run=getattr(args, "dry_run", False),
     )
     print(result.summary())
     for step in steps:
-        print(f"{step:<8} → {cfg.stage_dir({'caption': 'captions', 'fuse': 'fused', 'write': 'vecap'}[step])}")
+        print(f"{step:<8} → {result.layout.stage(step)}")
+    if "write" in steps:
+        print(f"{'clip':<8} → {result.layout.clip} (CLIP-ready tars + sizes.json)")
+    return 0
+
+
+def _migrate_cmd(args: argparse.Namespace) -> int:
+    from vecap.layout import Layout
+    from vecap.outputs import migrate_layout
+    from vecap.storage import Storage
+
+    moved = migrate_layout(Layout(args.root), Storage.for_path(args.root))
+    print(f"{args.root}: moved {moved['markers']} done marker(s) to <stage>/_done/ and {moved['tars']} tar(s) to clip/")
     return 0
 
 
@@ -62,7 +77,7 @@ def _download_cmd(args: argparse.Namespace) -> int:
 
 
 def _sample_data_cmd(args: argparse.Namespace) -> int:
-    from vecap.sample_data import make_sample_data
+    from vecap.demo.sample_data import make_sample_data
 
     out = make_sample_data(args.root, n_images=args.n_images, shard_size=args.shard_size, overwrite=args.overwrite)
     print(f"sample img2dataset shards → {out}")
@@ -70,7 +85,7 @@ def _sample_data_cmd(args: argparse.Namespace) -> int:
 
 
 def _models_cmd(args: argparse.Namespace) -> int:
-    from vecap.tiny_models import build_tiny_models
+    from vecap.demo.tiny_models import build_tiny_models
 
     paths = build_tiny_models(args.out, scale=args.scale, overwrite=args.overwrite)
     for name, path in paths.items():
@@ -138,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings")
         p.add_argument("--shards", nargs="*", help="only these shard names (e.g. 00000 00003)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "run":
+            p.add_argument(
+                "--dry-run", action="store_true",
+                help="read and decode every shard and run every step but the models (a fixed caption), "
+                "into <root>/_dry_run/: finds broken shards and sizes the CPU side before paying for GPUs",
+            )
         if name in ("caption", "fuse"):
             p.add_argument(
                 "--retry-failed", action="store_true",
@@ -157,17 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=48, help="samples in the grid")
     p.set_defaults(func=_report_cmd)
 
-    p = sub.add_parser("bench", help="side-by-side benchmarks (pipeline vs bare engine, vLLM vs HF, I/O, memory)")
-    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    p.add_argument("--out", default="bench/results")
-    p.set_defaults(func=_bench_cmd)
+    p = sub.add_parser("migrate", help="convert a root written by vecap 0.1 to the current layout, in place")
+    p.add_argument("root", help="dataset root (local path or URI)")
+    p.set_defaults(func=_migrate_cmd)
     return parser
-
-
-def _bench_cmd(args: argparse.Namespace) -> int:
-    from vecap.bench import main as bench_main
-
-    return bench_main(out_dir=args.out, quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from vecap.config import ConfigError
-    from vecap.pipeline import ConfigMismatch
+    from vecap.lease import RootBusy
+    from vecap.outputs import LegacyLayoutError
+    from vecap.pipeline import ConfigMismatch, RunFailed
 
     try:
         return args.func(args)
-    except (ConfigError, ConfigMismatch, FileNotFoundError) as err:
+    except (ConfigError, ConfigMismatch, RootBusy, LegacyLayoutError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
+    except RunFailed as err:
+        log.error("%s", err)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Typed pipeline configuration, loaded from ``pipelines/*.yaml``.
+"""Typed pipeline configuration: a recipe file, or a recipe shipped with the package (``demo``, ``gpu``).
 
 Every section is a pydantic model that forbids unknown keys, so a typo such as
 ``caption.batch_sise`` fails at load time with the key's dotted name instead of
@@ -40,7 +40,7 @@ class RayConfig(_Section):
 class ModelConfig(_Section):
     """A model engine served by long-lived Ray actors (shared by the caption and fuse stages)."""
 
-    backend: Literal["vllm", "hf", "openai"] = "vllm"
+    backend: Literal["vllm", "hf", "openai", "dry"] = "vllm"
     model: str = ""
     prompt: str = ""
     actors: int = Field(1, ge=1)
@@ -63,6 +63,45 @@ class ModelConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0)
 
 
+# Checks of vecap.validation, in the order they run (the first that fails names the row's reason).
+CaptionCheck = Literal[
+    "empty", "truncated", "refusal", "garbage", "echo", "commentary", "boilerplate", "repetition", "too_long", "too_short"
+]
+FuseCheck = Literal[
+    "empty", "truncated", "refusal", "garbage", "alternatives", "echo", "commentary", "repetition", "too_long",
+    "wrong_language", "injection", "too_short", "lost_entities", "invented", "alt_echo", "ungrounded",
+]
+
+
+class CaptionChecks(_Section):
+    """Thresholds of the VLM-caption validator (``vecap.validation.check_caption``)."""
+
+    min_words: int = Field(2, ge=0)
+    max_words: int = Field(100, ge=1)
+    # A unit (word, phrase, CJK character run) repeated this many times in a row is a loop.
+    max_repeats: int = Field(3, ge=2)
+    # Share of repeated word trigrams (character 4-grams for CJK) from which the text is a loop.
+    max_repetition: float = Field(0.3, gt=0, le=1)
+    skip: list[CaptionCheck] = Field(default_factory=list)
+
+
+class FuseChecks(_Section):
+    """Thresholds of the fused-caption validator (``vecap.validation.check_fused``)."""
+
+    min_words: int = Field(3, ge=0)
+    max_words: int = Field(80, ge=1)
+    max_repeats: int = Field(3, ge=2)
+    max_repetition: float = Field(0.3, gt=0, le=1)
+    # Weighted share of the alt-text's names and numbers the caption must keep.
+    min_entity_recall: float = Field(0.5, ge=0, le=1)
+    # Share of the VLM caption's content words under which a caption counts as not using it
+    # (with an instruction in the alt-text: an obeyed injection).
+    min_visual_overlap: float = Field(0.2, ge=0, le=1)
+    # Names, numbers or URLs found in neither source that a caption may hold.
+    max_novel: int = Field(0, ge=0)
+    skip: list[FuseCheck] = Field(default_factory=list)
+
+
 class CaptionConfig(ModelConfig):
     prompt: str = "concise"
     # Images are resized on the CPU workers so that the shorter side is at most this
@@ -70,6 +109,7 @@ class CaptionConfig(ModelConfig):
     image_size: int = Field(336, ge=8)
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    validation: CaptionChecks = Field(default_factory=CaptionChecks)
 
 
 class FuseConfig(ModelConfig):
@@ -80,6 +120,7 @@ class FuseConfig(ModelConfig):
     # A fused caption longer than this many words is rejected as runaway output.
     max_caption_words: int = Field(80, ge=1)
     require_entities: bool = True
+    validation: FuseChecks = Field(default_factory=FuseChecks)
 
 
 class WriteConfig(_Section):
@@ -95,20 +136,19 @@ class WriteConfig(_Section):
 class PipelineConfig(_Section):
     """A whole recipe: where the data lives and how each stage runs."""
 
+    # A local path, a shared mount, or an object-store URI (s3://bucket/run1, gs://...).
     root: str = "data/sample"
+    # Extra fsspec options for the root's file system (e.g. {"endpoint_url": ...} for s3fs).
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    # Input shards being read at once; bounds what the stream holds in flight.
     max_inflight_shards: int = Field(4, ge=1)
+    # A run's lease on the root expires this long after its last heartbeat.
+    lease_ttl_s: float = Field(120.0, gt=0)
     ray: RayConfig = Field(default_factory=RayConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
-
-    @property
-    def root_path(self) -> Path:
-        return Path(self.root)
-
-    def stage_dir(self, name: str) -> Path:
-        return self.root_path / name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -149,16 +189,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``--config NAME``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file path, or the name of a packaged recipe (``demo``, ``gpu``)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix == "" and (RECIPES_DIR / f"{candidate.name}.yaml").is_file() and candidate.name == str(path):
+        return RECIPES_DIR / f"{candidate.name}.yaml"
+    raise ConfigError(f"config file not found: {path} (packaged recipes: {', '.join(packaged_recipes())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a recipe file (or the defaults) and apply ``--set`` overrides."""
+    """Load a recipe (a file, or a packaged recipe's name) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
+        recipe = resolve_recipe(path)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+        loaded = yaml.safe_load(recipe.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"invalid config {source}: top level must be a mapping")
         data = loaded

@@ -1,48 +1,56 @@
-"""The driver: plan pending shards, stream them through Ray, commit each shard once.
+"""The driver: plan pending shards, stream them through the stages, finalize each shard once.
 
-One Ray Data stream carries every pending shard through read → decode → caption →
-fuse, with engine actors that live for the whole run; Ray does the scheduling,
-back-pressure and retries. What Ray does not give is here: the 1:1 shard outputs,
-the atomic commits with done markers (:mod:`vecap.writer`), the refusal to mix
-outputs of different models or prompts, and the summary. The write stage runs as
-plain Ray tasks, one per shard, as soon as a shard's fused output is committed.
+One Ray Data stream carries every pending shard through the stages' steps (read →
+caption → fuse), with engine actors that live for the whole run; Ray does the
+scheduling, back-pressure and retries. The last step writes part files on the
+workers (:mod:`vecap.finalize`) and returns one small manifest row per batch and
+shard: the driver never holds rows. When a shard's count is complete the driver
+submits its finalize task, which commits the shard and builds its CLIP tar.
 
-``vecap caption``, ``vecap fuse``, ``vecap write`` and ``vecap run`` are this one
-function with different ``steps``; their files are identical.
+What Ray does not give is here: the 1:1 shard outputs, the refusal to mix outputs of
+different models or prompts, the lease (one run per root) and the summary.
+``vecap caption|fuse|write|run`` are this one function with different ``steps``;
+their files are identical.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vecap import schemas
-from vecap.config import PipelineConfig
-from vecap.prompts import load_prompt
+from vecap.config import ConfigError, PipelineConfig
+from vecap.finalize import ShardJob, finalize_shard, sum_timings, write_parts
+from vecap.layout import DRY_RUN_DIR, STAGES, Layout
+from vecap.lease import Lease, new_run_id
+from vecap.outputs import StageOutput, check_layout, write_sizes
 from vecap.reader import list_shards
-from vecap.stages import caption as caption_stage
-from vecap.stages import fuse as fuse_stage
-from vecap.stages import write as write_stage
-from vecap.stages.common import Provenance, engine_spec, params_hash
-from vecap.writer import StageDir
+from vecap.stages.base import Stage
+from vecap.storage import Storage, is_uri
 
 log = logging.getLogger(__name__)
-
-STEPS = ("caption", "fuse", "write")
-STAGE_DIRS = {"caption": "captions", "fuse": "fused", "write": "vecap"}
 
 
 class ConfigMismatch(RuntimeError):
     """Committed shards were made with another model, prompt or parameters."""
 
 
+class RunFailed(RuntimeError):
+    """Some shards could not be committed; the others were."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        self.failed = failed
+        listed = "; ".join(f"{s}: {e}" for s, e in sorted(failed.items())[:20])
+        super().__init__(f"{len(failed)} shard(s) failed and were not committed (rerun to retry them): {listed}")
+
+
+# --- the summary -------------------------------------------------------------------------
 @dataclass
 class StageTally:
     """What one stage did in this run: the summary table's row."""
@@ -54,6 +62,7 @@ class StageTally:
     fallbacks: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    timings: Counter = field(default_factory=Counter)
 
     def add(self, stats: dict[str, Any]) -> None:
         self.shards += 1
@@ -62,12 +71,24 @@ class StageTally:
         self.fallbacks.update(stats.get("fallbacks", {}))
         self.prompt_tokens += int(stats.get("prompt_tokens", 0))
         self.output_tokens += int(stats.get("output_tokens", 0))
+        self.timings.update(stats.get("timings", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards": self.shards, "rows": self.rows, "skipped_shards": self.skipped_shards,
+            "statuses": dict(self.statuses), "fallbacks": dict(self.fallbacks),
+            "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
 
 
 @dataclass
 class RunResult:
+    run_id: str
     tallies: dict[str, StageTally]
     seconds: float
+    layout: Layout
+    failed: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A plain-text table per stage: shards, samples, statuses, fallbacks, samples/s, tokens."""
@@ -81,345 +102,369 @@ class RunResult:
                 f"{f'{t.prompt_tokens}/{t.output_tokens}':>15}  {statuses}"
                 + (f" | fallbacks: {fallbacks}" if fallbacks else "")
             )
-        lines.append(f"wall time {self.seconds:.1f}s")
+        lines.append(f"wall time {self.seconds:.1f}s, run {self.run_id}")
+        if self.failed:
+            lines.append(f"FAILED shards ({len(self.failed)}): " + ", ".join(sorted(self.failed)))
         return "\n".join(lines)
 
 
 # --- Ray --------------------------------------------------------------------------------
-def init_ray(cfg: PipelineConfig) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray in-process."""
+def ray_address(cfg: PipelineConfig) -> str | None:
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(cfg: PipelineConfig) -> str:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, else start a *new* local Ray; says which."""
     import ray
 
     if ray.is_initialized():
-        return
-    env = {k: str(v) for k, v in cfg.ray.env.items()}
-    os.environ.update(env)
-    runtime_env = {"env_vars": env} if env else None
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        where = "the Ray already initialised in this process"
     else:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
+        env = {k: str(v) for k, v in cfg.ray.env.items()}
+        os.environ.update(env)
+        runtime_env = {"env_vars": env} if env else None
+        address = ray_address(cfg)
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            where = f"the Ray cluster at {address}"
+        else:
+            # address="local": never attach to a cluster started (or crashed) on this machine.
+            ray.init(
+                address="local",
+                num_cpus=cfg.ray.num_cpus,
+                object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
+            where = f"a new local Ray ({cfg.ray.num_cpus} logical CPUs)"
+    res = ray.cluster_resources()
+    where += f": {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs, {len(ray.nodes())} node(s)"
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over samples with rate and ETA
     ctx.execution_options.preserve_order = False
     ctx.print_on_execution_start = False
+    return where
 
 
-# --- fingerprints ------------------------------------------------------------------------
-def _fingerprints(cfg: PipelineConfig, steps: Sequence[str]) -> dict[str, dict[str, Any]]:
-    prints: dict[str, dict[str, Any]] = {}
-    for step, section, multimodal in (("caption", cfg.caption, True), ("fuse", cfg.fuse, False)):
-        if step in steps:
-            prompt = load_prompt(step, section.prompt)
-            spec = engine_spec(section, multimodal)
-            prints[step] = Provenance(spec.model, prompt.id, prompt.sha256, params_hash(spec)).columns()
+# --- stages and fingerprints --------------------------------------------------------------
+def build_stages(cfg: PipelineConfig, steps: Sequence[str]) -> dict[str, Stage]:
+    from vecap.stages.caption import CaptionStage
+    from vecap.stages.fuse import FuseStage
+    from vecap.stages.write import WriteStage
+
+    built: dict[str, Stage] = {}
+    if "caption" in steps:
+        built["caption"] = CaptionStage(cfg.caption, cfg.seed)
+    if "fuse" in steps:
+        built["fuse"] = FuseStage(cfg.fuse, cfg.seed)
     if "write" in steps:
-        prints["write"] = {"mix": cfg.write.mix, "p_vec": cfg.write.p_vec, "seed": cfg.seed, "image_exts": sorted(cfg.write.image_exts)}
-    return prints
+        w = cfg.write
+        built["write"] = WriteStage(w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes)
+    return built
 
 
-def check_fingerprints(cfg: PipelineConfig, steps: Sequence[str], overwrite: bool) -> dict[str, dict[str, Any]]:
+def dry_run_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The same recipe with the no-model backend and no GPUs: every other step runs as it would."""
+    cfg = cfg.model_copy(deep=True)
+    for section in (cfg.caption, cfg.fuse):
+        section.backend, section.gpus_per_actor, section.engine = "dry", 0.0, {}
+        section.cpus_per_actor = min(section.cpus_per_actor, 0.5)
+    return cfg
+
+
+def layout_of(cfg: PipelineConfig, dry_run: bool = False) -> Layout:
+    root = cfg.root.rstrip("/")
+    return Layout(f"{root}/{DRY_RUN_DIR}", input_root=root) if dry_run else Layout(root)
+
+
+def invalidate_stale(
+    stages: dict[str, Stage], layout: Layout, storage: Storage, selected: set[str] | None, overwrite: bool
+) -> None:
     """Refuse to add shards made differently to a stage's committed ones, unless overwriting.
 
-    With ``overwrite`` the mismatching shards (and what was built from them downstream)
-    are invalidated and recomputed.
+    With ``overwrite`` the mismatching shards among ``selected`` (all when None), and what
+    was built from them downstream, are invalidated and recomputed; no other shard is touched.
     """
-    prints = _fingerprints(cfg, steps)
-    for step, fp in prints.items():
-        out = StageDir(cfg.stage_dir(STAGE_DIRS[step]))
-        stale = sorted(s for s in out.done() if out.read_stats(s).get("fingerprint") not in (None, fp))
+    for step, stage in stages.items():
+        fp = stage.fingerprint()
+        out = StageOutput(layout, step, storage)
+        candidates = out.done() if selected is None else out.done() & selected
+        stale = sorted(s for s in candidates if out.read_stats(s).get("fingerprint") not in (None, fp))
         if not stale:
             continue
         if not overwrite:
-            old = out.read_stats(stale[0]).get("fingerprint")
+            old = out.read_stats(stale[0]).get("fingerprint") or {}
             diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
             raise ConfigMismatch(
-                f"{len(stale)} committed shard(s) in {out.path} were made with other settings "
+                f"{len(stale)} committed shard(s) in {layout.stage(step)} were made with other settings "
                 f"(committed → now: {diff}). Use a new root, or pass --overwrite to recompute them."
             )
-        log.warning("overwriting %d shard(s) of %s made with other settings", len(stale), out.path)
-        downstream = STEPS[STEPS.index(step) :]
+        log.warning("overwriting %d shard(s) of %s made with other settings", len(stale), layout.stage(step))
         for shard in stale:
-            for later in downstream:
-                StageDir(cfg.stage_dir(STAGE_DIRS[later])).invalidate(shard)
-    return prints
+            for later in STAGES[STAGES.index(step) :]:
+                StageOutput(layout, later, storage).invalidate(shard)
 
 
-# --- the run -----------------------------------------------------------------------------
+# --- planning -------------------------------------------------------------------------------
 @dataclass
-class _Plan:
-    from_images: list[str] = field(default_factory=list)  # need captions (and maybe more)
-    from_captions: list[str] = field(default_factory=list)  # captions done, need fusing
-    write_only: list[str] = field(default_factory=list)  # fused done, need writing
-    captioned: set[str] = field(default_factory=set)
-    fused: set[str] = field(default_factory=set)
-    written: set[str] = field(default_factory=set)
-    retry: dict[str, set[str]] = field(default_factory=dict)  # shard → failed keys to redo alone
+class ShardPlan:
+    """What this run does with one shard."""
+
+    shard: str
+    source: str | None  # "images" | "captions" | None (write only)
+    stream: list[str]  # stages computed in the stream
+    write: bool
+    retry_keys: set[str] | None = None
 
 
-def failed_keys(step: str, table_rows: list[dict[str, Any]]) -> set[str]:
+def failed_keys(step: str, table: Any) -> set[str]:
     """Keys whose model call failed in a committed shard: what ``--retry-failed`` redoes."""
+    rows = table.select(["key", "status", "error"]).to_pylist()
     if step == "caption":
-        return {r["key"] for r in table_rows if r["status"] == schemas.MODEL_ERROR}
-    return {r["key"] for r in table_rows if (r["error"] or "").startswith("model_error")}
+        return {r["key"] for r in rows if r["status"] == "model_error"}
+    return {r["key"] for r in rows if (r["error"] or "").startswith("model_error")}
 
 
 def plan(
-    cfg: PipelineConfig, steps: Sequence[str], shards: Sequence[str] | None = None, retry_failed: bool = False
-) -> tuple[_Plan, dict[str, StageTally]]:
-    dirs = {s: StageDir(cfg.stage_dir(STAGE_DIRS[s])) for s in STEPS}
-    done = {s: dirs[s].done() for s in STEPS}
-    p = _Plan()
+    stages: dict[str, Stage], layout: Layout, storage: Storage, input_shards: Sequence[str], retry_failed: bool
+) -> tuple[list[ShardPlan], dict[str, StageTally]]:
+    steps = list(stages)
+    done = {s: StageOutput(layout, s, storage).done() for s in STAGES}
     tallies = {s: StageTally() for s in steps}
-    if retry_failed and list(steps) not in (["caption"], ["fuse"]):
-        raise ValueError("--retry-failed works on one model stage at a time: caption or fuse")
-    for shard in shards if shards is not None else list_shards(str(cfg.stage_dir("images"))):
-        need = {s: s in steps and shard not in done[s] for s in STEPS}
+    if retry_failed and steps not in (["caption"], ["fuse"]):
+        raise ConfigError("--retry-failed works on one model stage at a time: caption or fuse")
+    plans = []
+    for shard in input_shards:
+        need = {s: s in steps and shard not in done[s] for s in STAGES}
+        retry = None
         if retry_failed and shard in done[steps[0]]:
-            keys = failed_keys(steps[0], dirs[steps[0]].read_table(shard).to_pylist())
-            if keys:
-                need[steps[0]] = True
-                p.retry[shard] = keys
+            retry = failed_keys(steps[0], StageOutput(layout, steps[0], storage).read_table(shard)) or None
+            need[steps[0]] = retry is not None
         for s in steps:
             tallies[s].skipped_shards += 0 if need[s] else 1
+        stream: list[str] = []
+        source = None
         if need["caption"]:
-            p.from_images.append(shard)
-            p.captioned.add(shard)
-            if "fuse" in steps:
-                p.fused.add(shard)
+            source, stream = "images", ["caption"] + (["fuse"] if "fuse" in steps else [])
         elif need["fuse"]:
             if shard not in done["caption"]:
-                raise RuntimeError(f"shard {shard} has no captions yet: run `vecap caption` (or `vecap run`) first")
-            p.from_captions.append(shard)
-            p.fused.add(shard)
-        if need["write"]:
-            if shard in p.fused:
-                p.written.add(shard)
-            elif shard in done["fuse"]:
-                p.write_only.append(shard)
-                p.written.add(shard)
-            else:
-                raise RuntimeError(f"shard {shard} has no fused captions yet: run `vecap fuse` first")
-    return p, tallies
+                raise ConfigError(f"shard {shard} has no captions yet: run `vecap caption` (or `vecap run`) first")
+            source, stream = "captions", ["fuse"]
+        if need["write"] and "fuse" not in stream and shard not in done["fuse"]:
+            raise ConfigError(f"shard {shard} has no fused captions yet: run `vecap fuse` first")
+        if stream or need["write"]:
+            plans.append(ShardPlan(shard, source, stream, need["write"], retry))
+    return plans, tallies
 
 
-def _read_rows(batch, images_dir: str, captions_dir: str, caption_kwargs: dict[str, Any]):
-    """Ray Data UDF: one input shard → its work rows, from the images or from committed captions."""
+# --- the stream -----------------------------------------------------------------------------
+def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None):
+    """Ray Data UDF: one planned shard → its work rows, from the images or from committed captions."""
+    from vecap.stages.caption import read_image_rows
+    from vecap.stages.fuse import read_caption_rows
+
     for source, shard, keys in zip(*(batch.column(c).to_pylist() for c in ("source", "shard", "keys"))):
         only = set(json.loads(keys)) if keys else None
         if source == "images":
-            yield from caption_stage.read_image_rows(shard, images_dir, only_keys=only, **caption_kwargs)
+            yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only_keys=only)
         else:
-            yield from fuse_stage.read_caption_rows(shard, images_dir, captions_dir, only_keys=only)
+            yield from read_caption_rows(storage, layout, shard, only_keys=only)
 
 
-def _cpu_task(num_cpus: float) -> dict[str, Any]:
-    """Remote args of a CPU step given as a function: Ray Data then never fuses the step
-    into the next engine actor, so reading and decoding stay off the engines' critical path."""
-    return {"ray_remote_args_fn": functools.partial(dict, num_cpus=num_cpus)}
-
-
-def _build_stream(cfg: PipelineConfig, p: _Plan, steps: Sequence[str]):
+def build_stream(cfg: PipelineConfig, stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout):
+    """from_items(planned shards) → read → each stream stage's steps → part writer (manifest rows)."""
     import ray.data
 
-    def keys(shard: str) -> str:
-        return json.dumps(sorted(p.retry[shard])) if shard in p.retry else ""
+    from vecap.stages.base import Step
 
-    items = [{"source": "images", "shard": s, "keys": keys(s)} for s in p.from_images]
-    items += [{"source": "captions", "shard": s, "keys": keys(s)} for s in p.from_captions]
+    items = [
+        {"source": p.source, "shard": p.shard, "keys": json.dumps(sorted(p.retry_keys)) if p.retry_keys else ""}
+        for p in plans
+        if p.stream
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(
-        _read_rows,
-        batch_size=1,
-        batch_format="pyarrow",
-        **_cpu_task(1),
-        fn_kwargs={
-            "images_dir": str(cfg.stage_dir("images")),
-            "captions_dir": str(cfg.stage_dir("captions")),
-            "caption_kwargs": {
-                "image_size": cfg.caption.image_size,
-                "max_pixels": cfg.caption.max_image_pixels,
-                "max_bytes": cfg.caption.max_image_bytes,
-                "run_seed": cfg.seed,
-            },
-        },
-    )
-    if p.from_images and "caption" in steps:
-        c = cfg.caption
-        ds = ds.map_batches(
-            caption_stage.CaptionWorker,
-            fn_constructor_kwargs={"spec": engine_spec(c, multimodal=True), "prompt": load_prompt("caption", c.prompt)},
-            batch_size=c.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=c.actors),
-            num_cpus=c.cpus_per_actor,
-            num_gpus=c.gpus_per_actor,
-        )
-    if "fuse" in steps:
-        f = cfg.fuse
-        prompt = load_prompt("fuse", f.prompt)
-        ds = ds.map_batches(
-            fuse_stage.prepare_fuse_requests,
-            batch_format="pyarrow",
-            **_cpu_task(0.25),
-            fn_kwargs={"prompt": prompt, "max_alt_text_words": f.max_alt_text_words, "run_seed": cfg.seed},
-        )
-        ds = ds.map_batches(
-            fuse_stage.FuseWorker,
-            fn_constructor_kwargs={"spec": engine_spec(f, multimodal=False)},
-            batch_size=f.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=f.actors),
-            num_cpus=f.cpus_per_actor,
-            num_gpus=f.gpus_per_actor,
-        )
-        ds = ds.map_batches(
-            fuse_stage.validate_fused,
-            batch_format="pyarrow",
-            num_cpus=0.25,
-            fn_kwargs={
-                "prompt": prompt,
-                "max_alt_text_words": f.max_alt_text_words,
-                "max_caption_words": f.max_caption_words,
-                "require_entities": f.require_entities,
-            },
-        )
-    return ds
+    ds = Step(
+        "read", _read_shards, {"storage": storage, "layout": layout, "caption_stage": stages.get("caption")},
+        # At most max_inflight_shards shards are being read at once; Ray Data's back-pressure bounds the rest.
+        inputs=("source", "shard", "keys"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=512,
+    ).apply(ds)
+    in_stream = [stages[s] for s in ("caption", "fuse") if any(s in p.stream for p in plans)]
+    for stage in in_stream:
+        for step in stage.steps():
+            ds = step.apply(ds)
+    return Step("write-parts", write_parts, {"storage": storage, "layout": layout, "stages": in_stream}, num_cpus=0.25).apply(ds)
 
 
-def _expected_rows(cfg: PipelineConfig, shards: Sequence[str]) -> int | None:
-    import pyarrow.parquet as pq
+def _progress(total: int | None, enabled: bool):
+    from tqdm import tqdm
 
+    return tqdm(total=total, unit="sample", desc="samples", disable=not enabled, smoothing=0.1, mininterval=1.0)
+
+
+def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan]) -> int | None:
     total = 0
-    for s in shards:
-        path = cfg.stage_dir("images") / f"{s}.parquet"
-        if not path.exists():
+    for p in plans:
+        if not p.stream:
+            continue
+        if p.retry_keys is not None:
+            total += len(p.retry_keys)
+            continue
+        path = f"{layout.images}/{p.shard}.parquet"
+        if not storage.exists(path):
             return None
-        total += pq.ParquetFile(path).metadata.num_rows
+        import pyarrow.parquet as pq
+
+        with storage.open_read(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
     return total
 
 
-def _stage_stats(stage: str, shard: str, rows: list[dict], fp: dict, report: dict, extra: dict) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "shard": shard,
-        "n_rows": len(rows),
-        "statuses": dict(Counter(r["status"] for r in rows)),
-        "prompt_tokens": sum(r.get("n_prompt_tokens") or 0 for r in rows),
-        "output_tokens": sum(r.get("n_output_tokens") or 0 for r in rows),
-        "fingerprint": fp,
-        "read_report": report,
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    }
+# --- the run --------------------------------------------------------------------------------
+def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[str]:
+    """The input shards of the root; a clear error for an unusable root."""
+    if ray_address(cfg) and not is_uri(cfg.root) and not os.path.isabs(cfg.root):
+        raise ConfigError(
+            f"root {cfg.root!r} is relative, but the run connects to a Ray cluster ({ray_address(cfg)}): "
+            "each node would resolve it in its own working directory. Give an absolute path on a shared "
+            "file system or an object-store URI (s3://..., gs://...)."
+        )
+    shards = list_shards(layout.images, storage=storage)
+    if not shards:
+        raise ConfigError(f"no input shards (NNNNN.tar) found in {layout.images}: check `root` (is it the folder holding images/?)")
+    return shards
 
 
 def run(
     cfg: PipelineConfig,
-    steps: Sequence[str] = STEPS,
+    steps: Sequence[str] = STAGES,
     *,
     overwrite: bool = False,
     shards: Sequence[str] | None = None,
     progress: bool = True,
     retry_failed: bool = False,
+    dry_run: bool = False,
 ) -> RunResult:
-    """Run ``steps`` (a contiguous part of caption → fuse → write) over every pending shard."""
+    """Run ``steps`` (a contiguous part of caption → fuse → write) over every pending shard.
+
+    Raises :class:`RunFailed` (after committing every other shard) when some shards fail.
+    """
+    t0 = time.time()
+    steps = [s for s in STAGES if s in steps]
+    if dry_run:
+        cfg = dry_run_config(cfg)
+    layout = layout_of(cfg, dry_run)
+    storage = Storage.for_path(cfg.root, cfg.storage_options)
+    input_shards = check_root(cfg, layout, storage)
+    if shards is not None:
+        unknown = sorted(set(shards) - set(input_shards))
+        if unknown:
+            raise ConfigError(f"--shards names shards that are not in {layout.images}: {unknown}")
+        input_shards = [s for s in input_shards if s in set(shards)]
+    check_layout(layout, storage)
+    run_id = new_run_id()
+    with Lease(storage, layout.lease, run_id, ttl_s=cfg.lease_ttl_s, heartbeat_s=min(15.0, cfg.lease_ttl_s / 4)):
+        log.info("run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else "")
+        for s in STAGES:  # we hold the lease: temporary files left in the root belong to dead runs
+            storage.remove_temps(layout.stage(s))
+            storage.remove_temps(layout.done_dir(s))
+        storage.remove_temps(layout.clip)
+        stages = build_stages(cfg, steps)
+        invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)
+        plans, tallies = plan(stages, layout, storage, input_shards, retry_failed)
+        failed: dict[str, str] = {}
+        if plans:
+            log.info("Ray: %s", init_ray(cfg))
+            log.info(
+                "plan: %d shard(s) from images, %d from captions, %d write-only (%d done shard(s) skipped)",
+                sum(p.source == "images" for p in plans), sum(p.source == "captions" for p in plans),
+                sum(p.source is None for p in plans), len(input_shards) - len(plans),
+            )
+            failed = _execute(cfg, stages, plans, storage, layout, tallies, progress)
+        else:
+            log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
+        result = RunResult(run_id, tallies, time.time() - t0, layout, failed)
+        if "write" in steps:
+            write_sizes(layout, storage)
+        for s in steps:
+            storage.write_json(layout.run_file(s), run_manifest(cfg, s, stages[s], result, dry_run))
+    if failed:
+        raise RunFailed(failed)
+    return result
+
+
+def _execute(
+    cfg: PipelineConfig,
+    stages: dict[str, Stage],
+    plans: list[ShardPlan],
+    storage: Storage,
+    layout: Layout,
+    tallies: dict[str, StageTally],
+    progress: bool,
+) -> dict[str, str]:
+    """Stream the planned shards, submit each shard's finalize task when complete; returns failed shards."""
     import ray
 
-    steps = [s for s in STEPS if s in steps]
-    t0 = time.time()
-    for s in STEPS:
-        StageDir(cfg.stage_dir(STAGE_DIRS[s])).remove_stale_temps()
-    prints = check_fingerprints(cfg, steps, overwrite)
-    p, tallies = plan(cfg, steps, shards, retry_failed)
-    init_ray(cfg)
-    log.info(
-        "plan: %d shard(s) from images, %d from captions, %d write-only (skipping done shards)",
-        len(p.from_images), len(p.from_captions), len(p.write_only),
-    )
-    captions_dir = StageDir(cfg.stage_dir("captions"))
-    fused_dir = StageDir(cfg.stage_dir("fused"))
-    write_task = ray.remote(num_cpus=1, max_retries=2)(write_stage.write_shard)
-    pending_writes: list = []
+    finalize = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=[OSError])(finalize_shard)
+    by_shard = {p.shard: p for p in plans}
+    pending: dict[Any, str] = {}
+    failed: dict[str, str] = {}
+    n_fused = 0
 
-    def submit_write(shard: str) -> None:
-        pending_writes.append(
-            write_task.remote(
-                str(cfg.root_path), shard, cfg.write.mix, cfg.write.p_vec, cfg.seed,
-                tuple(cfg.write.image_exts), cfg.caption.max_image_bytes,
-            )
+    def submit(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
+        job = ShardJob(
+            p.shard, [stages[s] for s in p.stream], stages["write"] if p.write else None, report, timings, p.retry_keys
         )
+        pending[finalize.remote(storage, layout, job)] = p.shard
 
-    def drain_writes(block_until: int) -> None:
-        while len(pending_writes) > block_until:
-            ready, rest = ray.wait(pending_writes, num_returns=1)
-            pending_writes[:] = rest
-            stats = ray.get(ready[0])
-            tallies["write"].add(stats)
+    def harvest(block: bool) -> None:
+        nonlocal n_fused
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            shard = pending.pop(ready[0])
+            try:
+                done = ray.get(ready[0])
+            except Exception as err:  # noqa: BLE001 - one shard's failure is recorded, the others commit
+                failed[shard] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                log.error("shard %s failed: %s", shard, failed[shard])
+                continue
+            for step, stats in done.items():
+                tallies[step].add(stats)
+            if "fuse" in done:
+                n_fused += 1
+                _fault_point(n_fused)
 
-    for shard in p.write_only:
-        submit_write(shard)
-        drain_writes(cfg.max_inflight_shards)
-
-    def commit(shard: str, rows: list[dict], report: dict) -> None:
-        """All of a shard's rows are back: commit its captions and/or fused Parquet, queue its write."""
-        if shard in p.captioned:
-            out = _merge_retried(captions_dir, shard, caption_stage.caption_rows(rows, Provenance(**prints["caption"])), p)
-            stats = _stage_stats("caption", shard, out, prints["caption"], report, {})
-            captions_dir.commit(shard, stats, schemas.table(out, schemas.CAPTIONS), schemas.CAPTIONS)
-            tallies["caption"].add(stats)
-        if shard in p.fused:
-            out = _merge_retried(fused_dir, shard, fuse_stage.fused_rows(rows, Provenance(**prints["fuse"])), p)
-            extra = {
-                "fallbacks": fuse_stage.fallback_counts(out),
-                "vec_sources": dict(Counter(r["vec_source"] for r in out if r["vec_source"])),
-            }
-            stats = _stage_stats("fuse", shard, out, prints["fuse"], report, extra)
-            fused_dir.commit(shard, stats, schemas.table(out, schemas.FUSED), schemas.FUSED)
-            tallies["fuse"].add(stats)
-            _fault_point(tallies["fuse"].shards)
-        if shard in p.written:
-            submit_write(shard)
-            drain_writes(cfg.max_inflight_shards)
-
-    model_shards = p.from_images + p.from_captions
-    if model_shards:
-        bar = _progress(_expected_rows(cfg, model_shards), enabled=progress)
-        rows_by_shard: dict[str, list[dict]] = defaultdict(list)
-        reports: dict[str, dict] = {}
-        for batch in _build_stream(cfg, p, steps).iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                shard = row["shard"]
-                if row["is_marker"]:
-                    reports[shard] = json.loads(row["report"])
-                else:
-                    rows_by_shard[shard].append(row)
-                    bar.update(1)
-                # A shard is complete once its marker and as many rows as it announced are here.
-                if shard in reports and len(rows_by_shard[shard]) == reports[shard]["n_rows"]:
-                    report = reports.pop(shard)
-                    report.pop("n_rows")
-                    commit(shard, sorted(rows_by_shard.pop(shard), key=lambda r: r["key"]), report)
+    for p in plans:
+        if not p.stream:
+            submit(p, {}, {})
+    streamed = [p for p in plans if p.stream]
+    if streamed:
+        bar = _progress(_expected_rows(storage, layout, streamed), enabled=progress)
+        got: Counter = Counter()
+        reports: dict[str, dict[str, Any]] = {}
+        timings: dict[str, Counter] = {}
+        for batch in build_stream(cfg, stages, streamed, storage, layout).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings"))):
+                got[shard] += n
+                bar.update(n)
+                sum_timings(timings.setdefault(shard, Counter()), t)
+                if report is not None:
+                    reports[shard] = json.loads(report)
+                # A shard is complete once its read report and as many rows as it announced are here.
+                if shard in reports and got[shard] == reports[shard]["n_rows"]:
+                    submit(by_shard[shard], reports.pop(shard), dict(timings.pop(shard)))
+                    got.pop(shard)
+            harvest(block=False)
         bar.close()
-        if rows_by_shard or reports:
-            raise RuntimeError(f"stream ended with incomplete shards: {sorted(set(rows_by_shard) | set(reports))}")
-    drain_writes(0)
-    if "write" in steps:
-        sizes = write_stage.write_sizes(str(cfg.root_path))
-        StageDir(cfg.stage_dir("vecap")).write_json("_run.json", run_manifest(cfg, steps, prints, sizes))
-    for s in steps:
-        if s != "write":
-            StageDir(cfg.stage_dir(STAGE_DIRS[s])).write_json("_run.json", run_manifest(cfg, [s], prints, None))
-    return RunResult(tallies, time.time() - t0)
+        if reports or got:
+            for shard in set(reports) | set(got):
+                failed[shard] = "stream ended before all of the shard's rows came back"
+    harvest(block=True)
+    return failed
 
 
 def _fault_point(n_committed: int) -> None:
@@ -427,27 +472,12 @@ def _fault_point(n_committed: int) -> None:
     driver right after its N-th fused shard is committed (a real kill at a known point)."""
     limit = os.environ.get("VECAP_FAULT_KILL_AFTER_FUSED")
     if limit and n_committed >= int(limit):
-        import signal
-
         log.warning("fault injection: SIGKILL after %d fused shard(s)", n_committed)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _merge_retried(out: StageDir, shard: str, new_rows: list[dict], p: _Plan) -> list[dict]:
-    """For a retried shard: the committed rows with the retried keys replaced, and the
-    stages built from the old rows invalidated (they are recomputed on the next run)."""
-    if shard not in p.retry:
-        return new_rows
-    fresh = {r["key"]: r for r in new_rows}
-    merged = [fresh.get(r["key"], r) for r in out.read_table(shard).to_pylist()]
-    step = next(s for s, d in STAGE_DIRS.items() if d == out.path.name)
-    for later in STEPS[STEPS.index(step) + 1 :]:
-        StageDir(out.path.parent / STAGE_DIRS[later]).invalidate(shard)
-    return merged
-
-
-def run_manifest(cfg: PipelineConfig, steps: Sequence[str], prints: dict, sizes: dict | None) -> dict[str, Any]:
-    """``_run.json``: the resolved config, package versions, models and prompt hashes of a run."""
+def run_manifest(cfg: PipelineConfig, step: str, stage: Stage, result: RunResult, dry_run: bool) -> dict[str, Any]:
+    """``<stage>/_run.json``: the resolved config, versions, fingerprint and totals of the last run."""
     from importlib import metadata
 
     versions = {}
@@ -456,17 +486,17 @@ def run_manifest(cfg: PipelineConfig, steps: Sequence[str], prints: dict, sizes:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
+    tally = result.tallies[step]
     return {
-        "steps": list(steps),
+        "run_id": result.run_id,
+        "step": step,
+        "dry_run": dry_run,
         "config": cfg.to_dict(),
-        "fingerprints": prints,
+        "fingerprint": stage.fingerprint(),
         "versions": versions,
-        "n_samples": sum(sizes.values()) if sizes else None,
+        "totals": tally.to_dict(),
+        "seconds": round(result.seconds, 3),
+        "samples_per_s": round(tally.rows / result.seconds, 3) if result.seconds > 0 else None,
+        "failed_shards": result.failed,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _progress(total: int | None, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="sample", desc="samples", disable=not enabled, smoothing=0.1, mininterval=1.0)

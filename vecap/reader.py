@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vecap import schemas
+from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +54,24 @@ class ShardReport:
     skipped_members: int = 0
 
 
-def _fs(path: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(path))
-
-
 def _join(base: str, name: str) -> str:
     return str(base).rstrip("/") + "/" + name
 
 
-def list_shards(images_dir: str, suffix: str = ".tar") -> list[str]:
-    """Shard stems ("00000", ...) of a stage folder, sorted; local paths or fsspec URLs."""
-    fs, root = _fs(str(images_dir))
-    if not fs.exists(root):
-        return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+def list_shards(images_dir: str, suffix: str = ".tar", storage: Storage | None = None) -> list[str]:
+    """Shard stems ("00000", ...) of an img2dataset folder, sorted; local paths or URIs."""
+    storage = storage or Storage.for_path(str(images_dir))
+    names = storage.names(str(images_dir))
     return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
-def read_parquet_rows(images_dir: str, shard: str) -> list[dict[str, Any]]:
+def read_parquet_rows(images_dir: str, shard: str, storage: Storage | None = None) -> list[dict[str, Any]]:
     """img2dataset's per-shard Parquet (all rows, failed downloads too); [] when absent."""
-    import pyarrow.parquet as pq
-
-    fs, root = _fs(str(images_dir))
-    path = _join(root, f"{shard}.parquet")
-    if not fs.exists(path):
+    storage = storage or Storage.for_path(str(images_dir))
+    path = _join(str(images_dir), f"{shard}.parquet")
+    if not storage.exists(path):
         return []
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
+    return storage.read_table(path).to_pylist()
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -102,14 +92,17 @@ class ShardReader:
     >>> reader.report.truncated
     """
 
-    def __init__(self, images_dir: str, shard: str, max_image_bytes: int = 32 << 20) -> None:
+    def __init__(
+        self, images_dir: str, shard: str, max_image_bytes: int = 32 << 20, storage: Storage | None = None
+    ) -> None:
         self.images_dir = str(images_dir)
         self.shard = shard
         self.max_image_bytes = max_image_bytes
+        self.storage = storage or Storage.for_path(self.images_dir)
         self.report = ShardReport(shard=shard)
 
     def __iter__(self) -> Iterator[Sample]:
-        rows = {str(r["key"]): r for r in read_parquet_rows(self.images_dir, self.shard) if r.get("key")}
+        rows = {str(r["key"]): r for r in read_parquet_rows(self.images_dir, self.shard, self.storage) if r.get("key")}
         seen: set[str] = set()
         for sample in self._tar_samples():
             if sample.key in seen:
@@ -140,15 +133,14 @@ class ShardReader:
 
     def _tar_samples(self) -> Iterator[Sample]:
         """Group consecutive members by key (webdataset order) and turn each group into a Sample."""
-        fs, root = _fs(self.images_dir)
-        path = _join(root, f"{self.shard}.tar")
-        if not fs.exists(path):
+        path = _join(self.images_dir, f"{self.shard}.tar")
+        if not self.storage.exists(path):
             self.report.truncated, self.report.error = True, "tar file missing"
             return
         group_key: str | None = None
         group: dict[str, Any] = {}
         try:
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            with self.storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile():
                         self.report.skipped_members += 1
@@ -223,12 +215,12 @@ class _TooLarge:
     size: int
 
 
-def read_alt_texts(images_dir: str, shard: str) -> dict[str, dict[str, Any]]:
+def read_alt_texts(images_dir: str, shard: str, storage: Storage | None = None) -> dict[str, dict[str, Any]]:
     """key → {alt_text, url} without decoding images: the fuse stage's join input.
 
     Uses the Parquet when present (it has every row), else streams the tar's text members.
     """
-    rows = read_parquet_rows(images_dir, shard)
+    rows = read_parquet_rows(images_dir, shard, storage)
     if rows:
         return {str(r["key"]): {"alt_text": r.get("caption"), "url": r.get("url")} for r in rows}
-    return {s.key: {"alt_text": s.alt_text, "url": s.url} for s in ShardReader(images_dir, shard)}
+    return {s.key: {"alt_text": s.alt_text, "url": s.url} for s in ShardReader(images_dir, shard, storage=storage)}

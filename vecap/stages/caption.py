@@ -1,6 +1,6 @@
 """Stage 1, caption: a VLM describes each image from the image alone.
 
-CPU side (Ray Data tasks): stream the input tar, decode and downscale each image
+CPU side (Ray tasks): stream the input tar, decode and downscale each image
 (:mod:`vecap.images`), record a status for every unusable one. Actor side: build the
 chat request from the prompt and the pixels, caption, and put the text back.
 """
@@ -8,28 +8,51 @@ chat request from the prompt and the pixels, caption, and put the text back.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request
+from vecap.config import CaptionConfig
 from vecap.images import ImageRejected, prepare_image
-from vecap.prompts import Prompt
+from vecap.prompts import Prompt, load_prompt
 from vecap.reader import ShardReader
-from vecap.stages.common import EngineWorker, Provenance, seed_for, work_table
+from vecap.stages.base import (
+    EngineWorker,
+    Provenance,
+    Stage,
+    Step,
+    engine_spec,
+    params_hash,
+    seed_for,
+    select_output,
+    with_time,
+    work_table,
+)
+from vecap.storage import Storage
 
 STAGE = "caption"
 
 
+@dataclass(frozen=True)
+class ImageReadOptions:
+    """How the CPU workers turn untrusted input images into pixels for the VLM."""
+
+    image_size: int = 336
+    max_pixels: int = 64_000_000
+    max_bytes: int = 32 << 20
+    run_seed: int = 0
+
+
 def read_image_rows(
-    shard: str,
+    storage: Storage,
     images_dir: str,
-    image_size: int,
-    max_pixels: int,
-    max_bytes: int,
-    run_seed: int,
+    shard: str,
+    opts: ImageReadOptions,
     only_keys: set[str] | None = None,
     rows_per_block: int = 32,
 ) -> Iterator[pa.Table]:
@@ -37,10 +60,11 @@ def read_image_rows(
 
     ``only_keys`` restricts the rows to those keys (retrying failed rows alone).
     """
-    reader = ShardReader(images_dir, shard, max_image_bytes=max_bytes)
+    reader = ShardReader(images_dir, shard, max_image_bytes=opts.max_bytes, storage=storage)
     seen: set[str] = set()
     dropped: list[str] = []
     rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
     for sample in reader:
         if sample.key in seen:  # one row per key: later copies are counted, not written
             dropped.append(sample.key)
@@ -51,24 +75,25 @@ def read_image_rows(
         row: dict[str, Any] = {
             "key": sample.key,
             "shard": shard,
+            "source": "images",
             "is_marker": False,
             "status": sample.status,
             "error": sample.error,
             "alt_text": sample.alt_text,
             "url": sample.url,
-            "caption_seed": seed_for(run_seed, STAGE, sample.key),
+            "caption_seed": seed_for(opts.run_seed, STAGE, sample.key),
             "needs_caption": False,
         }
         if sample.status == schemas.OK:
             try:
-                img = prepare_image(sample.image, image_size, max_pixels, max_bytes)
+                img = prepare_image(sample.image, opts.image_size, opts.max_pixels, opts.max_bytes)
                 row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
             except ImageRejected as err:
                 row.update(status=err.status, error=str(err))
         rows.append(row)
         if len(rows) >= rows_per_block:
-            yield work_table(rows)
-            rows = []
+            yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
+            rows, t0 = [], time.perf_counter()
     report = {
         "n_rows": len(seen) if only_keys is None else len(seen & only_keys),
         "truncated": reader.report.truncated,
@@ -77,13 +102,14 @@ def read_image_rows(
         "dropped_duplicate_keys": dropped,
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
-    yield work_table(rows)
+    yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
 
 
 class CaptionWorker(EngineWorker):
     """Holds the VLM; captions the rows that have pixels."""
 
     flag = "needs_caption"
+    timing = "t_caption_engine"
 
     def __init__(self, spec: EngineSpec, prompt: Prompt) -> None:
         super().__init__(spec)
@@ -97,35 +123,66 @@ class CaptionWorker(EngineWorker):
 
     def apply(self, row: dict[str, Any], gen: Generation) -> None:
         row["pixels"] = None  # pixels are not needed downstream: do not carry them
-        text = (gen.text or "").strip()
         row.update(
-            vlm_caption=text if gen.error is None else None,
+            vlm_caption=gen.text if gen.error is None else None,
             caption_finish_reason=gen.finish_reason,
             caption_n_prompt_tokens=gen.n_prompt_tokens,
             caption_n_output_tokens=gen.n_output_tokens,
         )
         if gen.error is not None:
             row.update(status=schemas.MODEL_ERROR, error=gen.error)
-        elif not text:
-            row.update(status=schemas.MODEL_ERROR, error="empty output")
 
 
-def caption_rows(rows: list[dict[str, Any]], prov: Provenance) -> list[dict[str, Any]]:
-    """Work rows of one shard → rows of ``captions/NNNNN.parquet``."""
-    out = []
+def check_captions(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF (CPU): tidy the VLM's captions; an empty one is a model error of that row."""
+    t0 = time.perf_counter()
+    rows = batch.to_pylist()
     for r in rows:
-        out.append(
+        if r["is_marker"] or r["status"] != schemas.OK or r.get("caption_finish_reason") is None:
+            continue
+        text = (r.get("vlm_caption") or "").strip()
+        r["vlm_caption"] = text or None
+        if not text:
+            r.update(status=schemas.MODEL_ERROR, error="empty output")
+    return with_time(work_table(rows), "t_caption_check", time.perf_counter() - t0)
+
+
+class CaptionStage(Stage):
+    """The caption stage of a recipe: reads images, runs the VLM actors, writes ``captions/``."""
+
+    name: ClassVar[str] = STAGE
+    schema: ClassVar[pa.Schema] = schemas.CAPTIONS
+
+    def __init__(self, cfg: CaptionConfig, run_seed: int) -> None:
+        self.cfg = cfg
+        self.spec = engine_spec(cfg, multimodal=True)
+        self.prompt = load_prompt(STAGE, cfg.prompt)
+        self.read_options = ImageReadOptions(cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed)
+        self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.provenance.columns()
+
+    def steps(self) -> list[Step]:
+        c = self.cfg
+        return [
+            Step(
+                "caption", CaptionWorker, {"spec": self.spec, "prompt": self.prompt},
+                inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
+                actors=c.actors, batch_size=c.batch_size, num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor,
+            ),
+            Step("caption-check", check_captions, inputs=("vlm_caption", "caption_finish_reason"), num_cpus=0.25),
+        ]
+
+    def output_table(self, work: pa.Table) -> pa.Table:
+        return select_output(
+            work,
+            self.schema,
             {
-                "key": r["key"],
-                "shard": r["shard"],
-                "status": r["status"],
-                "error": r["error"],
-                "vlm_caption": r.get("vlm_caption"),
-                "finish_reason": r.get("caption_finish_reason"),
-                "n_prompt_tokens": r.get("caption_n_prompt_tokens"),
-                "n_output_tokens": r.get("caption_n_output_tokens"),
-                **prov.columns(),
-                "seed": r["caption_seed"],
-            }
+                "key": "key", "shard": "shard", "status": "status", "error": "error", "vlm_caption": "vlm_caption",
+                "finish_reason": "caption_finish_reason", "n_prompt_tokens": "caption_n_prompt_tokens",
+                "n_output_tokens": "caption_n_output_tokens", "seed": "caption_seed",
+            },
+            self.provenance.columns(),
         )
-    return out
+

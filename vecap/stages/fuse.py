@@ -9,28 +9,44 @@ the reason recorded (:mod:`vecap.fusion`).
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from vecap import fusion, schemas
 from vecap.backends import Generation, Request
-from vecap.prompts import Prompt
+from vecap.config import FuseConfig
+from vecap.layout import Layout
+from vecap.prompts import Prompt, load_prompt
 from vecap.reader import read_alt_texts
-from vecap.stages.common import EngineWorker, Provenance, seed_for, work_table
-from vecap.writer import StageDir
+from vecap.stages.base import (
+    EngineWorker,
+    Provenance,
+    Stage,
+    Step,
+    engine_spec,
+    params_hash,
+    seed_for,
+    select_output,
+    with_time,
+    work_table,
+)
+from vecap.storage import Storage
 
 STAGE = "fuse"
 
 
 def read_caption_rows(
-    shard: str, images_dir: str, captions_dir: str, only_keys: set[str] | None = None
+    storage: Storage, layout: Layout, shard: str, only_keys: set[str] | None = None
 ) -> Iterator[pa.Table]:
     """One shard's committed captions, joined with its alt-texts → work rows, then its marker row."""
-    alts = read_alt_texts(images_dir, shard)
+    t0 = time.perf_counter()
+    alts = read_alt_texts(layout.images, shard, storage)
     rows = []
-    for c in StageDir(captions_dir).read_table(shard).to_pylist():
+    for c in storage.read_table(layout.parquet("caption", shard)).to_pylist():
         if only_keys is not None and c["key"] not in only_keys:
             continue
         alt = alts.get(c["key"], {})
@@ -38,6 +54,7 @@ def read_caption_rows(
             {
                 "key": c["key"],
                 "shard": shard,
+                "source": "captions",
                 "is_marker": False,
                 "status": c["status"],
                 "error": c["error"],
@@ -48,7 +65,7 @@ def read_caption_rows(
             }
         )
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps({"n_rows": len(rows)})})
-    yield work_table(rows)
+    yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
 
 
 def instructions_of(prompt: Prompt) -> str:
@@ -61,9 +78,13 @@ def instructions_of(prompt: Prompt) -> str:
 
 def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: int, run_seed: int) -> pa.Table:
     """Ray Data UDF (CPU): decide which rows need the LLM and render their messages."""
+    t0 = time.perf_counter()
     rows = batch.to_pylist()
     for r in rows:
-        if r["is_marker"] or r["status"] in schemas.IMAGE_FAILURES:
+        if r["is_marker"]:
+            continue
+        if r["status"] in schemas.IMAGE_FAILURES:
+            r["fused_status"] = r["status"]
             continue
         r["fuse_seed"] = seed_for(run_seed, STAGE, r["key"])
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
@@ -74,13 +95,14 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
             continue
         r["fuse_messages"] = json.dumps(prompt.messages(alt_text=alt, vlm_caption=vlm), ensure_ascii=False)
         r["needs_fuse"] = True
-    return work_table(rows)
+    return with_time(work_table(rows), "t_fuse_prep", time.perf_counter() - t0)
 
 
 class FuseWorker(EngineWorker):
     """Holds the text LLM; generates for the rows that need fusing."""
 
     flag = "needs_fuse"
+    timing = "t_fuse_engine"
 
     def request(self, row: dict[str, Any]) -> Request:
         return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"])
@@ -100,10 +122,11 @@ def validate_fused(
     batch: pa.Table, prompt: Prompt, max_alt_text_words: int, max_caption_words: int, require_entities: bool
 ) -> pa.Table:
     """Ray Data UDF (CPU): accept the LLM's caption or fall back, recording the reason."""
+    t0 = time.perf_counter()
     instructions = instructions_of(prompt)
     rows = batch.to_pylist()
     for r in rows:
-        if r["is_marker"] or r.get("fuse_seed") is None or r.get("vec_source") is not None:
+        if r["is_marker"] or r.get("fuse_seed") is None or r.get("vec_source") is not None or r.get("fused_status"):
             continue
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
         vlm = (r.get("vlm_caption") or "").strip()
@@ -121,48 +144,84 @@ def validate_fused(
             require_entities=require_entities,
         )
         _set_result(r, fusion.Fused(output, "fused", None) if reason is None else fusion.fall_back(alt, vlm, reason))
-    return work_table(rows)
+    return with_time(work_table(rows), "t_fuse_check", time.perf_counter() - t0)
 
 
 def _set_result(row: dict[str, Any], fused: fusion.Fused, detail: str | None = None) -> None:
+    """Record the VeC caption; the sample is usable when it has one (even if its caption failed)."""
     row["vec_caption"], row["vec_source"] = fused.vec_caption, fused.vec_source
     row["fuse_error"] = fused.reason if detail is None else f"{fused.reason}: {detail}"
-    if fused.vec_caption is None:
-        row["status"] = schemas.NO_TEXT
-    elif row["status"] == schemas.MODEL_ERROR:
-        row["status"] = schemas.OK  # the caption failed, but the sample has a usable caption
+    row["fused_status"] = schemas.NO_TEXT if fused.vec_caption is None else schemas.OK
 
 
-def fused_rows(rows: list[dict[str, Any]], prov: Provenance) -> list[dict[str, Any]]:
-    """Work rows of one shard → rows of ``fused/NNNNN.parquet``."""
-    out = []
-    for r in rows:
-        image_failed = r["status"] in schemas.IMAGE_FAILURES
-        out.append(
+class FuseStage(Stage):
+    """The fuse stage of a recipe: prompt building, the LLM actors, validation, ``fused/``."""
+
+    name: ClassVar[str] = STAGE
+    schema: ClassVar[pa.Schema] = schemas.FUSED
+
+    def __init__(self, cfg: FuseConfig, run_seed: int) -> None:
+        self.cfg = cfg
+        self.run_seed = run_seed
+        self.spec = engine_spec(cfg, multimodal=False)
+        self.prompt = load_prompt(STAGE, cfg.prompt)
+        self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.provenance.columns()
+
+    def steps(self) -> list[Step]:
+        f = self.cfg
+        return [
+            Step(
+                "fuse-prepare", prepare_fuse_requests,
+                {"prompt": self.prompt, "max_alt_text_words": f.max_alt_text_words, "run_seed": self.run_seed},
+                inputs=("alt_text", "vlm_caption", "status"), num_cpus=0.25,
+            ),
+            Step(
+                "fuse", FuseWorker, {"spec": self.spec}, inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
+                actors=f.actors, batch_size=f.batch_size, num_cpus=f.cpus_per_actor, num_gpus=f.gpus_per_actor,
+            ),
+            Step(
+                "fuse-check", validate_fused,
+                {
+                    "prompt": self.prompt, "max_alt_text_words": f.max_alt_text_words,
+                    "max_caption_words": f.max_caption_words, "require_entities": f.require_entities,
+                },
+                inputs=("fuse_output", "fuse_finish_reason", "fuse_error", "alt_text", "vlm_caption"), num_cpus=0.25,
+            ),
+        ]
+
+    def output_table(self, work: pa.Table) -> pa.Table:
+        # An image failure keeps its own error; otherwise the error column holds the fallback reason.
+        error = [
+            e if s in schemas.IMAGE_FAILURES else fe
+            for s, e, fe in zip(*(work[c].to_pylist() for c in ("fused_status", "error", "fuse_error")))
+        ]
+        work = work.append_column("fused_error", pa.array(error, pa.string()))
+        return select_output(
+            work,
+            self.schema,
             {
-                "key": r["key"],
-                "shard": r["shard"],
-                "status": r["status"],
-                "error": r["error"] if image_failed else r.get("fuse_error"),
-                "alt_text": r.get("alt_text"),
-                "vlm_caption": r.get("vlm_caption"),
-                "vec_caption": r.get("vec_caption"),
-                "vec_source": r.get("vec_source"),
-                "finish_reason": r.get("fuse_finish_reason"),
-                "n_prompt_tokens": r.get("fuse_n_prompt_tokens"),
-                "n_output_tokens": r.get("fuse_n_output_tokens"),
-                **prov.columns(),
-                "seed": r.get("fuse_seed"),
-            }
+                "key": "key", "shard": "shard", "status": "fused_status", "error": "fused_error",
+                "alt_text": "alt_text", "vlm_caption": "vlm_caption", "vec_caption": "vec_caption",
+                "vec_source": "vec_source", "finish_reason": "fuse_finish_reason",
+                "n_prompt_tokens": "fuse_n_prompt_tokens", "n_output_tokens": "fuse_n_output_tokens", "seed": "fuse_seed",
+            },
+            self.provenance.columns(),
         )
-    return out
+
+    def stats(self, table: pa.Table) -> dict[str, Any]:
+        out = super().stats(table)
+        out["fallbacks"] = fallback_counts(table)
+        out["vec_sources"] = dict(Counter(s for s in table["vec_source"].to_pylist() if s))
+        return out
 
 
-def fallback_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+def fallback_counts(table: pa.Table) -> dict[str, int]:
     """Per-reason counts of fused rows whose VeC caption is not the LLM's (the shard stats' fallbacks)."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r["vec_source"] in ("vlm", "alt") or r["status"] == schemas.NO_TEXT:
-            reason = (r["error"] or "unknown").split(":", 1)[0]
-            counts[reason] = counts.get(reason, 0) + 1
-    return counts
+    counts: Counter = Counter()
+    for source, status, error in zip(*(table[c].to_pylist() for c in ("vec_source", "status", "error"))):
+        if source in ("vlm", "alt") or status == schemas.NO_TEXT:
+            counts[(error or "unknown").split(":", 1)[0]] += 1
+    return dict(counts)

@@ -1,9 +1,10 @@
 """Stage 3, write: CLIP-ready shards with alt-text, VLM caption and VeC caption.
 
 Streams the input tar once, copies each usable sample's original image bytes (never
-re-encoded) into ``vecap/NNNNN.tar`` beside ``<key>.txt`` (the mixed choice, what
+re-encoded) into ``clip/NNNNN.tar`` beside ``<key>.txt`` (the mixed choice, what
 open_clip reads) and ``<key>.json`` (every caption and its provenance). Every key of
 the input, usable or not, gets a row in ``vecap/NNNNN.parquet`` with its status.
+It runs per shard inside the shard's finalize task, once the shard's fused rows are committed.
 """
 
 from __future__ import annotations
@@ -13,17 +14,43 @@ import io
 import json
 import tarfile
 import time
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
 
 from vecap import schemas
 from vecap.fusion import light_clean
 from vecap.images import image_size, sniff_image_format
+from vecap.layout import Layout
 from vecap.mixing import choose_txt
+from vecap.outputs import StageOutput
 from vecap.reader import ShardReader
-from vecap.writer import StageDir
+from vecap.stages.base import Stage
+from vecap.storage import Storage
 
 STAGE = "write"
 _PROVENANCE = ("model", "prompt_id", "prompt_sha256", "params_sha256")
+
+
+@dataclass(frozen=True)
+class WriteStage(Stage):
+    """The write stage of a recipe: how alt-text and VeC captions are mixed into the CLIP tars."""
+
+    mix: str = "random"
+    p_vec: float = 0.5
+    seed: int = 0
+    image_exts: tuple[str, ...] = ("jpg", "png", "webp")
+    max_image_bytes: int = 32 << 20
+    name: ClassVar[str] = STAGE
+    schema: ClassVar[pa.Schema] = schemas.VECAP
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts)}
+
+    def write_shard(self, storage: Storage, layout: Layout, shard: str) -> dict[str, Any]:
+        return write_shard(storage, layout, shard, self)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -34,25 +61,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(
-    root: str,
-    shard: str,
-    mix: str,
-    p_vec: float,
-    seed: int,
-    image_exts: tuple[str, ...] = ("jpg", "png", "webp"),
-    max_image_bytes: int = 32 << 20,
-) -> dict[str, Any]:
-    """Build and commit ``<root>/vecap/<shard>.{tar,parquet}`` and its stats; returns the stats."""
+def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage) -> dict[str, Any]:
+    """Build and commit ``clip/<shard>.tar`` and ``vecap/<shard>.parquet``, marker last; returns the stats."""
     t0 = time.time()
-    out = StageDir(f"{root}/vecap")
-    fused = {r["key"]: r for r in StageDir(f"{root}/fused").read_table(shard).to_pylist()}
-    captions = {r["key"]: r for r in StageDir(f"{root}/captions").read_table(shard).to_pylist()}
+    mix, p_vec, seed, image_exts = stage.mix, stage.p_vec, stage.seed, stage.image_exts
+    fused = {r["key"]: r for r in StageOutput(layout, "fuse", storage).read_table(shard).to_pylist()}
+    captions = {r["key"]: r for r in StageOutput(layout, "caption", storage).read_table(shard).to_pylist()}
     rows: dict[str, dict[str, Any]] = {}
-    tmp_tar = out.temp_path(f"{shard}.tar")
     n_samples = 0
-    with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in ShardReader(f"{root}/images", shard, max_image_bytes=max_image_bytes):
+    with storage.staged(layout.tar(shard)) as tmp_tar, tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in ShardReader(layout.images, shard, max_image_bytes=stage.max_image_bytes, storage=storage):
             f = fused.get(sample.key)
             if f is None or sample.key in rows:
                 continue  # not in this stage's input (e.g. a dropped duplicate): nothing to write
@@ -90,29 +108,18 @@ def write_shard(
             if rows[key]["status"] == schemas.OK:
                 rows[key].update(status=schemas.MISSING_FROM_TAR, error="image not found in the input tar")
     ordered = [rows[k] for k in sorted(rows)]
-    statuses: dict[str, int] = {}
-    txt_sources: dict[str, int] = {}
-    for r in ordered:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-        if r["txt_source"]:
-            txt_sources[r["txt_source"]] = txt_sources.get(r["txt_source"], 0) + 1
     stats = {
         "stage": STAGE,
         "shard": shard,
         "n_rows": len(ordered),
         "n_samples": n_samples,
-        "statuses": statuses,
-        "txt_sources": txt_sources,
-        "fingerprint": {"mix": mix, "p_vec": p_vec, "seed": seed, "image_exts": sorted(image_exts)},
-        "seconds": round(time.time() - t0, 3),
+        "statuses": dict(Counter(r["status"] for r in ordered)),
+        "txt_sources": dict(Counter(r["txt_source"] for r in ordered if r["txt_source"])),
+        "fingerprint": stage.fingerprint(),
+        "timings": {"t_write": round(time.time() - t0, 3)},
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out.commit(
-        shard,
-        stats,
-        parquet=schemas.table(ordered, schemas.VECAP),
-        schema=schemas.VECAP,
-        extra_files={f"{shard}.tar": tmp_tar},
-    )
+    StageOutput(layout, STAGE, storage).commit(shard, schemas.table(ordered, schemas.VECAP), stats)
     return stats
 
 
@@ -139,10 +146,3 @@ def _row(shard: str, key: str, f: dict, c: dict, url: str | None) -> dict[str, A
         row[f"fuse_{p}"] = f.get(p)
     return row
 
-
-def write_sizes(root: str) -> dict[str, int]:
-    """``vecap/sizes.json``: shard file name → sample count, as open_clip reads it."""
-    out = StageDir(f"{root}/vecap")
-    sizes = {f"{s}.tar": int(out.read_stats(s)["n_samples"]) for s in sorted(out.done())}
-    out.write_json("sizes.json", sizes)
-    return sizes

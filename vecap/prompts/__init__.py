@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parent  # shipped as package data: prompts/<stage>/<id>.yaml
 _ALLOWED_KEYS = {"description", "system", "template", "examples"}
 
 

@@ -1,0 +1,276 @@
+"""The stage contract, and what the model stages share.
+
+A stage is data, as in ``ray.data.llm``: it declares its Ray Data steps (UDF, task or
+actor pool, resources, declared input columns), its output schema, its fingerprint
+(what must match for committed shards to be reused) and how its per-shard stats are
+counted. The driver (:mod:`vecap.pipeline`) is a loop over stages and knows none of them.
+
+Rows flow between steps as Arrow tables with the :data:`WORK` schema. Each shard ends
+with one *marker* row (``is_marker``) carrying the shard's row count and read report.
+Steps record their own timings in ``t_*`` columns (seconds, spread over the batch's
+rows), which the part writer sums per shard into the shard's stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
+from vecap.config import ModelConfig, stable_hash
+
+log = logging.getLogger(__name__)
+
+TIMINGS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check")
+
+WORK = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("source", pa.string()),  # "images" (read from the input tar) or "captions" (committed captions)
+        ("is_marker", pa.bool_()),
+        ("report", pa.string()),  # marker rows: JSON of the shard's read report and row count
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("alt_text", pa.string()),
+        ("url", pa.string()),
+        ("pixels", pa.binary()),
+        ("pixels_w", pa.int32()),
+        ("pixels_h", pa.int32()),
+        ("needs_caption", pa.bool_()),
+        ("vlm_caption", pa.string()),
+        ("caption_finish_reason", pa.string()),
+        ("caption_n_prompt_tokens", pa.int32()),
+        ("caption_n_output_tokens", pa.int32()),
+        ("caption_seed", pa.int64()),
+        ("needs_fuse", pa.bool_()),
+        ("fuse_messages", pa.string()),  # JSON chat messages, built on CPU before the actor
+        ("fuse_output", pa.string()),
+        ("fuse_finish_reason", pa.string()),
+        ("fuse_n_prompt_tokens", pa.int32()),
+        ("fuse_n_output_tokens", pa.int32()),
+        ("fuse_seed", pa.int64()),
+        ("vec_caption", pa.string()),
+        ("vec_source", pa.string()),
+        ("fuse_error", pa.string()),
+        ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
+        ("engine_starts", pa.int32()),  # set on the first row an engine actor returns
+        ("engine_start_s", pa.float64()),
+        *[(t, pa.float64()) for t in TIMINGS],
+    ]
+)
+
+
+def work_table(rows: list[dict[str, Any]]) -> pa.Table:
+    names = WORK.names
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=WORK)
+
+
+def with_time(table: pa.Table, column: str, seconds: float) -> pa.Table:
+    """Spread ``seconds`` evenly over the table's rows in timing column ``column`` (added to what is there)."""
+    n = table.num_rows
+    if n == 0:
+        return table
+    values = pa.array([seconds / n] * n, pa.float64())
+    prev = table[column]
+    values = pc.add(pc.fill_null(prev, 0.0), values) if prev.null_count < n else values
+    return table.set_column(table.schema.get_field_index(column), column, values)
+
+
+def timed(column: str):
+    """Decorate a CPU step (``batch -> table``) so that it records its own time in ``column``."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(batch: pa.Table, **kwargs: Any) -> pa.Table:
+            t0 = time.perf_counter()
+            out = fn(batch, **kwargs)
+            return with_time(out, column, time.perf_counter() - t0)
+
+        return run
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Ray Data map step: a UDF run as Ray tasks (``actors == 0``) or by an actor pool."""
+
+    name: str
+    fn: Any  # a function (Ray tasks) or a callable class (an actor pool)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fn_kwargs / fn_constructor_kwargs
+    inputs: tuple[str, ...] = ()  # the WORK columns the step reads
+    actors: int = 0
+    batch_size: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 128  # task steps: the memory they declare to Ray's scheduler
+    concurrency: int | None = None  # task steps: at most this many tasks at once
+
+    def apply(self, ds: Any) -> Any:
+        """Append this step to a Ray Data dataset."""
+        import ray.data
+
+        common = {"batch_format": "pyarrow", "batch_size": self.batch_size, "num_cpus": self.num_cpus}
+        if self.actors:
+            return ds.map_batches(
+                self.fn,
+                fn_constructor_kwargs=self.kwargs,
+                compute=ray.data.ActorPoolStrategy(size=self.actors),
+                num_gpus=self.num_gpus,
+                **common,
+            )
+        # Task steps declare memory, engine actors do not: their resources then differ, and
+        # Ray Data never fuses a CPU step into an engine actor (it stays off the engine's path).
+        return ds.map_batches(
+            self.fn,
+            fn_kwargs=self.kwargs,
+            compute=ray.data.TaskPoolStrategy(size=self.concurrency),
+            memory=self.memory_mb * 1024 * 1024,
+            **common,
+        )
+
+
+def select_output(work: pa.Table, schema: pa.Schema, columns: dict[str, str], constants: dict[str, str]) -> pa.Table:
+    """Select and rename work columns into ``schema`` (markers dropped, constants filled, sorted by key)."""
+    rows = work.filter(pc.invert(pc.fill_null(work["is_marker"], False)))
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            arrays.append(rows[columns[f.name]].cast(f.type))
+        elif f.name in constants:
+            arrays.append(pa.array([constants[f.name]] * rows.num_rows, f.type))
+        else:
+            arrays.append(pa.nulls(rows.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema).sort_by("key")
+
+
+class Stage(ABC):
+    """One stage of caption → fuse → write: its steps, output rows, stats and fingerprint."""
+
+    name: ClassVar[str]
+    schema: ClassVar[pa.Schema]
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What must equal the committed shards' for them to be reused (else --overwrite)."""
+
+    def steps(self) -> list[Step]:
+        """The Ray Data steps this stage adds to the stream (none for the write stage)."""
+        return []
+
+    def output_table(self, work: pa.Table) -> pa.Table:
+        """Work rows of one shard → this stage's Parquet rows."""
+        raise NotImplementedError
+
+    def stats(self, table: pa.Table) -> dict[str, Any]:
+        """Per-shard counts for the marker and the run summary."""
+        statuses = Counter(table["status"].to_pylist())
+        out: dict[str, Any] = {"n_rows": table.num_rows, "statuses": dict(statuses)}
+        for col, name in (("n_prompt_tokens", "prompt_tokens"), ("n_output_tokens", "output_tokens")):
+            if col in table.column_names:
+                out[name] = int(pc.sum(table[col]).as_py() or 0)
+        return out
+
+
+def seed_for(run_seed: int, stage: str, key: str) -> int:
+    """A per-sample seed from the key: reruns and any batching give the same samples."""
+    digest = hashlib.sha256(f"{run_seed}:{stage}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Columns that say which model, prompt and parameters produced a row."""
+
+    model: str
+    prompt_id: str
+    prompt_sha256: str
+    params_sha256: str
+
+    def columns(self) -> dict[str, str]:
+        return {
+            "model": self.model,
+            "prompt_id": self.prompt_id,
+            "prompt_sha256": self.prompt_sha256,
+            "params_sha256": self.params_sha256,
+        }
+
+
+def engine_spec(cfg: ModelConfig, multimodal: bool) -> EngineSpec:
+    """The section of the recipe that concerns the engine, as the engine's own typed spec."""
+    return EngineSpec(
+        backend=cfg.backend,
+        model=cfg.model,
+        multimodal=multimodal,
+        sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        engine_kwargs=dict(cfg.engine),
+        base_url=cfg.base_url,
+        api_key_env=cfg.api_key_env,
+        request_concurrency=cfg.request_concurrency,
+        request_timeout_s=cfg.request_timeout_s,
+    )
+
+
+def params_hash(spec: EngineSpec) -> str:
+    """What changes outputs for the same model and prompt: backend, dtype, decoding, engine options."""
+    return stable_hash(
+        {"backend": spec.backend, "dtype": spec.dtype, "sampling": spec.sampling.to_dict(), "engine": spec.engine_kwargs}
+    )
+
+
+class EngineWorker:
+    """A Ray Data actor UDF that holds one engine for its lifetime.
+
+    Subclasses say which rows need the engine (``flag``), how a row becomes a request,
+    and how a generation goes back into the row. Everything else (batching, passing
+    other rows through, timing, error isolation) is here, once, for both model stages.
+    """
+
+    flag: ClassVar[str] = ""
+    timing: ClassVar[str] = ""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        t0 = time.perf_counter()
+        self.engine = load_engine(spec)
+        self._start_s: float | None = time.perf_counter() - t0
+
+    def request(self, row: dict[str, Any]) -> Request:
+        raise NotImplementedError
+
+    def apply(self, row: dict[str, Any], gen: Generation) -> None:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r.get(self.flag)]
+        if todo:
+            requests, ready = [], []
+            for r in todo:
+                try:
+                    requests.append(self.request(r))
+                    ready.append(r)
+                except Exception as err:  # noqa: BLE001 - a bad row is a row status
+                    self.apply(r, Generation(text=None, error=f"{type(err).__name__}: {err}"))
+            for r, gen in zip(ready, self.engine.generate(requests)):
+                self.apply(r, gen)
+            for r in todo:
+                r[self.flag] = False
+        if self._start_s is not None and rows:
+            rows[0]["engine_starts"] = (rows[0].get("engine_starts") or 0) + 1
+            rows[0]["engine_start_s"] = (rows[0].get("engine_start_s") or 0.0) + self._start_s
+            self._start_s = None
+        return with_time(work_table(rows), self.timing, time.perf_counter() - t0)
