@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vecap.tiny_models import MARKER, build_tiny_models
+from vecap.demo.tiny_models import MARKER, build_tiny_models
 
 pytestmark = pytest.mark.slow
 
