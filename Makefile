@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 VECAP := .venv/bin/vecap
-CONFIG ?= pipelines/demo.yaml
+CONFIG ?= demo
 SET ?=
 SETARGS := $(foreach s,$(SET),--set $(s))
 ROOT ?= data/sample
@@ -14,12 +14,12 @@ export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup sample-data models download caption fuse write run report inspect demo test bench clean
+.PHONY: help setup sample-data models download caption fuse write run dry-run report inspect demo test bench clean
 
 help:
 	@echo "make demo        whole pipeline on the bundled sample data with tiny local models (sets itself up)"
 	@echo "make test        the test suite (sets itself up)"
-	@echo "make caption|fuse|write|run CONFIG=pipelines/x.yaml SET='caption.batch_size=32 ...'"
+	@echo "make caption|fuse|write|run|dry-run CONFIG=gpu|path/to/recipe.yaml SET='caption.batch_size=32 ...'"
 	@echo "make download URLS=list.parquet OUT=data/mine/images"
 	@echo "make report | make inspect P=data/sample/fused/00000.parquet | make bench"
 
@@ -39,6 +39,9 @@ download: setup
 caption fuse write run: setup
 	$(VECAP) $@ --config $(CONFIG) $(SETARGS)
 
+dry-run: setup
+	$(VECAP) run --dry-run --config $(CONFIG) $(SETARGS)
+
 report: setup
 	$(VECAP) report --config $(CONFIG) $(SETARGS)
 
@@ -50,7 +53,7 @@ demo: setup sample-data models
 	$(VECAP) report --config $(CONFIG) $(SETARGS)
 	$(VECAP) inspect $(ROOT)/vecap --rows 3
 	@echo
-	@echo "Outputs under $(ROOT)/: images/ (input) captions/ fused/ vecap/ (CLIP-ready) and report.html"
+	@echo "Outputs under $(ROOT)/: images/ (input) captions/ fused/ vecap/ clip/ (CLIP-ready tars) and report.html"
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

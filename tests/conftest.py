@@ -142,3 +142,19 @@ def demo_config(tiny_models, ray_local):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_root(sample_images, tiny_models, ray_local, tmp_path_factory) -> Path:
+    """One whole `vecap run` of the demo recipe on a copy of the sample shards, shared read-only
+    by the tests that read a run's outputs (README snippets, report, inspect)."""
+    from vecap.config import load_config
+    from vecap.pipeline import run
+
+    root = tmp_path_factory.mktemp("pipeline") / "root"
+    shutil.copytree(sample_images, root / "images")
+    cfg = load_config(
+        "demo", [f"root={root}", f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}"]
+    )
+    run(cfg, progress=False)
+    return root

@@ -81,15 +81,18 @@ def test_same_inputs_same_parquet_in_a_fresh_root(make_root, demo_config):
 
 
 def test_changed_prompt_is_refused_unless_overwrite(make_root, demo_config):
+    """--overwrite --shards recomputes exactly the selected shards; the others keep their work."""
     from vecap.pipeline import ConfigMismatch
 
     root = make_root()
-    run(demo_config(root), ["caption"], shards=["00000"], progress=False)
+    run(demo_config(root), ["caption"], shards=["00000", "00001"], progress=False)
+    kept = marker_path(root, "caption", "00001").read_bytes()
     with pytest.raises(ConfigMismatch, match="prompt"):
         run(demo_config(root, "caption.prompt=detailed"), ["caption"], shards=["00000"], progress=False)
     result = run(demo_config(root, "caption.prompt=detailed"), ["caption"], shards=["00000"], overwrite=True, progress=False)
     assert result.tallies["caption"].shards == 1
     assert set(pq.read_table(root / "captions" / "00000.parquet").column("prompt_id").to_pylist()) == {"detailed"}
+    assert marker_path(root, "caption", "00001").read_bytes() == kept  # not selected: not invalidated
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,9 @@ def fusion_reasons():
 
 def test_fuse_without_captions_says_what_to_run(make_root, demo_config):
     root = make_root()
-    with pytest.raises(RuntimeError, match="vecap caption"):
+    from vecap.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vecap caption"):
         run(demo_config(root), ["fuse"], progress=False)
 
 

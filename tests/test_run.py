@@ -273,3 +273,37 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     import ray
 
     assert not ray.is_initialized() or ray.cluster_resources()  # the test session's own Ray (if any) still answers
+
+
+def test_dry_run_reads_every_shard_and_writes_apart(make_root, demo_config):
+    """No models: every key gets its row with the fixed caption or its image status, under _dry_run/."""
+    from vecap.backends.dry import DRY_CAPTION
+
+    root = make_root("dry")
+    result = run(demo_config(root), progress=False, dry_run=True)
+    dry = root / "_dry_run"
+    assert not (root / "captions").exists() and not (root / "clip").exists()  # real outputs untouched
+    captions = stage_output(dry, "caption")
+    keys = _all_input_keys(root / "images")
+    rows = [r for s in sorted(captions.done()) for r in captions.read_table(s).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(keys)
+    assert {r["vlm_caption"] for r in rows if r["status"] == schemas.OK} == {DRY_CAPTION}
+    assert any(r["status"] == schemas.IMAGE_UNDECODABLE for r in rows)  # broken images found
+    stats = captions.read_stats(sorted(captions.done())[0])
+    assert stats["timings"]["t_read"] > 0 and stats["fingerprint"]["model"]
+    assert result.tallies["write"].shards == len(captions.done())
+    assert json.loads((dry / "captions" / "_run.json").read_text())["dry_run"] is True
+    assert (dry / "clip" / "sizes.json").exists()
+
+
+def test_a_missing_or_empty_root_is_an_error(tmp_path, demo_config, monkeypatch):
+    from vecap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=str(tmp_path / "nowhere" / "images")):
+        run(demo_config(tmp_path / "nowhere"), progress=False)
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no input shards"):
+        run(demo_config(tmp_path / "empty"), progress=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match="relative"):
+        run(demo_config("relative/root"), progress=False)

@@ -1,6 +1,6 @@
 """Run img2dataset over a URL list with the settings this pipeline needs.
 
-The pipeline reads img2dataset's webdataset output as is (DESIGN.md, "Data on disk") and
+The pipeline reads img2dataset's webdataset output as is (docs/architecture.md, "The on-disk contract") and
 copies the original image bytes into its own output, so the download must not resize or
 re-encode. img2dataset 1.47.0 can only keep the original bytes with
 ``disable_all_reencoding=True``; then every image member is named ``<key>.<encode_format>``

@@ -1,6 +1,6 @@
 """Arrow schemas of every stage's Parquet, and the per-sample status vocabulary.
 
-These are the contracts of DESIGN.md: flat, typed, pandas-friendly, no image bytes.
+The on-disk contract of docs/architecture.md: flat, typed, pandas-friendly, no image bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +51,27 @@ _PROVENANCE = [
     ("prompt_sha256", pa.string()),
     ("params_sha256", pa.string()),
     ("seed", pa.int64()),
+]
+
+# Per-row quality columns (vecap.validation.caption_quality / fuse_quality), for filtering in
+# pandas without rerunning; every one nullable. They describe the model's output as judged.
+QUALITY_CAPTION = [
+    ("q_repetition", pa.float32()),  # 0 none … 1 a loop
+    ("q_lang_out", pa.string()),  # "en", "fr", "ja", "zh", "ko" … or a script code ("latn", "cyrl", "arab")
+    ("q_words", pa.int32()),  # CJK counted as one word per two characters
+]
+QUALITY_FUSE = [
+    ("q_entity_recall", pa.float32()),  # weighted share of alt-text names/numbers kept; null: none checkable
+    ("q_visual_overlap", pa.float32()),  # share of the VLM caption's content words kept; null: other script
+    ("q_novel", pa.int32()),  # names, numbers, URLs found in neither source
+    ("q_novel_terms", pa.string()),  # those, joined with "|"
+    ("q_repetition", pa.float32()),
+    ("q_lang_alt", pa.string()),
+    ("q_lang_vlm", pa.string()),
+    ("q_lang_out", pa.string()),
+    ("q_words", pa.int32()),
+    ("q_words_alt", pa.int32()),
+    ("q_words_vlm", pa.int32()),
 ]
 
 CAPTIONS = pa.schema(
@@ -106,8 +127,6 @@ VECAP = pa.schema(
         ("fuse_params_sha256", pa.string()),
     ]
 )
-
-STAGE_SCHEMAS = {"captions": CAPTIONS, "fused": FUSED, "vecap": VECAP}
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -87,11 +87,16 @@ class Storage:
 
     # --- reading ------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        return retry_io(lambda: self.fs.exists(path), f"exists {path}")
+        def exists() -> bool:
+            self.fs.invalidate_cache(path)
+            return self.fs.exists(path)
+
+        return retry_io(exists, f"exists {path}")
 
     def names(self, folder: str) -> list[str]:
         """File and folder names directly under ``folder``; [] when it does not exist."""
         def ls() -> list[str]:
+            self.fs.invalidate_cache(folder)  # other processes write here: never trust a cached listing
             try:
                 entries = self.fs.ls(folder, detail=False)
             except FileNotFoundError:

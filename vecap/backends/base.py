@@ -13,7 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +63,8 @@ class Generation:
     error: str | None = None
 
 
-@runtime_checkable
-class Captioner(Protocol):
-    """Images + prompt messages → texts (the caption stage)."""
-
-    model: str
-
-    def caption(self, requests: Sequence[Request]) -> list[Generation]: ...
-
-
-@runtime_checkable
-class TextGenerator(Protocol):
-    """Prompt messages → texts (the fuse stage)."""
-
-    model: str
-
-    def generate(self, requests: Sequence[Request]) -> list[Generation]: ...
-
-
 class ChatEngine(ABC):
-    """Base of all backends: implements both protocols on top of one ``_generate``."""
+    """Base of all backends: the caption and fuse stages both call :meth:`generate`."""
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
@@ -107,7 +89,6 @@ class ChatEngine(ABC):
             log.warning("batch of %d failed (%s); retrying one by one", len(requests), err)
             return [g for r in requests for g in self.generate([r])]
 
-    caption = generate
 
     def close(self) -> None:
         """Release the engine's resources (GPU memory, threads)."""

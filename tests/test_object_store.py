@@ -1,0 +1,140 @@
+"""An ``s3://`` root against a real S3 endpoint on loopback (moto's server mode), with s3fs as the client:
+same rows and tar members as a local run, pandas reads a stage from the bucket, a real SIGKILL of
+the driver then a resume loses and duplicates nothing, and a second run on the same root is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vecap.layout import Layout
+from vecap.outputs import StageOutput
+from vecap.pipeline import run
+from vecap.storage import Storage
+
+pytestmark = pytest.mark.slow
+SHARDS = ["00000", "00099"]  # a shard of the sample and the shard of bad images
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port; yields the s3fs storage options that reach it."""
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_port  # noqa: SLF001 - moto exposes the bound port only here
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    yield options
+    server.stop()
+
+
+def _bucket_root(s3, sample_images, name: str) -> str:
+    storage = Storage.for_path("s3://vecap-test", s3)
+    if not storage.fs.exists("vecap-test"):
+        storage.fs.mkdir("vecap-test")
+    root = f"s3://vecap-test/{name}"
+    storage.fs.put(str(sample_images) + "/", f"{root}/images/", recursive=True)
+    return root
+
+
+def _tar_members(storage: Storage, path: str) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path))) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images, make_root, demo_config):
+    import pandas as pd
+
+    local = make_root("local")
+    run(demo_config(local), shards=SHARDS, progress=False)
+    root = _bucket_root(s3, sample_images, "same")
+    cfg = demo_config(root)
+    cfg.storage_options = s3
+    result = run(cfg, shards=SHARDS, progress=False)
+    assert result.tallies["write"].shards == len(SHARDS)
+    storage = Storage.for_path(root, s3)
+    remote, here = Layout(root), Layout(str(local))
+    for step in ("caption", "fuse", "write"):
+        assert StageOutput(remote, step, storage).done() == set(SHARDS)
+        for shard in SHARDS:
+            a = StageOutput(remote, step, storage).read_table(shard)
+            b = StageOutput(here, step, Storage.for_path(str(local))).read_table(shard)
+            assert a.equals(b), (step, shard)
+    for shard in SHARDS:
+        assert _tar_members(storage, remote.tar(shard)) == _tar_members(Storage.for_path(str(local)), here.tar(shard))
+    assert json.loads(storage.read_bytes(remote.sizes)) == json.loads(Path(here.sizes).read_text())
+    # pandas reads a stage straight from the bucket, as the README says
+    fused = pd.read_parquet(f"{root}/fused", storage_options=s3)
+    assert len(fused) == sum(StageOutput(here, "fuse").read_stats(s)["n_rows"] for s in SHARDS)
+    assert not storage.exists(remote.lease)  # released
+    assert not storage.names(remote.join("fused", "_parts"))  # no part left behind
+
+
+def _recipe(tmp_path: Path, root: str, s3: dict, tiny_models) -> Path:
+    from vecap.config import resolve_recipe
+
+    data = yaml.safe_load(resolve_recipe("demo").read_text())
+    data.update(root=root, storage_options=s3, max_inflight_shards=1)
+    data["caption"]["model"] = str(tiny_models["llava"])
+    data["fuse"]["model"] = str(tiny_models["llama"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_models, tmp_path):
+    root = _bucket_root(s3, sample_images, "killed")
+    storage = Storage.for_path(root, s3)
+    layout = Layout(root)
+    recipe = _recipe(tmp_path, root, s3, tiny_models)
+    cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(
+        cmd, env=env | {"VECAP_FAULT_KILL_AFTER_FUSED": "1"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not storage.exists(layout.lease) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        held = json.loads(storage.read_bytes(layout.lease))
+        # A second run on the same root, while the first one holds it: refused, naming the first.
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert held["run_id"] in second.stderr and "One run per root" in second.stderr
+        assert first.wait(timeout=600) == -signal.SIGKILL, first.stderr.read()[-3000:]
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # the local Ray the killed driver had started
+        except ProcessLookupError:
+            pass
+    fused = StageOutput(layout, "fuse", storage)
+    n_shards = len([n for n in storage.names(layout.images) if n.endswith(".tar")])
+    committed = {s: storage.read_bytes(layout.marker("fuse", s)) for s in fused.done()}
+    assert 1 <= len(committed) < n_shards, "the kill should land halfway"
+    # The killed driver's lease is still there; its process is gone, so the resume takes it over.
+    assert storage.exists(layout.lease)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {s: storage.read_bytes(layout.marker("fuse", s)) for s in committed} == committed  # kept, not redone
+    keys = [k for s in sorted(StageOutput(layout, "write", storage).done())
+            for k in StageOutput(layout, "write", storage).read_table(s)["key"].to_pylist()]
+    expected = [k for s in storage.names(layout.images) if s.endswith(".parquet")
+                for k in storage.read_table(f"{layout.images}/{s}")["key"].to_pylist()]
+    assert len(keys) == len(set(keys)) and set(expected) <= set(keys)  # nothing lost, nothing twice
+    sizes = json.loads(storage.read_bytes(layout.sizes))
+    assert set(sizes) == {n for n in storage.names(layout.clip) if n.endswith(".tar")}
