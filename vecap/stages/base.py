@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
 from vecap.config import ModelConfig, stable_hash
 
@@ -70,8 +71,7 @@ WORK = pa.schema(
 
 
 def work_table(rows: list[dict[str, Any]]) -> pa.Table:
-    names = WORK.names
-    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=WORK)
+    return schemas.table(rows, WORK)
 
 
 def with_time(table: pa.Table, column: str, seconds: float) -> pa.Table:
