@@ -69,7 +69,7 @@ CaptionCheck = Literal[
 ]
 FuseCheck = Literal[
     "empty", "truncated", "refusal", "garbage", "alternatives", "echo", "commentary", "repetition", "too_long",
-    "wrong_language", "injection", "too_short", "lost_entities", "invented", "alt_echo", "ungrounded",
+    "injection", "wrong_language", "too_short", "lost_entities", "invented", "alt_echo", "ungrounded",
 ]
 
 
@@ -81,7 +81,7 @@ class CaptionChecks(_Section):
     # A unit (word, phrase, CJK character run) repeated this many times in a row is a loop.
     max_repeats: int = Field(3, ge=2)
     # Share of repeated word trigrams (character 4-grams for CJK) from which the text is a loop.
-    max_repetition: float = Field(0.3, gt=0, le=1)
+    max_repetition: float = Field(0.25, gt=0, le=1)
     skip: list[CaptionCheck] = Field(default_factory=list)
 
 
@@ -91,7 +91,7 @@ class FuseChecks(_Section):
     min_words: int = Field(3, ge=0)
     max_words: int = Field(80, ge=1)
     max_repeats: int = Field(3, ge=2)
-    max_repetition: float = Field(0.3, gt=0, le=1)
+    max_repetition: float = Field(0.25, gt=0, le=1)
     # Weighted share of the alt-text's names and numbers the caption must keep.
     min_entity_recall: float = Field(0.5, ge=0, le=1)
     # Share of the VLM caption's content words under which a caption counts as not using it

@@ -1,9 +1,9 @@
-"""Alt-text cleaning, fused-caption validation and the fallback chain (pure functions).
+"""Alt-text cleaning and the fallback chain (pure functions).
 
 The fuse stage asks an LLM to merge the alt-text (real-world knowledge) with the VLM
-caption (visual detail). LLMs fail in known ways; each is a named ``reason`` here, and
-a rejected output falls back to the VLM caption, then to the alt-text, with the reason
-recorded in the row's ``error`` and counted in the shard's stats.
+caption (visual detail). LLMs fail in known ways, each a named ``reason`` of
+:mod:`vecap.validation`; a rejected output falls back to the VLM caption, then to the
+alt-text, with the reason recorded in the row's ``error`` and counted in the shard's stats.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import html
 import re
 import unicodedata
 from dataclasses import dataclass
+
+from vecap import validation
+from vecap.config import FuseChecks
 
 # --- alt-text cleaning ------------------------------------------------------------------
 _TAG = re.compile(r"<[^>]{0,200}>")
@@ -86,41 +89,13 @@ def kept_entities(source: str, output: str) -> tuple[int, int]:
     return sum(1 for e in ents if (e in words if e.isascii() else e in low)), len(ents)
 
 
-# --- validation -------------------------------------------------------------------------
-_REFUSAL = re.compile(
-    r"^\s*(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i cannot|i can'?t|i can not|i'?m unable|i am unable"
-    r"|as an ai|i'?m not able|i won'?t|unfortunately,? i)",
-    re.I,
-)
-_LABEL_ECHO = re.compile(
-    r"(?:alt[\s_-]?text|vlm[\s_-]?caption|web[\s_-]text|visual[\s_-]description|image description"
-    r"|raw caption|synthetic caption|consolidated caption|merged caption|fused caption|caption\s*:|instructions?\s*:"
-    r"|<\s*/?\s*(?:alt_text|web_text|visual_description|description|caption|raw|synthetic)\s*>)",
-    re.I,
-)
-_PREAMBLE = re.compile(r"^\s*(?:here is|here's|sure[,!]|certainly[,!]|caption\s*:|output\s*:)[^:\n]*:?\s*", re.I)
-
-REASONS = (
-    "empty",
-    "refusal",
-    "echo",
-    "truncated",
-    "garbage",
-    "too_long",
-    "lost_entities",
-    "model_error",
-)
+# --- validation (vecap.validation; these two keep the stages' former interface) ------------
+REASONS = validation.REASONS
 
 
 def tidy_output(text: str | None) -> str:
-    """Strip what models wrap around an answer: quotes, a 'Here is ...:' preamble, extra lines."""
-    if not text:
-        return ""
-    text = text.strip()
-    text = _PREAMBLE.sub("", text, count=1).strip()
-    first = text.split("\n\n", 1)[0]
-    text = _SPACE.sub(" ", first).strip().strip('"“”\'')
-    return text.strip()
+    """Strip what models wrap around a fused caption (see :func:`vecap.validation.tidy_fused`)."""
+    return validation.tidy_fused(text)
 
 
 def rejection_reason(
@@ -133,35 +108,9 @@ def rejection_reason(
     max_words: int = 80,
     require_entities: bool = True,
 ) -> str | None:
-    """Why a (tidied) fused caption must not be used, or None if it is acceptable."""
-    if not output.strip():
-        return "empty"
-    if finish_reason == "length":
-        return "truncated"
-    if _REFUSAL.search(output):
-        return "refusal"
-    printable = sum(1 for ch in output if ch.isprintable() and unicodedata.category(ch)[0] in "LNPZS")
-    letters = sum(1 for ch in output if ch.isalpha())
-    if printable < 0.95 * len(output) or letters < 0.5 * len(output.replace(" ", "")):
-        return "garbage"
-    if _LABEL_ECHO.search(output) or _echoes(output, instructions):
-        return "echo"
-    if len(output.split()) > max_words:
-        return "too_long"
-    if require_entities:
-        kept, total = kept_entities(alt_text, output)
-        if total and kept == 0:
-            return "lost_entities"
-    return None
-
-
-def _echoes(output: str, instructions: str, n: int = 6) -> bool:
-    """True if the output repeats any run of ``n`` words of the instructions."""
-    words = instructions.lower().split()
-    if len(words) < n:
-        return False
-    out = " ".join(output.lower().split())
-    return any(" ".join(words[i : i + n]) in out for i in range(len(words) - n + 1))
+    """Why a fused caption must not be used, or None (:func:`vecap.validation.check_fused`'s reason)."""
+    checks = FuseChecks(max_words=max_words, skip=[] if require_entities else ["lost_entities"])
+    return validation.check_fused(output, finish_reason, alt_text, vlm_caption, instructions, checks).reason
 
 
 @dataclass(frozen=True)
