@@ -36,8 +36,7 @@ def s3(tmp_path_factory):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     port = server._server.server_port  # noqa: SLF001 - moto exposes the bound port only here
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test",
-               "client_kwargs": {"region_name": "us-east-1"}}
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
     yield options
     server.stop()
 

@@ -35,6 +35,14 @@ class RayConfig(_Section):
     object_store_memory_mb: int = 1024
     # Environment for the driver and every Ray worker (e.g. VLLM_CPU_KVCACHE_SPACE on CPU machines).
     env: dict[str, str] = Field(default_factory=dict)
+    # The local Ray's dashboard on 127.0.0.1 (`vecap run --dashboard`); the run logs its address.
+    dashboard: bool = False
+    dashboard_port: int | None = Field(None, ge=1, le=65535)  # None: 8265, or the next free port
+    # The local Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics); None: a free port, logged.
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+    # Stream every worker's stdout/stderr to the driver's terminal; off: they stay in the worker
+    # logs (<root>/logs/<run id>/ and Ray's session logs) and the terminal shows vecap's progress.
+    log_to_driver: bool = False
 
 
 class ModelConfig(_Section):
@@ -61,6 +69,15 @@ class ModelConfig(_Section):
     api_key_env: str = "OPENAI_API_KEY"
     request_concurrency: int = Field(16, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
+    # Batches one actor works on at once: the engine batches continuously across them, so
+    # batch_size x max_batches_in_flight should exceed the engine's max_num_seqs.
+    max_batches_in_flight: int = Field(4, ge=1)
+    # One engine call longer than this is a hung engine: the actor exits and is restarted.
+    call_timeout_s: float = Field(600.0, gt=0)
+    # Environment of this stage's engine actors only (e.g. VLLM_ENABLE_V1_MULTIPROCESSING).
+    env: dict[str, str] = Field(default_factory=dict)
+    # Testing only (fault injection): the engine process exits when one of these keys reaches it.
+    fault_exit_keys: list[str] = Field(default_factory=list)
 
 
 # Checks of vecap.validation, in the order they run (the first that fails names the row's reason).
@@ -117,9 +134,6 @@ class FuseConfig(ModelConfig):
     max_new_tokens: int = Field(96, ge=1)
     # Alt-text longer than this (in words, a cheap proxy for tokens) is truncated before prompting.
     max_alt_text_words: int = Field(64, ge=1)
-    # A fused caption longer than this many words is rejected as runaway output.
-    max_caption_words: int = Field(80, ge=1)
-    require_entities: bool = True
     validation: FuseChecks = Field(default_factory=FuseChecks)
 
 
@@ -131,6 +145,16 @@ class WriteConfig(_Section):
     # Image formats copied into the output tars (what open_clip's loader reads). Others are
     # never re-encoded: they stay out of the tar with status "unsupported_format".
     image_exts: list[str] = Field(default_factory=lambda: ["jpg", "png", "webp"])
+
+
+class FaultsConfig(_Section):
+    """Bounds on retries and restarts: a poison input or a broken engine never loops forever."""
+
+    max_actor_restarts: int = Field(20, ge=0)  # per engine actor
+    max_task_retries: int = Field(12, ge=0)  # per batch; poison isolation needs about log2(batch_size) + 3
+    max_consecutive_fatal: int = Field(8, ge=1)  # fatal engine errors in a row before the run stops
+    actor_start_retries: int = Field(3, ge=0)  # engine actors whose start-up fails (e.g. a hub rate limit)
+    finalize_retries: int = Field(3, ge=0)  # per shard commit, on transient storage errors
 
 
 class PipelineConfig(_Section):
@@ -146,6 +170,7 @@ class PipelineConfig(_Section):
     # A run's lease on the root expires this long after its last heartbeat.
     lease_ttl_s: float = Field(120.0, gt=0)
     ray: RayConfig = Field(default_factory=RayConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)

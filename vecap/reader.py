@@ -9,10 +9,13 @@ so every key of the input reaches every stage's output exactly once.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
 import tarfile
+import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +55,8 @@ class ShardReport:
     statuses: Counter = field(default_factory=Counter)
     missing_txt: int = 0
     skipped_members: int = 0
+    parquet_error: str | None = None
+    io_retries: int = 0
 
 
 def _join(base: str, name: str) -> str:
@@ -102,7 +107,15 @@ class ShardReader:
         self.report = ShardReport(shard=shard)
 
     def __iter__(self) -> Iterator[Sample]:
-        rows = {str(r["key"]): r for r in read_parquet_rows(self.images_dir, self.shard, self.storage) if r.get("key")}
+        import pyarrow as pa
+
+        try:
+            rows = {str(r["key"]): r for r in read_parquet_rows(self.images_dir, self.shard, self.storage) if r.get("key")}
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            # A corrupt input Parquet costs its key list (failed downloads), not the shard.
+            log.warning("shard %s: input Parquet unreadable, keys come from the tar only: %s", self.shard, err)
+            self.report.parquet_error = f"{type(err).__name__}: {err}"[:300]
+            rows = {}
         seen: set[str] = set()
         for sample in self._tar_samples():
             if sample.key in seen:
@@ -131,12 +144,35 @@ class ShardReader:
         self.report.statuses[sample.status] += 1
         return sample
 
-    def _tar_samples(self) -> Iterator[Sample]:
-        """Group consecutive members by key (webdataset order) and turn each group into a Sample."""
+    def _tar_samples(self, io_retries: int = 3) -> Iterator[Sample]:
+        """The tar's samples in order. A transient ``OSError`` (a flaky mount, a dropped connection)
+        reopens the tar and resumes after the samples already yielded; only a real end of file or
+        a corrupt archive is a truncated tar."""
         path = _join(self.images_dir, f"{self.shard}.tar")
         if not self.storage.exists(path):
             self.report.truncated, self.report.error = True, "tar file missing"
             return
+        emitted, delay, failures, progress_at = 0, 0.2, 0, -1
+        while True:
+            try:
+                for i, sample in enumerate(self._tar_pass(path)):
+                    if i >= emitted:
+                        emitted += 1
+                        yield sample
+                return
+            except OSError as err:
+                self.report.io_retries += 1
+                # A connection that keeps making progress is flaky, not broken: count failures in a row.
+                failures = 1 if emitted > progress_at else failures + 1
+                progress_at = emitted
+                if failures > io_retries:
+                    raise
+                log.warning("shard %s: reading the tar failed after %d samples (%s); reopening", self.shard, emitted, err)
+                time.sleep(delay)
+                delay *= 2
+
+    def _tar_pass(self, path: str) -> Iterator[Sample]:
+        """One pass over the tar: group consecutive members by key (webdataset order) into Samples."""
         group_key: str | None = None
         group: dict[str, Any] = {}
         try:
@@ -165,7 +201,7 @@ class ShardReader:
                     if ext in group:
                         group["__duplicate__"] = f"two '{ext}' members"
                     group[ext] = self._read_member(tar, member, ext)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        except (tarfile.TarError, EOFError, ValueError, gzip.BadGzipFile, zlib.error) as err:
             # A truncated or corrupt tar: keep what was complete, report the rest.
             self.report.truncated, self.report.error = True, f"{type(err).__name__}: {err}"
             log.warning("shard %s: tar unreadable after %d keys: %s", self.shard, len(self.report.statuses), err)

@@ -20,6 +20,8 @@ IMAGE_EMPTY = "image_empty"  # zero bytes or zero width/height
 IMAGE_UNDECODABLE = "image_undecodable"  # not an image, truncated, unsupported
 # The image is fine but a model step failed; the row can be retried alone.
 MODEL_ERROR = "model_error"
+ENGINE_CRASH = "engine_crash"  # the sample made the engine process exit, every time (isolated)
+CAPTION_REJECTED = "caption_rejected"  # the VLM answered, but its caption failed validation (error says why)
 NO_TEXT = "no_text"  # neither alt-text nor a caption: nothing to train on
 # Write stage only: the image format is not one CLIP loaders read (open_clip: jpg/png/webp);
 # bytes are never re-encoded, so the sample stays out of the tar (its row says why).
@@ -37,6 +39,10 @@ IMAGE_FAILURES = frozenset(
         IMAGE_UNDECODABLE,
     }
 )
+
+# Statuses whose VLM caption is unusable, and of those, the ones --retry-failed redoes.
+CAPTION_FAILURES = frozenset({MODEL_ERROR, ENGINE_CRASH, CAPTION_REJECTED})
+RETRYABLE = frozenset({MODEL_ERROR, ENGINE_CRASH})
 
 # Where the VeC caption came from, and which caption a vecap sample's .txt holds.
 VEC_SOURCES = ("fused", "vlm", "alt")
@@ -82,6 +88,7 @@ CAPTIONS = pa.schema(
         ("error", pa.string()),
         ("vlm_caption", pa.string()),
         *_PROVENANCE,
+        *QUALITY_CAPTION,
     ]
 )
 
@@ -96,6 +103,7 @@ FUSED = pa.schema(
         ("vec_caption", pa.string()),
         ("vec_source", pa.string()),
         *_PROVENANCE,
+        *QUALITY_FUSE,
     ]
 )
 

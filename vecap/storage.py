@@ -83,7 +83,8 @@ class Storage:
         except (ImportError, ValueError) as err:
             hint = _INSTALL_HINT.get(protocol(path))
             raise ImportError(f"cannot open {path}: {err}" + (f" — install it with: {hint}" if hint else "")) from None
-        return cls(fs, local=isinstance(fs, LocalFileSystem))
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        return cls(fs, local=isinstance(fs, LocalFileSystem) and bool({"file", "local"} & set(protocols)))
 
     # --- reading ------------------------------------------------------------------
     def exists(self, path: str) -> bool:

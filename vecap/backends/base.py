@@ -2,9 +2,9 @@
 
 A stage hands an engine a list of :class:`Request` (chat messages, an optional image,
 a per-sample seed) and gets one :class:`Generation` per request back, in order. A
-backend writes one method, :meth:`ChatEngine._generate`; the base class isolates
-failures (a batch that raises is retried request by request, so one bad sample
-becomes one ``model_error`` row, not a lost batch).
+backend writes one method, :meth:`ChatEngine._generate`; the base class classifies
+failures: one bad sample becomes one ``model_error`` row, not a lost batch, while a
+failure of the engine itself (:class:`EngineFatal`) is raised, never turned into rows.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,16 +64,41 @@ class Generation:
     error: str | None = None
 
 
+class EngineFatal(RuntimeError):
+    """The engine itself failed (dead engine process, device error, out of memory, unreachable
+    server): no later request can succeed on it. The actor exits so that Ray restarts it."""
+
+
+_FATAL_NAMES = {"EngineDeadError", "OutOfMemoryError", "APIConnectionError", "APITimeoutError", "ConnectionError"}
+_FATAL_TEXT = ("cuda error", "out of memory", "engine core", "enginedead", "device-side assert")
+
+
+def is_fatal(err: BaseException) -> bool:
+    """A failure of the engine, not of one request (one request's failure is a row status)."""
+    if isinstance(err, (EngineFatal, MemoryError, ConnectionError, TimeoutError)):
+        return True
+    if any(t.__name__ in _FATAL_NAMES for t in type(err).__mro__):
+        return True
+    return any(t in str(err).lower() for t in _FATAL_TEXT)
+
+
 class ChatEngine(ABC):
-    """Base of all backends: the caption and fuse stages both call :meth:`generate`."""
+    """Base of all backends: the caption and fuse stages both call :meth:`submit` / :meth:`generate`.
+
+    A bad request becomes one ``model_error`` generation; a failing batch is bisected to find
+    it (log2(n) calls, not n). A fatal error (:func:`is_fatal`) is raised as :class:`EngineFatal`.
+    """
+
+    max_concurrent_calls = 1  # calls to _generate that may run at once (threads)
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
         self.model = spec.model
+        self._pool: ThreadPoolExecutor | None = None
 
     @abstractmethod
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
-        """Run a batch; may raise, in which case the base retries requests one by one."""
+        """Run a batch; may raise, in which case the base isolates the failing request(s)."""
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         if not requests:
@@ -82,16 +108,29 @@ class ChatEngine(ABC):
             if len(out) != len(requests):
                 raise RuntimeError(f"engine returned {len(out)} results for {len(requests)} requests")
             return out
-        except Exception as err:  # noqa: BLE001 - isolate the failing request(s)
+        except EngineFatal:
+            raise
+        except Exception as err:  # noqa: BLE001 - classify: the engine's failure, or a request's
+            if is_fatal(err):
+                raise EngineFatal(f"{type(err).__name__}: {err}"[:500]) from err
             if len(requests) == 1:
                 log.warning("request failed: %s", err)
                 return [Generation(text=None, error=f"{type(err).__name__}: {err}"[:500])]
-            log.warning("batch of %d failed (%s); retrying one by one", len(requests), err)
-            return [g for r in requests for g in self.generate([r])]
+            half = len(requests) // 2
+            log.warning("batch of %d failed (%s); bisecting to find the bad request(s)", len(requests), err)
+            return self.generate(requests[:half]) + self.generate(requests[half:])
 
+    def submit(self, requests: Sequence[Request]) -> Future:
+        """Start a batch; the future gives its generations. Several batches may be in flight:
+        engines that batch continuously (vLLM) keep working across them."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent_calls, thread_name_prefix="engine")
+        return self._pool.submit(self.generate, list(requests))
 
     def close(self) -> None:
         """Release the engine's resources (GPU memory, threads)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def load_chat_renderer(model: str, trust_remote_code: bool):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -26,7 +27,10 @@ import pyarrow.compute as pc
 
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
+from vecap.backends.base import EngineFatal
+from vecap.faults import CircuitOpen, FaultPolicy, plan_groups
 from vecap.config import ModelConfig, stable_hash
+from vecap.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ WORK = pa.schema(
         ("vec_source", pa.string()),
         ("fuse_error", pa.string()),
         ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
+        ("caption_quality", pa.string()),  # JSON: vecap.validation's quality columns of the VLM caption
+        ("fuse_quality", pa.string()),  # JSON: the same for the fused caption
         ("engine_starts", pa.int32()),  # set on the first row an engine actor returns
         ("engine_start_s", pa.float64()),
         *[(t, pa.float64()) for t in TIMINGS],
@@ -113,8 +119,12 @@ class Step:
     batch_size: int | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    memory_mb: int = 128  # task steps: the memory they declare to Ray's scheduler
+    memory_mb: int = 256  # task steps: the memory they declare to Ray's scheduler
     concurrency: int | None = None  # task steps: at most this many tasks at once
+    batches_in_flight: int = 1  # actor steps: batches one actor works on at once (async UDFs)
+    max_restarts: int = 20  # actor steps: restarts of one actor (after a fatal engine error)
+    max_task_retries: int = 12  # actor steps: retries of one batch on a restarted actor
+    env: dict[str, str] = field(default_factory=dict)  # actor steps: environment of the actors
 
     def apply(self, ds: Any) -> Any:
         """Append this step to a Ray Data dataset."""
@@ -122,13 +132,27 @@ class Step:
 
         common = {"batch_format": "pyarrow", "batch_size": self.batch_size, "num_cpus": self.num_cpus}
         if self.actors:
-            return ds.map_batches(
-                self.fn,
-                fn_constructor_kwargs=self.kwargs,
-                compute=ray.data.ActorPoolStrategy(size=self.actors),
-                num_gpus=self.num_gpus,
-                **common,
+            import warnings
+
+            compute = ray.data.ActorPoolStrategy(
+                size=self.actors,
+                max_concurrent_calls_per_actor=self.batches_in_flight,
+                max_tasks_in_flight_per_actor=self.batches_in_flight,
             )
+            with warnings.catch_warnings():
+                # Ray 2.60's defaults are unlimited restarts and retries, and the only way to bound
+                # them is these two remote args (deprecated in favour of options Ray has not added yet).
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+                return ds.map_batches(
+                    self.fn,
+                    fn_constructor_kwargs=self.kwargs,
+                    compute=compute,
+                    num_gpus=self.num_gpus,
+                    max_restarts=self.max_restarts,
+                    max_task_retries=self.max_task_retries,
+                    runtime_env={"env_vars": dict(self.env)} if self.env else None,
+                    **common,
+                )
         # Task steps declare memory, engine actors do not: their resources then differ, and
         # Ray Data never fuses a CPU step into an engine actor (it stays off the engine's path).
         return ds.map_batches(
@@ -138,6 +162,16 @@ class Step:
             memory=self.memory_mb * 1024 * 1024,
             **common,
         )
+
+
+def with_json_fields(table: pa.Table, column: str, fields: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """Expand a JSON column of the work rows into typed columns (named as ``fields``)."""
+    import json
+
+    values = [json.loads(v) if v else {} for v in table[column].to_pylist()]
+    for name, typ in fields:
+        table = table.append_column(name, pa.array([v.get(name) for v in values], typ))
+    return table
 
 
 def select_output(work: pa.Table, schema: pa.Schema, columns: dict[str, str], constants: dict[str, str]) -> pa.Table:
@@ -231,21 +265,31 @@ def params_hash(spec: EngineSpec) -> str:
 
 
 class EngineWorker:
-    """A Ray Data actor UDF that holds one engine for its lifetime.
+    """A Ray Data actor UDF that holds one engine for its lifetime, several batches in flight.
 
-    Subclasses say which rows need the engine (``flag``), how a row becomes a request,
-    and how a generation goes back into the row. Everything else (batching, passing
-    other rows through, timing, error isolation) is here, once, for both model stages.
+    ``__call__`` is a coroutine: the actor runs up to ``max_batches_in_flight`` batches at
+    once and the engine batches continuously across them (it never drains between batches).
+    Subclasses say which rows need the engine (``flag``), how a row becomes a request, and
+    how a generation goes back into the row. Everything else is here, once, for both model
+    stages: passing other rows through, timing, and faults (:mod:`vecap.faults`): a fatal
+    engine error or a hung call makes the actor exit, so Ray restarts it and retries.
     """
 
     flag: ClassVar[str] = ""
     timing: ClassVar[str] = ""
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None) -> None:
         logging.basicConfig(level=logging.WARNING)
+        self.faults = faults or FaultPolicy()
+        self._registry = None
+        if self.faults.registry:
+            import ray
+
+            self._registry = ray.get_actor(self.faults.registry)
         t0 = time.perf_counter()
         self.engine = load_engine(spec)
         self._start_s: float | None = time.perf_counter() - t0
+        self._metrics = EngineMetrics.for_worker(self, spec.backend, self._start_s)  # starts, restarts
 
     def request(self, row: dict[str, Any]) -> Request:
         raise NotImplementedError
@@ -253,20 +297,19 @@ class EngineWorker:
     def apply(self, row: dict[str, Any], gen: Generation) -> None:
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
         todo = [r for r in rows if r.get(self.flag)]
         if todo:
-            requests, ready = [], []
+            ready: dict[str, tuple[dict[str, Any], Request]] = {}
             for r in todo:
                 try:
-                    requests.append(self.request(r))
-                    ready.append(r)
+                    ready[r["key"]] = (r, self.request(r))
                 except Exception as err:  # noqa: BLE001 - a bad row is a row status
                     self.apply(r, Generation(text=None, error=f"{type(err).__name__}: {err}"))
-            for r, gen in zip(ready, self.engine.generate(requests)):
-                self.apply(r, gen)
+            with self._metrics.batch(len(ready), self.engine):  # batches in flight, engine statistics
+                await self._run(ready)
             for r in todo:
                 r[self.flag] = False
         if self._start_s is not None and rows:
@@ -274,3 +317,46 @@ class EngineWorker:
             rows[0]["engine_start_s"] = (rows[0].get("engine_start_s") or 0.0) + self._start_s
             self._start_s = None
         return with_time(work_table(rows), self.timing, time.perf_counter() - t0)
+
+    async def _run(self, ready: dict[str, tuple[dict[str, Any], Request]]) -> None:
+        """Call the engine on the batch's requests, isolating inputs that killed it before."""
+        import asyncio
+
+        keys = list(ready)
+        counts = await self._ask("counts", keys) if self._registry is not None else {}
+        if self._registry is not None and (state := await self._ask("state")) and state["tripped"]:
+            raise CircuitOpen(state["tripped"])
+        crashed, groups = plan_groups(keys, counts or {})
+        for k in crashed:
+            self.apply(ready[k][0], Generation(text=None, error="engine_crash: this sample made the engine process exit"))
+            ready[k][0]["status"] = schemas.ENGINE_CRASH
+        if crashed:
+            await self._ask("isolate", crashed)
+        for group in groups:
+            await self._ask("begin", group)
+            if set(group) & set(self.faults.exit_keys):
+                log.error("fault injection: engine process exits on %s", sorted(set(group) & set(self.faults.exit_keys)))
+                os._exit(1)
+            try:
+                future = self.engine.submit([ready[k][1] for k in group])
+                gens = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.faults.call_timeout_s)
+            except (EngineFatal, asyncio.TimeoutError) as err:
+                await self._fatal(f"{type(err).__name__}: {err}"[:300] or type(err).__name__)
+                raise  # not reached: the actor has exited
+            for k, gen in zip(group, gens):
+                self.apply(ready[k][0], gen)
+            await self._ask("end", group)
+
+    async def _ask(self, method: str, *args: Any) -> Any:
+        if self._registry is None:
+            return None
+        return await getattr(self._registry, method).remote(*args)
+
+    async def _fatal(self, message: str) -> None:
+        """The engine failed: stop the run if the breaker trips, else exit for a restart."""
+        tripped = await self._ask("fatal", message)
+        if tripped:
+            raise CircuitOpen(tripped)
+        log.error("engine failed (%s): exiting so that Ray restarts this actor and retries its batches", message)
+        logging.shutdown()
+        os._exit(1)

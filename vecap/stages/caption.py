@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request
-from vecap.config import CaptionConfig
+from vecap.config import CaptionChecks, CaptionConfig, stable_hash
+from vecap.faults import FaultPolicy
 from vecap.images import ImageRejected, prepare_image
 from vecap.prompts import Prompt, load_prompt
 from vecap.reader import ShardReader
@@ -30,10 +31,12 @@ from vecap.stages.base import (
     params_hash,
     seed_for,
     select_output,
+    with_json_fields,
     with_time,
     work_table,
 )
 from vecap.storage import Storage
+from vecap.validation import check_caption
 
 STAGE = "caption"
 
@@ -99,6 +102,8 @@ def read_image_rows(
         "truncated": reader.report.truncated,
         "read_error": reader.report.error,
         "missing_txt": reader.report.missing_txt,
+        "parquet_error": reader.report.parquet_error,
+        "io_retries": reader.report.io_retries,
         "dropped_duplicate_keys": dropped,
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
@@ -111,8 +116,8 @@ class CaptionWorker(EngineWorker):
     flag = "needs_caption"
     timing = "t_caption_engine"
 
-    def __init__(self, spec: EngineSpec, prompt: Prompt) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: EngineSpec, prompt: Prompt, faults: FaultPolicy | None = None) -> None:
+        super().__init__(spec, faults)
         self.messages = prompt.messages(image=True)
 
     def request(self, row: dict[str, Any]) -> Request:
@@ -133,17 +138,24 @@ class CaptionWorker(EngineWorker):
             row.update(status=schemas.MODEL_ERROR, error=gen.error)
 
 
-def check_captions(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF (CPU): tidy the VLM's captions; an empty one is a model error of that row."""
+def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) -> pa.Table:
+    """Ray Data UDF (CPU): tidy and validate the VLM's captions (:mod:`vecap.validation`).
+
+    A rejected caption keeps its text for inspection, but its status says it is not used:
+    the fusion then falls back to the alt-text.
+    """
     t0 = time.perf_counter()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r["status"] != schemas.OK or r.get("caption_finish_reason") is None:
             continue
-        text = (r.get("vlm_caption") or "").strip()
-        r["vlm_caption"] = text or None
-        if not text:
-            r.update(status=schemas.MODEL_ERROR, error="empty output")
+        verdict = check_caption(r.get("vlm_caption"), r["caption_finish_reason"], checks, instructions)
+        r["caption_quality"] = json.dumps(verdict.quality)
+        if verdict.reason is None:
+            r["vlm_caption"] = verdict.text
+        else:
+            detail = f": {verdict.detail}" if verdict.detail else ""
+            r.update(status=schemas.CAPTION_REJECTED, error=f"{verdict.reason}{detail}"[:500])
     return with_time(work_table(rows), "t_caption_check", time.perf_counter() - t0)
 
 
@@ -153,28 +165,37 @@ class CaptionStage(Stage):
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
 
-    def __init__(self, cfg: CaptionConfig, run_seed: int) -> None:
+    def __init__(self, cfg: CaptionConfig, run_seed: int, faults: FaultPolicy | None = None) -> None:
         self.cfg = cfg
+        self.faults = faults or FaultPolicy()
         self.spec = engine_spec(cfg, multimodal=True)
         self.prompt = load_prompt(STAGE, cfg.prompt)
         self.read_options = ImageReadOptions(cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed)
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.provenance.columns()
+        # Validation thresholds change statuses and fallbacks: they are part of what must match.
+        return {**self.provenance.columns(), "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json"))}
 
     def steps(self) -> list[Step]:
         c = self.cfg
         return [
             Step(
-                "caption", CaptionWorker, {"spec": self.spec, "prompt": self.prompt},
+                "caption", CaptionWorker, {"spec": self.spec, "prompt": self.prompt, "faults": self.faults},
                 inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
                 actors=c.actors, batch_size=c.batch_size, num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor,
+                batches_in_flight=c.max_batches_in_flight, env=dict(c.env),
+                max_restarts=self.faults.max_restarts, max_task_retries=self.faults.max_task_retries,
             ),
-            Step("caption-check", check_captions, inputs=("vlm_caption", "caption_finish_reason"), num_cpus=0.25),
+            Step(
+                "caption-check", check_captions,
+                {"checks": c.validation, "instructions": (self.prompt.system or "") + "\n" + self.prompt.template},
+                inputs=("vlm_caption", "caption_finish_reason"), num_cpus=0.25,
+            ),
         ]
 
     def output_table(self, work: pa.Table) -> pa.Table:
+        work = with_json_fields(work, "caption_quality", schemas.QUALITY_CAPTION)
         return select_output(
             work,
             self.schema,
@@ -182,6 +203,7 @@ class CaptionStage(Stage):
                 "key": "key", "shard": "shard", "status": "status", "error": "error", "vlm_caption": "vlm_caption",
                 "finish_reason": "caption_finish_reason", "n_prompt_tokens": "caption_n_prompt_tokens",
                 "n_output_tokens": "caption_n_output_tokens", "seed": "caption_seed",
+                **{name: name for name, _ in schemas.QUALITY_CAPTION},
             },
             self.provenance.columns(),
         )

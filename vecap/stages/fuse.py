@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from vecap import fusion, schemas
 from vecap.backends import Generation, Request
-from vecap.config import FuseConfig
+from vecap.config import FuseChecks, FuseConfig, stable_hash
+from vecap.faults import FaultPolicy
 from vecap.layout import Layout
 from vecap.prompts import Prompt, load_prompt
 from vecap.reader import read_alt_texts
@@ -31,12 +32,15 @@ from vecap.stages.base import (
     params_hash,
     seed_for,
     select_output,
+    with_json_fields,
     with_time,
     work_table,
 )
 from vecap.storage import Storage
+from vecap.validation import check_fused
 
 STAGE = "fuse"
+INFRA_REASONS = frozenset({"model_error", "engine_crash", "caption_failed"})
 
 
 def read_caption_rows(
@@ -88,7 +92,10 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
             continue
         r["fuse_seed"] = seed_for(run_seed, STAGE, r["key"])
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
-        vlm = (r.get("vlm_caption") or "").strip()
+        if r["status"] in schemas.RETRYABLE:  # the caption engine failed: an infrastructure fallback
+            _set_result(r, fusion.fall_back(alt, "", "caption_failed"), detail=r["status"])
+            continue
+        vlm = (r.get("vlm_caption") or "").strip() if r["status"] == schemas.OK else ""
         settled = fusion.pre_decision(alt, vlm)
         if settled is not None:
             _set_result(r, settled)
@@ -118,12 +125,9 @@ class FuseWorker(EngineWorker):
         )
 
 
-def validate_fused(
-    batch: pa.Table, prompt: Prompt, max_alt_text_words: int, max_caption_words: int, require_entities: bool
-) -> pa.Table:
-    """Ray Data UDF (CPU): accept the LLM's caption or fall back, recording the reason."""
+def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, checks: FuseChecks) -> pa.Table:
+    """Ray Data UDF (CPU): accept the LLM's caption (tidied) or fall back, recording the reason."""
     t0 = time.perf_counter()
-    instructions = instructions_of(prompt)
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r.get("fuse_seed") is None or r.get("vec_source") is not None or r.get("fused_status"):
@@ -131,19 +135,15 @@ def validate_fused(
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
         vlm = (r.get("vlm_caption") or "").strip()
         if r.get("fuse_error"):
-            _set_result(r, fusion.fall_back(alt, vlm, "model_error"), detail=r["fuse_error"])
+            reason = "engine_crash" if r["fuse_error"].startswith("engine_crash") else "model_error"
+            _set_result(r, fusion.fall_back(alt, vlm, reason), detail=r["fuse_error"])
             continue
-        output = fusion.tidy_output(r.get("fuse_output"))
-        reason = fusion.rejection_reason(
-            output,
-            finish_reason=r.get("fuse_finish_reason"),
-            alt_text=alt,
-            vlm_caption=vlm,
-            instructions=instructions,
-            max_words=max_caption_words,
-            require_entities=require_entities,
-        )
-        _set_result(r, fusion.Fused(output, "fused", None) if reason is None else fusion.fall_back(alt, vlm, reason))
+        verdict = check_fused(r.get("fuse_output"), r.get("fuse_finish_reason"), alt, vlm, instructions, checks)
+        r["fuse_quality"] = json.dumps(verdict.quality)
+        if verdict.reason is None:
+            _set_result(r, fusion.Fused(verdict.text, "fused", None))
+        else:
+            _set_result(r, fusion.fall_back(alt, vlm, verdict.reason), detail=verdict.detail)
     return with_time(work_table(rows), "t_fuse_check", time.perf_counter() - t0)
 
 
@@ -160,15 +160,17 @@ class FuseStage(Stage):
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.FUSED
 
-    def __init__(self, cfg: FuseConfig, run_seed: int) -> None:
+    def __init__(self, cfg: FuseConfig, run_seed: int, faults: FaultPolicy | None = None) -> None:
         self.cfg = cfg
+        self.faults = faults or FaultPolicy()
         self.run_seed = run_seed
         self.spec = engine_spec(cfg, multimodal=False)
         self.prompt = load_prompt(STAGE, cfg.prompt)
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.provenance.columns()
+        # Validation thresholds change statuses and fallbacks: they are part of what must match.
+        return {**self.provenance.columns(), "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json"))}
 
     def steps(self) -> list[Step]:
         f = self.cfg
@@ -179,15 +181,15 @@ class FuseStage(Stage):
                 inputs=("alt_text", "vlm_caption", "status"), num_cpus=0.25,
             ),
             Step(
-                "fuse", FuseWorker, {"spec": self.spec}, inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
+                "fuse", FuseWorker, {"spec": self.spec, "faults": self.faults},
+                inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
                 actors=f.actors, batch_size=f.batch_size, num_cpus=f.cpus_per_actor, num_gpus=f.gpus_per_actor,
+                batches_in_flight=f.max_batches_in_flight, env=dict(f.env),
+                max_restarts=self.faults.max_restarts, max_task_retries=self.faults.max_task_retries,
             ),
             Step(
                 "fuse-check", validate_fused,
-                {
-                    "prompt": self.prompt, "max_alt_text_words": f.max_alt_text_words,
-                    "max_caption_words": f.max_caption_words, "require_entities": f.require_entities,
-                },
+                {"instructions": instructions_of(self.prompt), "max_alt_text_words": f.max_alt_text_words, "checks": f.validation},
                 inputs=("fuse_output", "fuse_finish_reason", "fuse_error", "alt_text", "vlm_caption"), num_cpus=0.25,
             ),
         ]
@@ -199,6 +201,7 @@ class FuseStage(Stage):
             for s, e, fe in zip(*(work[c].to_pylist() for c in ("fused_status", "error", "fuse_error")))
         ]
         work = work.append_column("fused_error", pa.array(error, pa.string()))
+        work = with_json_fields(work, "fuse_quality", schemas.QUALITY_FUSE)
         return select_output(
             work,
             self.schema,
@@ -207,6 +210,7 @@ class FuseStage(Stage):
                 "alt_text": "alt_text", "vlm_caption": "vlm_caption", "vec_caption": "vec_caption",
                 "vec_source": "vec_source", "finish_reason": "fuse_finish_reason",
                 "n_prompt_tokens": "fuse_n_prompt_tokens", "n_output_tokens": "fuse_n_output_tokens", "seed": "fuse_seed",
+                **{name: name for name, _ in schemas.QUALITY_FUSE},
             },
             self.provenance.columns(),
         )
@@ -214,6 +218,8 @@ class FuseStage(Stage):
     def stats(self, table: pa.Table) -> dict[str, Any]:
         out = super().stats(table)
         out["fallbacks"] = fallback_counts(table)
+        # Fallbacks caused by the infrastructure, not by the model's output: never silent.
+        out["infra_fallbacks"] = {k: v for k, v in out["fallbacks"].items() if k in INFRA_REASONS}
         out["vec_sources"] = dict(Counter(s for s in table["vec_source"].to_pylist() if s))
         return out
 

@@ -1,0 +1,184 @@
+"""Engine and storage faults, with real processes: recovered, or failed loudly; never silent fallbacks.
+
+- SIGKILL of a caption engine actor's process mid-run: Ray restarts it, the output equals an
+  uninterrupted run's.
+- SIGKILL of the vLLM engine-core child process (multiprocessing on) of the caption and of the
+  fuse actor: the actor exits, Ray restarts it, the output equals an uninterrupted run's.
+- An input that makes the engine process exit every time: only that key is ``engine_crash``.
+- A flaky storage layer (OSError on a share of reads and writes): the same output as a clean run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from helpers import stage_output
+
+from vecap import schemas
+from vecap.backends.base import ChatEngine, EngineFatal, Generation, is_fatal
+from vecap.faults import FaultRegistry, plan_groups
+from vecap.pipeline import run
+
+SHARDS = ["00000", "00099"]
+
+
+# --- the pieces, alone ------------------------------------------------------------------------
+def test_plan_groups_bisects_keys_that_crashed_twice():
+    keys = [f"k{i}" for i in range(8)]
+    assert plan_groups(keys, {}) == ([], [keys])
+    once = {k: (1, False) for k in keys}
+    assert plan_groups(keys, once) == ([], [keys])  # one crash may be anything: retry as is
+    twice = {k: (2, False) for k in keys}
+    assert plan_groups(keys, twice) == ([], [keys[:4], keys[4:]])
+    mixed = {"k1": (3, False), "k2": (3, False), "k5": (1, True)}
+    assert plan_groups(keys, mixed) == (["k5"], [["k0", "k3", "k4", "k6", "k7"], ["k1"], ["k2"]])
+
+
+def test_registry_counts_open_calls_and_trips_the_breaker():
+    reg = FaultRegistry(max_consecutive_fatal=3)
+    reg.begin(["a", "b"])
+    assert reg.counts(["a", "b", "c"]) == {"a": (1, False), "b": (1, False)}
+    reg.end(["a", "b"])
+    assert reg.counts(["a"]) == {}
+    reg.begin(["a"])
+    assert reg.counts(["a"]) == {"a": (1, True)}  # a call of one sample that never ended
+    assert reg.fatal("x") is None and reg.fatal("x") is None
+    reg.end(["z"])  # a success resets the count
+    assert reg.fatal("x") is None and reg.fatal("y") is None
+    assert "3 fatal engine errors in a row" in reg.fatal("boom")
+
+
+class _Scripted(ChatEngine):
+    """Fails the requests whose text says so; counts engine calls."""
+
+    def __init__(self, error: Exception) -> None:
+        from vecap.backends import EngineSpec
+
+        super().__init__(EngineSpec(backend="scripted", model="scripted"))
+        self.error, self.calls = error, 0
+
+    def _generate(self, requests):
+        self.calls += 1
+        if any("bad" in r.messages for r in requests):
+            raise self.error
+        return [Generation(text="ok", finish_reason="stop") for _ in requests]
+
+
+def test_a_bad_request_is_isolated_by_bisection_and_a_dead_engine_is_fatal():
+    from vecap.backends import Request
+
+    requests = [Request(messages=["bad" if i == 5 else "good"], seed=i) for i in range(16)]
+    engine = _Scripted(ValueError("prompt too long"))
+    out = engine.generate(requests)
+    assert [g.error is not None for g in out] == [i == 5 for i in range(16)]
+    assert engine.calls <= 2 * 4 + 1  # log2(16) levels, not 16 calls
+    dead = _Scripted(type("EngineDeadError", (RuntimeError,), {})("engine core died"))
+    with pytest.raises(EngineFatal):
+        dead.generate(requests)
+    assert is_fatal(ConnectionError("refused")) and not is_fatal(ValueError("bad prompt"))
+
+
+# --- real faults -----------------------------------------------------------------------------
+def _descendants(name: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if name in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _kill_when(root, find, sig=signal.SIGKILL, after_parts: int = 1, timeout_s: float = 600) -> threading.Thread:
+    """In the background: once the run has written ``after_parts`` part or marker files, SIGKILL
+    the first process ``find()`` returns (a real kill, mid-run)."""
+    killed: list[int] = []
+
+    def work() -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            written = list(root.glob("*/_parts/*/*.parquet")) + list(root.glob("*/_done/*.json"))
+            procs = find()
+            if len(written) >= after_parts and procs:
+                procs[0].send_signal(sig)
+                killed.append(procs[0].pid)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.killed = killed  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def _same_as(reference, root, steps=("caption",), shards=SHARDS) -> None:
+    for step in steps:
+        for shard in shards:
+            a, b = stage_output(root, step).read_table(shard), stage_output(reference, step).read_table(shard)
+            assert a.equals(b), (step, shard)
+
+
+def test_sigkill_of_the_caption_actor_mid_run_changes_nothing(make_root, demo_config, pipeline_root):
+    root = make_root()
+    killer = _kill_when(root, lambda: _descendants("MapBatches(CaptionWorker)"))
+    run(demo_config(root, "caption.batch_size=4"), ["caption"], shards=SHARDS, progress=False)
+    killer.join(timeout=5)
+    assert killer.killed, "the actor was never killed"
+    _same_as(pipeline_root, root)
+
+
+def test_sigkill_of_the_engine_core_child_of_caption_and_fuse_actors(make_root, demo_config, pipeline_root):
+    """vLLM's default: the engine core in its own process. Killing it makes the actor's engine
+    dead; the actor exits, Ray restarts it, and the batch is redone: nothing is lost or degraded."""
+    root = make_root()
+    mp = '{"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}'
+
+    def engine_core(worker: str):
+        return lambda: [c for p in _descendants(worker) for c in p.children(recursive=True)]
+
+    cap_killer = _kill_when(root, engine_core("MapBatches(CaptionWorker)"))
+    fuse_killer = _kill_when(root, engine_core("MapBatches(FuseWorker)"), after_parts=2)
+    result = run(
+        demo_config(root, f"caption.env={mp}", f"fuse.env={mp}", "caption.batch_size=4", "fuse.batch_size=4"),
+        ["caption", "fuse"], shards=SHARDS, progress=False,
+    )
+    for k in (cap_killer, fuse_killer):
+        k.join(timeout=5)
+        assert k.killed, "an engine core was never killed"
+    _same_as(pipeline_root, root, steps=("caption", "fuse"))
+    assert not result.tallies["fuse"].fallbacks.get("model_error") and not result.failed
+
+
+def test_an_input_that_kills_the_engine_is_isolated(make_root, demo_config):
+    root = make_root()
+    keys = sorted(r.key for r in __import__("vecap.reader", fromlist=["ShardReader"]).ShardReader(str(root / "images"), "00000"))
+    victim = keys[len(keys) // 2]
+    cfg = demo_config(root, "caption.batch_size=4", f"caption.fault_exit_keys=['{victim}']")
+    run(cfg, ["caption"], shards=["00000"], progress=False)
+    rows = {r["key"]: r for r in stage_output(root, "caption").read_table("00000").to_pylist()}
+    assert rows[victim]["status"] == schemas.ENGINE_CRASH and rows[victim]["error"].startswith("engine_crash")
+    others = [r for k, r in rows.items() if k != victim and r["status"] not in schemas.IMAGE_FAILURES]
+    assert others and all(r["status"] in (schemas.OK, schemas.CAPTION_REJECTED) for r in others)
+    assert all(r["n_output_tokens"] for r in others)  # every other sample was captioned
+
+
+def test_flaky_storage_gives_the_same_output_as_a_clean_run(sample_images, tmp_path, demo_config, pipeline_root):
+    from vecap.demo.flaky import register
+
+    register()
+    root = tmp_path / "flaky"
+    shutil.copytree(sample_images, root / "images")
+    cfg = demo_config(f"flaky://{root}")
+    cfg.storage_options = {"fail_rate": 0.02, "seed": 7}
+    result = run(cfg, shards=SHARDS, progress=False)
+    assert not result.failed
+    _same_as(pipeline_root, root, steps=("caption", "fuse", "write"))
+    for shard in SHARDS:
+        assert (root / "clip" / f"{shard}.tar").read_bytes() == (pipeline_root / "clip" / f"{shard}.tar").read_bytes()

@@ -1,0 +1,116 @@
+"""Engine faults shared by every engine actor of a run: poison inputs and the circuit breaker.
+
+A fatal engine error (dead engine process, device error, hung call) makes the actor exit,
+so that Ray restarts it and retries its batches. Two things need memory across those
+restarts, kept by one small Ray actor per run (:class:`FaultRegistry`):
+
+- **Poison inputs.** Before each engine call the actor records the call's keys as open;
+  after it returns, closes them. Keys still open when their batch comes back belong to a
+  call that killed its actor. A batch that killed its actor twice is split in halves,
+  then halves of the half that kills again, until one sample alone kills it: that sample
+  gets the status ``engine_crash`` and the run goes on.
+- **Circuit breaker.** After ``max_consecutive_fatal`` fatal errors with no successful call
+  between them, the registry trips: engine actors stop with an error that fails the run
+  with a clear message (committed shards are kept) instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CircuitOpen(RuntimeError):
+    """Too many fatal engine errors in a row: the run stops."""
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """How an engine actor handles faults; from the recipe's ``faults`` section and stage section."""
+
+    registry: str | None = None  # name of the run's FaultRegistry actor (None: no isolation)
+    call_timeout_s: float = 600.0  # one engine call longer than this is a hung engine
+    exit_keys: tuple[str, ...] = ()  # fault injection (tests): the engine process exits on these keys
+    max_restarts: int = 20  # restarts of one engine actor
+    max_task_retries: int = 12  # retries of one batch on restarted actors (poison isolation needs ~log2(batch)+3)
+
+
+class FaultRegistry:
+    """Open engine calls by key, and consecutive fatal errors (a Ray actor, one per run)."""
+
+    def __init__(self, max_consecutive_fatal: int) -> None:
+        self.max_consecutive_fatal = max_consecutive_fatal
+        self.open: dict[str, int] = {}  # key → calls containing it that began and never ended
+        self.open_alone: set[str] = set()  # keys whose call of one sample began and never ended
+        self.consecutive_fatal = 0
+        self.fatal_total = 0
+        self.isolated: list[str] = []
+        self.tripped: str | None = None
+
+    def counts(self, keys: list[str]) -> dict[str, tuple[int, bool]]:
+        return {k: (self.open.get(k, 0), k in self.open_alone) for k in keys if k in self.open}
+
+    def begin(self, keys: list[str]) -> None:
+        for k in keys:
+            self.open[k] = self.open.get(k, 0) + 1
+        if len(keys) == 1:
+            self.open_alone.add(keys[0])
+
+    def end(self, keys: list[str]) -> None:
+        for k in keys:
+            self.open.pop(k, None)
+            self.open_alone.discard(k)
+        self.consecutive_fatal = 0
+
+    def isolate(self, keys: list[str]) -> None:
+        """These samples killed the engine alone: they become ``engine_crash`` rows."""
+        self.isolated.extend(keys)
+        self.end(keys)
+
+    def fatal(self, message: str) -> str | None:
+        """Count a fatal error; returns the breaker's message once it has tripped."""
+        self.consecutive_fatal += 1
+        self.fatal_total += 1
+        if self.consecutive_fatal >= self.max_consecutive_fatal and self.tripped is None:
+            self.tripped = (
+                f"{self.consecutive_fatal} fatal engine errors in a row (last: {message}); "
+                "stopping the run (committed shards are kept). Fix the engine or the recipe, then rerun."
+            )
+        return self.tripped
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "tripped": self.tripped,
+            "fatal_total": self.fatal_total,
+            "isolated": list(self.isolated),
+            "open_keys": len(self.open),
+        }
+
+
+def plan_groups(keys: list[str], counts: dict[str, tuple[int, bool]]) -> tuple[list[str], list[list[str]]]:
+    """Split one batch's keys into engine calls, given the open counts of earlier attempts.
+
+    Returns (keys that killed the engine alone → ``engine_crash``, groups to call in order):
+    keys never in a crashed call go together; keys in two or more crashed calls are split
+    in halves, so each retry halves the group that holds the poison.
+    """
+    crashed_alone = [k for k in keys if counts.get(k, (0, False))[1]]
+    suspects = [k for k in keys if counts.get(k, (0, False))[0] >= 2 and k not in crashed_alone]
+    clean = [k for k in keys if k not in set(crashed_alone) | set(suspects)]
+    groups = [clean] if clean else []
+    if suspects:
+        half = (len(suspects) + 1) // 2
+        groups += [suspects[:half], suspects[half:]] if len(suspects) > 1 else [suspects]
+    return crashed_alone, [g for g in groups if g]
+
+
+def start_registry(run_id: str, max_consecutive_fatal: int) -> tuple[Any, str]:
+    """The run's registry actor (0 CPUs); returns its handle (keep it alive) and its name."""
+    import ray
+
+    name = f"vecap-faults-{run_id}"
+    handle = ray.remote(num_cpus=0, max_restarts=0)(FaultRegistry).options(name=name).remote(max_consecutive_fatal)
+    return handle, name
