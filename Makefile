@@ -59,7 +59,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
-	$(VECAP) bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf data/sample models .cache bench/results

@@ -14,18 +14,19 @@ For LLaVA-1.5-7B that is about 9 TFLOP per 336 px image; for an 8B model about 4
 per fusion of 250 input + 60 output tokens; at the H200's ~790 TFLOP/s the ceilings are
 about 88 images/s and 180 fusions/s per GPU.
 
-The tokenizer is vecap's tiny offline BPE (``vecap.tiny_models``), padded with dummy tokens
+The tokenizer is vecap's tiny offline BPE (``vecap.demo.tiny_models``), padded with dummy tokens
 to each model's vocabulary size, so every sampled id decodes. Prompts are sized in its
 tokens: the caption prompt plus 576 image tokens, and fuse prompts of ~250 tokens (a shared
 instruction prefix, as vecap's fuse prompt has, then the per-sample text).
 
 ``--reduced`` runs the same code on a CPU with tiny configurations and a few requests, so
 CI keeps the script working (its figures mean nothing). Each model runs in a child process
-(so GPU memory is freed between them). Output: one JSON document (``--out``, and the last
-line of stdout).
+(so GPU memory is freed between them). Timing, medians over repetitions and the results
+files come from the bench's one harness (:mod:`bench.harness`). Output: ``--out`` (JSON)
+and the same name with ``.md``, and the JSON again as the last line of stdout.
 
-    python bench/gpu_bench.py                     # GPU: both models, ~4 minutes on an H200
-    python bench/gpu_bench.py --reduced --out x.json
+    python -m bench.gpu                           # GPU: both models, ~4 minutes on an H200
+    python -m bench.gpu --reduced --out x.json
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # vecap, when the repo is not pip-installed
+    sys.path.insert(0, str(REPO))  # bench (and vecap, when not pip-installed) when run as a file
+
+from bench.harness import Harness, Target, median, timed  # noqa: E402
 
 PEAK_TFLOPS_H200 = 790.0  # dense bf16
 NOMINAL = {"caption": 9.0, "fuse": 4.4}  # TFLOP per request, the round figures quoted above
@@ -166,7 +169,7 @@ def flops_per_request(config: dict[str, Any], prompt_tokens: float, output_token
 # ------------------------------------------------------------------------------ model folders
 def _padded_tokenizer(vocab_size: int):
     """vecap's tiny BPE, padded with dummy tokens to ``vocab_size`` so that any sampled id decodes."""
-    from vecap.tiny_models import VOCAB_SIZE, build_tokenizer
+    from vecap.demo.tiny_models import VOCAB_SIZE, build_tokenizer
 
     tok = build_tokenizer(VOCAB_SIZE)
     n = vocab_size - len(tok)
@@ -180,7 +183,7 @@ def _padded_tokenizer(vocab_size: int):
 
 def write_model(folder: Path, config: dict[str, Any]) -> Path:
     """config.json + tokenizer (+ image processor for LLaVA); the weights come from load_format=dummy."""
-    from vecap.tiny_models import CHAT_TEMPLATE, IMAGE
+    from vecap.demo.tiny_models import CHAT_TEMPLATE, IMAGE
 
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(config))
@@ -224,7 +227,7 @@ def caption_requests(n: int, image_size: int) -> list:
 def fuse_requests(n: int, tokenizer, target_tokens: int = 250, prefix_tokens: int = 150) -> list:
     """Chat requests of ~target_tokens tokens: a shared instruction prefix, then per-sample text."""
     from vecap.backends import Request
-    from vecap.tiny_models import training_sentences
+    from vecap.demo.tiny_models import training_sentences
 
     sentences = training_sentences(4000, seed=1)
 
@@ -270,29 +273,25 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
                       dtype="bfloat16" if gpu else "float32", engine_kwargs=engine_kwargs)
     n = args.caption_requests if stage == "caption" else args.fuse_requests
     batch = args.caption_batch if stage == "caption" else args.fuse_batch
+    reps = args.reps
     if args.reduced:
-        n, batch = min(n, 8), min(batch, 4)
-    t0 = time.perf_counter()
-    engine = load_engine(spec)
-    startup = time.perf_counter() - t0
+        n, batch, reps = min(n, 8), min(batch, 4), 1
+    startup, engine = timed(lambda: load_engine(spec))
     if stage == "caption":
         requests = caption_requests(n + batch, config["vision_config"]["image_size"])
     else:
         from transformers import AutoTokenizer
 
         requests = fuse_requests(n + batch, AutoTokenizer.from_pretrained(folder))
+    from bench.engines import run_batches
+
     warm, requests = requests[:batch], requests[batch:]  # warm-up on other inputs (no cache hits)
-    t0 = time.perf_counter()
-    engine.generate(warm)
-    warm_s = time.perf_counter() - t0
-    outs = []
-    t0 = time.perf_counter()
-    for i in range(0, len(requests), batch):
-        outs += engine.generate(requests[i : i + batch])
-    seconds = time.perf_counter() - t0
-    errors = [g.error for g in outs if g.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    warm_s, _ = timed(lambda: engine.generate(warm))
+    # Repetitions of the same requests, caches emptied before each (run_batches), median time.
+    harness = Harness({stage: args.budget_s}, reps=reps)
+    passes = [run_batches(engine, requests, batch) for _ in harness.repetitions(stage)]
+    seconds = median(t for t, _ in passes)
+    outs = passes[0][1]
     prompt = sum(g.n_prompt_tokens or 0 for g in outs) / len(outs)
     output = sum(g.n_output_tokens or 0 for g in outs) / len(outs)
     tflop = flops_per_request(config, prompt, output) / 1e12
@@ -305,6 +304,8 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
         "dtype": spec.dtype,
         "requests": len(outs),
         "batch_size": batch,
+        "reps": len(passes),
+        "seconds_per_rep": [t for t, _ in passes],
         "engine_startup_s": startup,
         "warmup_s": warm_s,
         "seconds": seconds,
@@ -325,7 +326,8 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="tiny configs on the CPU, a few requests (CI)")
-    p.add_argument("--out", default=None, help="write the JSON result here too")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"),
+                   help="JSON results (and the same name with .md) (default: %(default)s)")
     p.add_argument("--stages", default="caption,fuse")
     p.add_argument("--caption-requests", type=int, default=1024)
     p.add_argument("--fuse-requests", type=int, default=2048)
@@ -333,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-batch", type=int, default=512)
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H200, help="dense bf16 TFLOP/s of one GPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--reps", type=int, default=3, help="passes over the requests per model (median; 1 with --reduced)")
+    p.add_argument("--budget-s", type=float, default=150.0, help="seconds per model after which no new pass starts")
     p.add_argument("--work", default=None, help="folder for the model folders (default: a temporary one)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process: run this one stage
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -343,7 +347,7 @@ def _env(reduced: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    if reduced:  # what vLLM on a CPU needs (see pipelines/demo.yaml)
+    if reduced:  # what vLLM on a CPU needs (as the packaged demo recipe sets)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -355,35 +359,47 @@ def main(argv: list[str] | None = None) -> int:
         result = run_stage(args.stage, args)
         Path(args.child_out).write_text(json.dumps(result))
         return 0
-    t0 = time.time()
+    stages = [s for s in args.stages.split(",") if s]
+    harness = Harness({s: args.budget_s for s in stages}, reps=1 if args.reduced else args.reps, quick=args.reduced)
     with tempfile.TemporaryDirectory(prefix="vecap-gpu-bench-") as tmp:
         work = args.work or tmp
-        results: dict[str, Any] = {"mode": "reduced" if args.reduced else "full", "peak_tflops": args.peak_tflops}
-        for stage in [s for s in args.stages.split(",") if s]:
-            child_out = Path(tmp) / f"{stage}.json"
-            cmd = [sys.executable, __file__, "--stage", stage, "--child-out", str(child_out), "--work", work,
-                   "--peak-tflops", str(args.peak_tflops), "--caption-requests", str(args.caption_requests),
-                   "--fuse-requests", str(args.fuse_requests), "--caption-batch", str(args.caption_batch),
-                   "--fuse-batch", str(args.fuse_batch), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-            if args.reduced:
-                cmd.append("--reduced")
-            rc = subprocess.call(cmd)
-            if rc != 0 or not child_out.exists():
-                results[stage] = {"error": f"child process exited with {rc}"}
+        harness.results.update({"mode": "reduced" if args.reduced else "full", "peak_tflops": args.peak_tflops})
+        for stage in stages:
+            harness.section(stage, lambda st=stage: _run_child(st, args, work, Path(tmp)))
+            r = harness.results[stage]
+            if "error" in r:
                 continue
-            results[stage] = json.loads(child_out.read_text())
-            r = results[stage]
+            harness.add("gpu", f"{stage}: per GPU / compute ceiling", f"{r['unit']}: measured ({r['model']}, {r['device']}, "
+                        f"batch {r['batch_size']}, median of {r['reps']}) / peak {args.peak_tflops:.0f} TFLOP/s ÷ "
+                        f"{r['tflop_per_request']:.3g} TFLOP per request", r["per_s"], r["ceiling_per_s"],
+                        None if args.reduced else Target(">=", 0.5))
             print(f"{stage}: {r['per_s']:.2f} {r['unit']} per GPU, ceiling {r['ceiling_per_s']:.1f} "
                   f"({r['tflop_per_request']:.2f} TFLOP/request at {args.peak_tflops:.0f} TFLOP/s): "
                   f"{100 * r['fraction_of_ceiling']:.1f}% of the ceiling; {r['prompt_tokens_mean']:.0f} prompt + "
                   f"{r['output_tokens_mean']:.0f} output tokens, engine start {r['engine_startup_s']:.0f}s", file=sys.stderr)
-        results["seconds"] = time.time() - t0
-    text = json.dumps(results)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(text)
-    return 0 if all("error" not in results[s] for s in args.stages.split(",") if s) else 1
+        harness.results["seconds"] = time.time() - harness.t_start
+    if args.reduced:
+        harness.note("Reduced configs on the CPU: these figures only show that the script runs.")
+    out = Path(args.out)
+    harness.write(out.parent, out.stem, "vecap GPU engines against the compute ceiling")
+    print(json.dumps(json.loads(out.read_text())))  # the last line of stdout: the same JSON
+    return 1 if harness.failed() else 0
+
+
+def _run_child(stage: str, args: argparse.Namespace, work: str, tmp: Path) -> dict[str, Any]:
+    """One model in its own process (GPU memory is freed between models)."""
+    child_out = tmp / f"{stage}.json"
+    cmd = [sys.executable, "-m", "bench.gpu", "--stage", stage, "--child-out", str(child_out), "--work", work,
+           "--peak-tflops", str(args.peak_tflops), "--caption-requests", str(args.caption_requests),
+           "--fuse-requests", str(args.fuse_requests), "--caption-batch", str(args.caption_batch),
+           "--fuse-batch", str(args.fuse_batch), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--reps", str(args.reps), "--budget-s", str(args.budget_s)]
+    if args.reduced:
+        cmd.append("--reduced")
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc != 0 or not child_out.exists():
+        raise RuntimeError(f"child process exited with {rc}")
+    return json.loads(child_out.read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""vecap's benchmarks: side-by-side comparisons on public interfaces, outside the library."""

@@ -1,0 +1,319 @@
+"""Data path / driver section: what the driver and the CPU side cost per sample, with no models.
+
+Each measured run is ``vecap.pipeline.run(cfg, dry_run=True)`` (the no-model backend,
+outputs under ``<root>/_dry_run/``) on the packaged ``gpu`` recipe (what a real run does on
+its CPUs: 336 px images, its batch sizes), with one actor per model stage and four shards
+read at once to suit a small machine. Per configuration (one node, or a head and a worker
+node of ``ray.cluster_utils.Cluster``) a fresh process runs as the driver: it starts Ray,
+does one warm-up run, then the measured runs, so the driver's figures are its own:
+
+- driver CPU: ``resource.getrusage(RUSAGE_SELF)`` around ``run`` (every thread of the driver
+  process: vecap's loop, Ray Data's executor, Ray's core worker), less the sampler's own thread;
+- driver memory: peak RSS of the driver process, sampled every 0.25 s;
+- data path CPU: CPU seconds of the whole Ray process tree (driver, GCS, raylets, workers,
+  actors) over the run, per sample: hence samples/s per core and CPU cores per GPU at
+  50 images/s (a GPU's captioning rate for LLaVA-1.5-7B);
+- per-step seconds per sample from the stages' own markers (``timings``: wall time inside
+  each step, summed over the shard's rows; CPU time when the step has a core to itself).
+
+The inputs are repacked from the generated sample (:mod:`bench.data`): the same samples in
+shards of 100 and in one shard of all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.context import REPO, WORK, Ctx, read_markers, set_env, summed_timings
+from bench.harness import Harness, Target, TreeSampler, alternating, median, timed
+
+log = logging.getLogger("bench")
+
+RECIPE = "gpu"
+OVERRIDES = ["caption.actors=1", "fuse.actors=1", "max_inflight_shards=4"]
+NUM_CPUS = 8  # logical CPUs of the Ray instance, split evenly between the nodes
+OBJECT_STORE_MB = 1024  # split evenly between the nodes
+GPU_IMAGES_PER_S = 50.0
+BEFORE_MS_PER_ROW, BEFORE_MS_PER_SHARD = 0.7, 34.0  # the row-holding driver (issue 10), driver CPU
+STEPS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check", "t_write")
+TWENTY_TIMES_LOWER = Target("<=", 0.05)
+FLAT = Target("<=", 1.3)
+
+
+# --------------------------------------------------------------------------- the child: one driver
+def start_ray(nodes: int, num_cpus: int, object_store_mb: int) -> Any:
+    """A local Ray of ``nodes`` nodes (a head and workers of ``ray.cluster_utils.Cluster`` when > 1)."""
+    import ray
+
+    per_node = {"num_cpus": num_cpus // nodes, "object_store_memory": object_store_mb // nodes * 2**20}
+    if nodes == 1:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **per_node)
+        return None
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**per_node, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(**per_node)
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def measure(root: Path, overrides: list[str], shards: list[str] | None = None) -> dict[str, Any]:
+    """One dry run of the whole pipeline on ``root``, measured from inside the driver process."""
+    import gc
+    import resource
+
+    from vecap import pipeline
+    from vecap.config import load_config
+    from vecap.layout import DRY_RUN_DIR
+
+    shutil.rmtree(root / DRY_RUN_DIR, ignore_errors=True)
+    cfg = load_config(RECIPE, [f"root={root}", *OVERRIDES, *overrides])
+    gc.collect()
+    with TreeSampler(os.getpid(), pss=False, threads=True) as sampler:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        wall, result = timed(lambda: pipeline.run(cfg, dry_run=True, shards=shards, progress=False))
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    s = sampler.result()
+    driver_cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime) - s["sampler_cpu_s"]
+    tree_cpu = s["tree_cpu_s"] - s["sampler_cpu_s"]
+    rows, shards_n = result.tallies["write"].rows, result.tallies["write"].shards
+    stream = summed_timings(read_markers(result.layout, "fuse"))  # the stream's timings ride on every stream stage
+    stream.update(summed_timings(read_markers(result.layout, "write")))
+    return {
+        "samples": rows,
+        "shards": shards_n,
+        "wall_s": wall,
+        "samples_per_s": rows / wall,
+        "driver_cpu_s": driver_cpu,
+        "driver_cpu_ms_per_sample": 1000 * driver_cpu / rows,
+        "driver_cpu_s_per_10k": driver_cpu * 10_000 / rows,
+        "driver_cpu_ms_per_shard": 1000 * driver_cpu / shards_n,
+        "driver_cores": driver_cpu / wall,  # CPU seconds per wall second: the driver's share of one core
+        "driver_rss_start_mib": s["root_rss_start_mib"],
+        "driver_peak_rss_mib": s["root_peak_rss_mib"],
+        "driver_rss_growth_mib": s["root_peak_rss_mib"] - s["root_rss_start_mib"],
+        "driver_threads_cpu_s": {k: v for k, v in s.get("threads_cpu_s", {}).items() if k != "bench-sampler"},
+        # the driver's main thread: vecap's loop, planning, Ray Data's plan and iterator (not its executor thread)
+        "driver_main_ms_per_sample": 1000 * s.get("threads_cpu_s", {}).get("MainThread", 0.0) / rows,
+        "tree_cpu_s": tree_cpu,
+        "tree_peak_rss_sum_mib": s["tree_peak_rss_sum_mib"],
+        "max_processes": s["max_processes"],
+        "cpu_ms_per_sample": 1000 * tree_cpu / rows,
+        "samples_per_s_per_core": rows / tree_cpu if tree_cpu > 0 else None,
+        "cores_per_gpu_at_50": GPU_IMAGES_PER_S * tree_cpu / rows,
+        "steps_ms_per_sample": {k: 1000 * stream.get(k, 0.0) / rows for k in STEPS},
+        "steps_cores_per_gpu_at_50": GPU_IMAGES_PER_S * sum(stream.get(k, 0.0) for k in STEPS) / rows,
+        "engine_starts": stream.get("engine_starts", 0),
+        "sampler_cpu_s": s["sampler_cpu_s"],
+    }
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """The driver process of one configuration: start Ray, warm up, measure each shard size."""
+    import ray
+
+    from vecap.layout import DRY_RUN_DIR
+
+    nodes = int(spec["nodes"])
+    harness = Harness({"driver": spec["deadline"] - time.time()}, reps=int(spec["reps"]))
+    t_ray, cluster = timed(lambda: start_ray(nodes, int(spec["num_cpus"]), int(spec["object_store_mb"])))
+    out: dict[str, Any] = {"nodes": len(ray.nodes()), "ray_start_s": t_ray, "runs": {}}
+    try:
+        warm_root = Path(spec["warmup_root"])
+        out["warmup"] = measure(warm_root, spec.get("overrides", []))
+        shutil.rmtree(warm_root / DRY_RUN_DIR, ignore_errors=True)
+        sizes = [str(s) for s in spec["roots"]]
+        longest = 0.0
+        for rep in harness.repetitions("driver"):
+            for size in alternating(rep, sizes):
+                if longest and not harness.fits("driver", longest):
+                    harness.cut["driver"] = f"shard size {size} not run in repetition {rep} (time budget)"
+                    log.warning("driver, %d node(s): %s", nodes, harness.cut["driver"])
+                    continue
+                root = Path(spec["roots"][size])
+                m = measure(root, spec.get("overrides", []))
+                shutil.rmtree(root / DRY_RUN_DIR, ignore_errors=True)
+                longest = max(longest, m["wall_s"])
+                out["runs"].setdefault(size, []).append(m)
+                log.info("driver, %d node(s), shards of %s: %d samples in %.1fs, driver CPU %.3fs = %.3f ms/sample, "
+                         "peak RSS %.0f MiB; data path %.2f ms CPU/sample", nodes, size, m["samples"], m["wall_s"],
+                         m["driver_cpu_s"], m["driver_cpu_ms_per_sample"], m["driver_peak_rss_mib"], m["cpu_ms_per_sample"])
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+    out["cut_short"] = harness.cut
+    return out
+
+
+# --------------------------------------------------------------------------- the section
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repetitions of every number (dicts of numbers included)."""
+    out: dict[str, Any] = {}
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)):
+            out[k] = median(r[k] for r in runs)
+        elif isinstance(v, dict):
+            out[k] = {kk: median(r[k].get(kk) for r in runs) for kk in v}
+    out["reps"] = len(runs)
+    return out
+
+
+def bench_driver(ctx: Ctx) -> dict[str, Any]:
+    from bench.data import repack
+
+    s, h = ctx.sizes, ctx.harness
+    n = s.driver_samples
+    repack_s, roots = timed(lambda: {size: repack(ctx.images, WORK / "data" / f"driver-{n}-s{size}", n, size).parent
+                                     for size in s.driver_shard_sizes})
+    log.info("driver: inputs of %d samples in shards of %s ready (%.1fs)", n, s.driver_shard_sizes, repack_s)
+    warm = repack(ctx.images, WORK / "data" / "driver-warmup", 20, 20).parent  # starts workers and actors, imports
+    configs: dict[str, Any] = {}
+    for nodes in (1, 2):
+        if nodes > 1 and configs and not h.fits("driver", 0.8 * configs["1"].get("seconds", 0)):
+            h.cut["driver"] = "the two-node runs (time budget)"
+            log.warning("driver: skipping the two-node runs: they would overrun the time budget")
+            break
+        t0 = time.time()
+        try:  # one failed configuration must not hide the other's figures
+            configs[str(nodes)] = _run_child(nodes, roots, warm, s.driver_reps, h.deadline("driver"))
+        except Exception as err:  # noqa: BLE001
+            log.error("driver, %d node(s): %s", nodes, err)
+            configs[str(nodes)] = {"error": f"{type(err).__name__}: {err}"}
+        configs[str(nodes)]["seconds"] = time.time() - t0
+        if configs[str(nodes)].get("cut_short"):
+            h.cut[f"driver, {nodes} node(s)"] = configs[str(nodes)]["cut_short"]["driver"]
+    failed = {nodes: c["error"] for nodes, c in configs.items() if "error" in c}
+    if len(failed) == len(configs):
+        raise RuntimeError("; ".join(f"{nodes} node(s): {err}" for nodes, err in failed.items()))
+    for nodes, err in failed.items():
+        h.note(f"Data path, {nodes} node(s): FAILED — {err.strip().splitlines()[0][:300]}")
+    summary = {nodes: {size: _median_run(runs) for size, runs in c.get("runs", {}).items()} for nodes, c in configs.items()}
+    _report(h, summary, n, s.driver_shard_sizes, quick=h.quick)
+    return {"samples": n, "shard_sizes": list(s.driver_shard_sizes), "repack_s": repack_s, "recipe": RECIPE,
+            "overrides": OVERRIDES, "num_cpus": NUM_CPUS, "summary": summary, "configs": configs}
+
+
+def _run_child(nodes: int, roots: dict[int, Path], warm: Path, reps: int, deadline: float) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="vecap-bench-driver-", dir="/tmp"))
+    spec = {"nodes": nodes, "roots": {str(k): str(v) for k, v in roots.items()}, "warmup_root": str(warm), "reps": reps,
+            "deadline": deadline, "num_cpus": NUM_CPUS, "object_store_mb": OBJECT_STORE_MB, "out": str(tmp / "result.json")}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    log_path = WORK / "runs" / f"driver-{nodes}-nodes.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, RAY_TMPDIR=str(tmp))  # a private Ray temp dir: no ray_current_cluster file left for others
+    timeout = max(120.0, deadline - time.time() + 300)  # a run started within the budget may end after it
+    try:
+        with open(log_path, "w") as logf:
+            rc = subprocess.call([sys.executable, "-m", "bench.driver", "--child", str(tmp / "spec.json")], cwd=REPO, env=env,
+                                 stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+        if rc != 0 or not (tmp / "result.json").exists():
+            tail = log_path.read_text()[-1500:]
+            raise RuntimeError(f"driver child ({nodes} node(s)) exited with {rc}; see {log_path}:\n{tail}")
+        return json.loads((tmp / "result.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report(h: Harness, summary: dict[str, dict[str, dict[str, Any]]], n: int, sizes: tuple[int, ...], quick: bool) -> None:
+    small, large = str(min(sizes)), str(max(sizes))
+    one, two = summary.get("1", {}), summary.get("2", {})
+
+    def get(cfg: dict[str, Any], size: str, key: str) -> float | None:
+        return cfg.get(size, {}).get(key)
+
+    for size in (small, large):
+        before = BEFORE_MS_PER_ROW + BEFORE_MS_PER_SHARD / int(size)
+        h.add("driver", f"driver CPU per sample, shards of {int(size):,} / before", f"ms of driver-process CPU per sample "
+              f"over a whole dry run of {n:,} samples, one node / the row-holding driver's {BEFORE_MS_PER_ROW} ms per row "
+              f"+ {BEFORE_MS_PER_SHARD:.0f} ms per shard", get(one, size, "driver_cpu_ms_per_sample"), before, TWENTY_TIMES_LOWER)
+    h.add("driver", f"driver main thread CPU per sample, shards of {int(small):,}", "ms per sample: the driver's main "
+          "thread only (vecap's loop, Ray Data's planning and iterator; not its executor thread nor Ray's core threads)",
+          get(one, small, "driver_main_ms_per_sample"), None)
+    h.add("driver", "driver CPU per wall second", f"CPU seconds per second of the run (share of one core), one node, "
+          f"shards of {int(large):,} / of {int(small):,}", get(one, large, "driver_cores"), get(one, small, "driver_cores"))
+    extra = (get(one, small, "shards") or 0) - (get(one, large, "shards") or 0)
+    if extra > 0:
+        def per_shard(key: str, scale: float) -> float | None:
+            a, b = get(one, small, key), get(one, large, key)
+            return None if a is None or b is None else scale * (a - b) / extra
+
+        how = (f"from the two one-node runs of the same {n:,} samples: (CPU in shards of {int(small):,} − in shards of "
+               f"{int(large):,}) / {extra} extra shards (the longer run's per-second costs included)")
+        h.add("driver", "driver CPU per extra shard (ms)", how, per_shard("driver_cpu_s", 1000.0), None)
+        h.add("driver", "data path CPU per extra shard (s)", how.replace("CPU in", "Ray process tree CPU in"),
+              per_shard("tree_cpu_s", 1.0), None)
+    h.add("driver", f"driver CPU per sample, shards of {int(large):,} / of {int(small):,}", "ms per sample, one node (flat: "
+          "the driver's cost does not grow with shard size)", get(one, large, "driver_cpu_ms_per_sample"),
+          get(one, small, "driver_cpu_ms_per_sample"), FLAT)
+    h.add("driver", f"driver CPU per sample, 2 nodes / 1 node", f"ms per sample, shards of {int(small):,}",
+          get(two, small, "driver_cpu_ms_per_sample"), get(one, small, "driver_cpu_ms_per_sample"), FLAT)
+    h.add("driver", f"driver peak RSS, shards of {int(large):,} / of {int(small):,}", "MiB, one node",
+          get(one, large, "driver_peak_rss_mib"), get(one, small, "driver_peak_rss_mib"), FLAT)
+    h.add("driver", "driver peak RSS, 2 nodes / 1 node", f"MiB, shards of {int(small):,}",
+          get(two, small, "driver_peak_rss_mib"), get(one, small, "driver_peak_rss_mib"), FLAT)
+    for size in (large, small):
+        h.add("driver", f"data path: samples/s per CPU core, shards of {int(size):,}", "samples / CPU seconds of the whole "
+              "Ray process tree, one node", get(one, size, "samples_per_s_per_core"), None)
+        h.add("driver", f"CPU cores needed per GPU at {GPU_IMAGES_PER_S:.0f} images/s, shards of {int(size):,}",
+              f"{GPU_IMAGES_PER_S:.0f} × CPU seconds per sample of the whole Ray process tree, one node (B: from the "
+              "steps' own timings, wall time inside each step)", get(one, size, "cores_per_gpu_at_50"),
+              get(one, size, "steps_cores_per_gpu_at_50"))
+    runs = []
+    for nodes, by_size in summary.items():
+        for size, m in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            threads = ", ".join(f"{k} {v:.2f}" for k, v in list(m.get("driver_threads_cpu_s", {}).items())[:4] if v)
+            runs.append([nodes, f"{int(size):,}", m["shards"], m["samples"], m["wall_s"], m["samples_per_s"],
+                         m["driver_cpu_s"], m["driver_cpu_ms_per_sample"], m["driver_main_ms_per_sample"],
+                         m["driver_cpu_s_per_10k"], m["driver_cores"],
+                         m["driver_peak_rss_mib"], m["driver_rss_growth_mib"], m["cpu_ms_per_sample"],
+                         m["cores_per_gpu_at_50"], threads])
+    h.table(f"Data path (dry run, {RECIPE} recipe, {n:,} samples per run{', quick sizes' if quick else ''})",
+            ["nodes", "shard size", "shards", "samples", "wall s", "samples/s", "driver CPU s", "driver CPU ms/sample",
+             "main thread ms/sample",
+             "driver CPU s per 10k", "driver cores", "driver peak RSS MiB", "RSS growth MiB", "tree CPU ms/sample",
+             f"cores/GPU @{GPU_IMAGES_PER_S:.0f} img/s", "driver CPU by thread (s)"], runs)
+    steps = []
+    for nodes, by_size in summary.items():
+        for size, m in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            per = m.get("steps_ms_per_sample", {})
+            steps.append([nodes, f"{int(size):,}", *[per.get(k) for k in STEPS], sum(v or 0 for v in per.values())])
+    h.table("Data path steps: ms per sample (the markers' timings: wall time inside each step)",
+            ["nodes", "shard size", *[k[2:] for k in STEPS], "sum"], steps)
+    h.note(f"Data path: each configuration runs in its own driver process (one Ray instance, {NUM_CPUS} logical CPUs split "
+           f"between its nodes, one warm-up run first); `vecap.pipeline.run(cfg, dry_run=True)` with the packaged `{RECIPE}` "
+           f"recipe and {', '.join(OVERRIDES)}. Inputs: the generated sample repacked into {n:,} samples (each image repeated)"
+           + (" — quick sizes: the issue's figures are for 10,000 samples (`python -m bench`)." if quick else "."))
+    h.note("Driver CPU is the driver process's getrusage(RUSAGE_SELF) over the run (every thread: vecap's loop, Ray Data's "
+           "executor, Ray's core worker), less the bench's sampler thread; 'driver cores' is that per wall second. The "
+           "before-figure is issue 10's fit of the row-holding driver: 0.7 ms per row plus 34 ms per shard.")
+    h.note("Cores per GPU: CPU seconds of the whole Ray process tree (driver, GCS, raylets, workers, actors) per sample × 50 "
+           "images/s; it includes Ray's fixed overheads, which weigh more on a small, slow machine. Step timings are wall "
+           "time inside each step: on a shared 2-core machine they include waiting for a core.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one driver configuration of the data-path benchmark (run by `python -m bench`)")
+    p.add_argument("--child", required=True, help="spec JSON written by the bench")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_env()
+    spec = json.loads(Path(args.child).read_text())
+    result = child(spec)
+    Path(spec["out"]).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
