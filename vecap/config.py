@@ -74,6 +74,9 @@ class ModelConfig(_Section):
     max_batches_in_flight: int = Field(4, ge=1)
     # One engine call longer than this is a hung engine: the actor exits and is restarted.
     call_timeout_s: float = Field(600.0, gt=0)
+    # Benchmarks with random weights only: ignore EOS and draw each request's output length in
+    # [lo, hi] from its seed (vllm backend), e.g. [8, 40] for captions, [20, 80] for fusions.
+    synthetic_lengths: tuple[int, int] | None = None
     # Environment of this stage's engine actors only (e.g. VLLM_ENABLE_V1_MULTIPROCESSING).
     env: dict[str, str] = Field(default_factory=dict)
     # Testing only (fault injection): the engine process exits when one of these keys reaches it.

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vecap.config import ConfigError  # a ValueError: a bad URL list is the user's input, `vecap` exits 2
+
 log = logging.getLogger(__name__)
 
 # The one place that says how this pipeline calls img2dataset (sample data and `download`).
@@ -64,14 +66,14 @@ def infer_input_format(url_list: str | Path) -> str:
     if path.is_dir():
         found = {fmt for f in path.iterdir() if f.is_file() and (fmt := _format_of(f.name))}
         if len(found) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot infer the input format of folder {path}: found formats {sorted(found) or 'none'}; "
                 f"pass input_format= (one of {', '.join(INPUT_FORMATS)})"
             )
         return found.pop()
     fmt = _format_of(path.name)
     if fmt is None:
-        raise ValueError(
+        raise ConfigError(
             f"cannot infer the input format of {path} from its extension; "
             f"pass input_format= (one of {', '.join(INPUT_FORMATS)})"
         )
@@ -100,7 +102,7 @@ def _check_columns(url_list: Path, input_format: str, url_col: str, caption_col:
         return
     missing = [c for c in (url_col, caption_col) if c is not None and c not in names]
     if missing:
-        raise ValueError(f"{url_list}: column(s) {missing} not found; columns are {names}")
+        raise ConfigError(f"{url_list}: column(s) {missing} not found; columns are {names}")
 
 
 def resolve_img2dataset_options(**overrides: Any) -> dict[str, Any]:
@@ -148,11 +150,11 @@ def download(
 
     path = Path(url_list)
     if not path.exists():
-        raise ValueError(f"URL list not found: {path}")
+        raise ConfigError(f"URL list not found: {path}")
     if input_format is None:
         input_format = infer_input_format(path)
     elif input_format not in INPUT_FORMATS:
-        raise ValueError(f"unknown input_format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
+        raise ConfigError(f"unknown input_format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     if input_format.startswith("txt"):
         caption_col = None  # a txt list has URLs only
     _check_columns(path, input_format, url_col, caption_col)

@@ -20,15 +20,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vecap import metrics
 from vecap.layout import STAGES, Layout
 from vecap.outputs import StageOutput
-from vecap.stages.base import TIMINGS, Stage
+from vecap.stages.base import CPU_TIMINGS, TIMINGS, Stage
 from vecap.storage import Storage
 
 MANIFEST = pa.schema(
     [("shard", pa.string()), ("n_rows", pa.int64()), ("report", pa.string()), ("timings", pa.string())]
 )
-_COUNTED = (*TIMINGS, "engine_starts", "engine_start_s")
+_COUNTED = (*TIMINGS, *CPU_TIMINGS)
 
 
 def _part_name(keys: list[str]) -> str:
@@ -44,6 +45,9 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
         rows = sub.filter(pc.invert(is_marker))
         reports = sub.filter(is_marker)["report"].to_pylist()
         timings = {c: pc.sum(sub[c]).as_py() or 0 for c in _COUNTED}
+        for stats in sub["engine_stats"].drop_null().to_pylist():
+            for k, v in json.loads(stats).items():
+                timings[k] = timings.get(k, 0) + v
         if rows.num_rows:
             name = _part_name(rows["key"].to_pylist())
             from_captions = "captions" in pc.unique(rows["source"]).to_pylist()
@@ -101,7 +105,8 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
             shard=job.shard,
             fingerprint=stage.fingerprint(),
             read_report={k: v for k, v in job.report.items() if k != "n_rows"},
-            timings={k: round(float(v), 4) for k, v in job.timings.items() if v},
+            timings={k: round(float(v), 4) for k, v in job.timings.items() if v and _is_timing(k)},
+            engine={k: round(float(v), 4) for k, v in job.timings.items() if v and not _is_timing(k)},
             committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         if job.retry_keys is not None:
@@ -115,7 +120,13 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
                     StageOutput(layout, later, storage).invalidate(job.shard)
     if job.write is not None:
         done["write"] = job.write.write_shard(storage, layout, job.shard)  # type: ignore[attr-defined]
+    metrics.record_commit(done)  # counted once the shard is committed: the counters equal the Parquet rows
     return done
+
+
+def _is_timing(name: str) -> bool:
+    """Step timings (``t_*`` wall, ``cpu_*`` CPU seconds) as opposed to engine counters."""
+    return name.startswith(("t_", "cpu_"))
 
 
 def sum_timings(into: Counter, timings_json: str) -> None:

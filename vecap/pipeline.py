@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vecap import metrics
 from vecap.config import ConfigError, PipelineConfig
 from vecap.finalize import ShardJob, finalize_shard, sum_timings, write_parts
 from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
 from vecap.outputs import StageOutput, check_layout, write_sizes
 from vecap.reader import list_shards
+from vecap.runlog import driver_log, file_only, worker_runtime_env
 from vecap.stages.base import Stage
 from vecap.storage import Storage, is_uri
 
@@ -122,10 +124,10 @@ def init_ray(cfg: PipelineConfig) -> str:
     else:
         env = {k: str(v) for k, v in cfg.ray.env.items()}
         os.environ.update(env)
-        runtime_env = {"env_vars": env} if env else None
+        runtime_env = worker_runtime_env({"env_vars": env} if env else None)  # + each worker's log file
         address = ray_address(cfg)
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.ray.log_to_driver)
             where = f"the Ray cluster at {address}"
         else:
             # address="local": never attach to a cluster started (or crashed) on this machine.
@@ -133,11 +135,16 @@ def init_ray(cfg: PipelineConfig) -> str:
                 address="local",
                 num_cpus=cfg.ray.num_cpus,
                 object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
-                include_dashboard=False,
+                include_dashboard=cfg.ray.dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=cfg.ray.dashboard_port,
+                _metrics_export_port=cfg.ray.metrics_export_port,
                 runtime_env=runtime_env,
-                log_to_driver=True,
+                log_to_driver=cfg.ray.log_to_driver,
             )
             where = f"a new local Ray ({cfg.ray.num_cpus} logical CPUs)"
+    if cfg.ray.dashboard or cfg.ray.metrics_export_port:
+        log.info("%s", metrics.endpoints_line())
     res = ray.cluster_resources()
     where += f": {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs, {len(ray.nodes())} node(s)"
     from ray.data import DataContext
@@ -146,20 +153,32 @@ def init_ray(cfg: PipelineConfig) -> str:
     ctx.enable_progress_bars = False  # the driver shows one bar over samples with rate and ETA
     ctx.execution_options.preserve_order = False
     ctx.print_on_execution_start = False
+    # An engine actor whose start-up fails (a hub rate limit, a node without the weights yet) is
+    # retried a bounded number of times instead of failing the whole job.
+    ctx.actor_init_retry_on_errors = cfg.faults.actor_start_retries > 0
+    ctx.actor_init_max_retries = cfg.faults.actor_start_retries
     return where
 
 
 # --- stages and fingerprints --------------------------------------------------------------
-def build_stages(cfg: PipelineConfig, steps: Sequence[str]) -> dict[str, Stage]:
+def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None = None) -> dict[str, Stage]:
+    """The stages of a recipe; ``registry`` names the run's fault registry actor (vecap.faults)."""
+    from vecap.faults import FaultPolicy
     from vecap.stages.caption import CaptionStage
     from vecap.stages.fuse import FuseStage
     from vecap.stages.write import WriteStage
 
+    def faults(section: Any) -> FaultPolicy:
+        return FaultPolicy(
+            registry, section.call_timeout_s, tuple(section.fault_exit_keys),
+            cfg.faults.max_actor_restarts, cfg.faults.max_task_retries,
+        )
+
     built: dict[str, Stage] = {}
     if "caption" in steps:
-        built["caption"] = CaptionStage(cfg.caption, cfg.seed)
+        built["caption"] = CaptionStage(cfg.caption, cfg.seed, faults(cfg.caption))
     if "fuse" in steps:
-        built["fuse"] = FuseStage(cfg.fuse, cfg.seed)
+        built["fuse"] = FuseStage(cfg.fuse, cfg.seed, faults(cfg.fuse))
     if "write" in steps:
         w = cfg.write
         built["write"] = WriteStage(w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes)
@@ -222,10 +241,12 @@ class ShardPlan:
 
 def failed_keys(step: str, table: Any) -> set[str]:
     """Keys whose model call failed in a committed shard: what ``--retry-failed`` redoes."""
+    from vecap import schemas
+
     rows = table.select(["key", "status", "error"]).to_pylist()
     if step == "caption":
-        return {r["key"] for r in rows if r["status"] == "model_error"}
-    return {r["key"] for r in rows if (r["error"] or "").startswith("model_error")}
+        return {r["key"] for r in rows if r["status"] in schemas.RETRYABLE}
+    return {r["key"] for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))}
 
 
 def plan(
@@ -289,7 +310,7 @@ def build_stream(cfg: PipelineConfig, stages: dict[str, Stage], plans: list[Shar
     ds = Step(
         "read", _read_shards, {"storage": storage, "layout": layout, "caption_stage": stages.get("caption")},
         # At most max_inflight_shards shards are being read at once; Ray Data's back-pressure bounds the rest.
-        inputs=("source", "shard", "keys"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=512,
+        inputs=("source", "shard", "keys"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=1024,
     ).apply(ds)
     in_stream = [stages[s] for s in ("caption", "fuse") if any(s in p.stream for p in plans)]
     for stage in in_stream:
@@ -365,8 +386,10 @@ def run(
         input_shards = [s for s in input_shards if s in set(shards)]
     check_layout(layout, storage)
     run_id = new_run_id()
-    with Lease(storage, layout.lease, run_id, ttl_s=cfg.lease_ttl_s, heartbeat_s=min(15.0, cfg.lease_ttl_s / 4)):
+    lease = Lease(storage, layout.lease, run_id, ttl_s=cfg.lease_ttl_s, heartbeat_s=min(15.0, cfg.lease_ttl_s / 4))
+    with lease, driver_log(storage, layout, run_id) as log_path:
         log.info("run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else "")
+        log.info("driver log: %s", log_path)
         for s in STAGES:  # we hold the lease: temporary files left in the root belong to dead runs
             storage.remove_temps(layout.stage(s))
             storage.remove_temps(layout.done_dir(s))
@@ -377,15 +400,20 @@ def run(
         failed: dict[str, str] = {}
         if plans:
             log.info("Ray: %s", init_ray(cfg))
+            from vecap.faults import start_registry
+
+            registry, registry_name = start_registry(run_id, cfg.faults.max_consecutive_fatal)
+            stages = build_stages(cfg, steps, registry_name)
             log.info(
                 "plan: %d shard(s) from images, %d from captions, %d write-only (%d done shard(s) skipped)",
                 sum(p.source == "images" for p in plans), sum(p.source == "captions" for p in plans),
                 sum(p.source is None for p in plans), len(input_shards) - len(plans),
             )
-            failed = _execute(cfg, stages, plans, storage, layout, tallies, progress)
+            failed = _execute(cfg, stages, plans, storage, layout, tallies, progress, registry)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
         result = RunResult(run_id, tallies, time.time() - t0, layout, failed)
+        file_only(result.summary())  # the CLI prints it; the log keeps it
         if "write" in steps:
             write_sizes(layout, storage)
         for s in steps:
@@ -403,13 +431,21 @@ def _execute(
     layout: Layout,
     tallies: dict[str, StageTally],
     progress: bool,
+    registry: Any,
 ) -> dict[str, str]:
-    """Stream the planned shards, submit each shard's finalize task when complete; returns failed shards."""
+    """Stream the planned shards, submit each shard's finalize task when complete; returns failed shards.
+
+    A stream that fails (the fault registry's circuit breaker, an error Ray could not retry)
+    still lets every complete shard commit; the shards it left incomplete are reported failed.
+    """
     import ray
 
-    finalize = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=[OSError])(finalize_shard)
+    finalize = ray.remote(num_cpus=0.5, max_retries=cfg.faults.finalize_retries, retry_exceptions=[OSError])(
+        finalize_shard
+    )
     by_shard = {p.shard: p for p in plans}
     pending: dict[Any, str] = {}
+    submitted: set[str] = set()
     failed: dict[str, str] = {}
     n_fused = 0
 
@@ -418,6 +454,7 @@ def _execute(
             p.shard, [stages[s] for s in p.stream], stages["write"] if p.write else None, report, timings, p.retry_keys
         )
         pending[finalize.remote(storage, layout, job)] = p.shard
+        submitted.add(p.shard)
 
     def harvest(block: bool) -> None:
         nonlocal n_fused
@@ -431,6 +468,7 @@ def _execute(
             except Exception as err:  # noqa: BLE001 - one shard's failure is recorded, the others commit
                 failed[shard] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
                 log.error("shard %s failed: %s", shard, failed[shard])
+                metrics.record_failed()
                 continue
             for step, stats in done.items():
                 tallies[step].add(stats)
@@ -447,22 +485,29 @@ def _execute(
         got: Counter = Counter()
         reports: dict[str, dict[str, Any]] = {}
         timings: dict[str, Counter] = {}
-        for batch in build_stream(cfg, stages, streamed, storage, layout).iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings"))):
-                got[shard] += n
-                bar.update(n)
-                sum_timings(timings.setdefault(shard, Counter()), t)
-                if report is not None:
-                    reports[shard] = json.loads(report)
-                # A shard is complete once its read report and as many rows as it announced are here.
-                if shard in reports and got[shard] == reports[shard]["n_rows"]:
-                    submit(by_shard[shard], reports.pop(shard), dict(timings.pop(shard)))
-                    got.pop(shard)
-            harvest(block=False)
+        stream_error = None
+        try:
+            for batch in build_stream(cfg, stages, streamed, storage, layout).iter_batches(batch_size=None, batch_format="pyarrow"):
+                for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings"))):
+                    got[shard] += n
+                    bar.update(n)
+                    sum_timings(timings.setdefault(shard, Counter()), t)
+                    if report is not None:
+                        reports[shard] = json.loads(report)
+                    # A shard is complete once its read report and as many rows as it announced are here.
+                    if shard in reports and got[shard] == reports[shard]["n_rows"]:
+                        submit(by_shard[shard], reports.pop(shard), dict(timings.pop(shard)))
+                        got.pop(shard)
+                harvest(block=False)
+        except Exception as err:  # noqa: BLE001 - commit what is complete, then report the rest
+            tripped = ray.get(registry.state.remote())["tripped"]
+            stream_error = tripped or f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+            log.error("the stream stopped: %s", stream_error)
         bar.close()
-        if reports or got:
-            for shard in set(reports) | set(got):
-                failed[shard] = "stream ended before all of the shard's rows came back"
+        for p in streamed:
+            if p.shard not in submitted:
+                failed.setdefault(p.shard, stream_error or "the stream ended before all of the shard's rows came back")
+                metrics.record_failed()
     harvest(block=True)
     return failed
 

@@ -110,7 +110,10 @@ class ShardReader:
         import pyarrow as pa
 
         try:
-            rows = {str(r["key"]): r for r in read_parquet_rows(self.images_dir, self.shard, self.storage) if r.get("key")}
+            rows = {}
+            for r in read_parquet_rows(self.images_dir, self.shard, self.storage):
+                if r.get("key"):
+                    rows.setdefault(str(r["key"]), r)  # a key listed twice: the first row, like the tar's first copy
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             # A corrupt input Parquet costs its key list (failed downloads), not the shard.
             log.warning("shard %s: input Parquet unreadable, keys come from the tar only: %s", self.shard, err)
@@ -258,5 +261,8 @@ def read_alt_texts(images_dir: str, shard: str, storage: Storage | None = None) 
     """
     rows = read_parquet_rows(images_dir, shard, storage)
     if rows:
-        return {str(r["key"]): {"alt_text": r.get("caption"), "url": r.get("url")} for r in rows}
+        joined: dict[str, dict[str, Any]] = {}
+        for r in rows:  # a key listed twice: the first row, as the reader keeps the tar's first copy
+            joined.setdefault(str(r["key"]), {"alt_text": r.get("caption"), "url": r.get("url")})
+        return joined
     return {s.key: {"alt_text": s.alt_text, "url": s.url} for s in ShardReader(images_dir, shard, storage=storage)}

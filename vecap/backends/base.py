@@ -26,6 +26,15 @@ class Sampling:
     max_new_tokens: int = 48
     temperature: float = 0.0
     top_p: float = 1.0
+    # Benchmarks with random weights: ignore EOS and stop each request after a length drawn
+    # from its seed in [lo, hi], so that output lengths vary as real captions do.
+    synthetic_lengths: tuple[int, int] | None = None
+
+    def max_tokens_for(self, seed: int) -> int:
+        if self.synthetic_lengths is None:
+            return self.max_new_tokens
+        lo, hi = self.synthetic_lengths
+        return lo + seed % (hi - lo + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +135,10 @@ class ChatEngine(ABC):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent_calls, thread_name_prefix="engine")
         return self._pool.submit(self.generate, list(requests))
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative engine counters (e.g. steps, busy seconds) where the backend has them."""
+        return {}
 
     def close(self) -> None:
         """Release the engine's resources (GPU memory, threads)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vecap.backends.base import ChatEngine, EngineSpec, Generation, Request
+from vecap.backends.base import ChatEngine, EngineSpec, Generation, Request, is_fatal
 
 
 def _image_url(image) -> str:
@@ -68,6 +68,8 @@ class OpenAIEngine(ChatEngine):
                 seed=r.seed,
             )
         except Exception as err:  # noqa: BLE001 - one failed request is one model_error row
+            if is_fatal(err):  # unreachable server, timeout: the engine's failure, not this request's
+                raise
             return Generation(text=None, error=f"{type(err).__name__}: {err}"[:500])
         choice = resp.choices[0]
         usage = resp.usage

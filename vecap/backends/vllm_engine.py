@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -58,8 +59,10 @@ class VLLMEngine(ChatEngine):
         self._render, _ = load_chat_renderer(spec.model, spec.trust_remote_code)
         self._inbox: queue.SimpleQueue[tuple[list[Request], Future]] = queue.SimpleQueue()
         self._dead: BaseException | None = None
-        self.busy_steps = 0  # engine steps run, and how many sequences they ran in all
-        self.step_seqs = 0
+        self._max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        # Cumulative counters (see stats()): steps, steps with fewer sequences than the engine
+        # could run, sequences summed over steps, seconds inside step().
+        self._counters = {"steps": 0, "underfull_steps": 0, "seq_steps": 0, "busy_s": 0.0}
         self._feeder = threading.Thread(target=self._feed, name="vllm-feeder", daemon=True)
         self._feeder.start()
 
@@ -67,10 +70,11 @@ class VLLMEngine(ChatEngine):
         s = self.spec.sampling
         prompt = self._render(r.messages)
         params = self._sampling_params(
-            max_tokens=s.max_new_tokens,
+            max_tokens=s.max_tokens_for(r.seed),
             temperature=s.temperature,
             top_p=s.top_p,
             seed=r.seed if s.temperature > 0 else None,
+            ignore_eos=s.synthetic_lengths is not None,
         )
         return ({"prompt": prompt, "multi_modal_data": {"image": r.image}} if r.image is not None else prompt), params
 
@@ -115,6 +119,7 @@ class VLLMEngine(ChatEngine):
                         call.settle(i, Generation(text=None, error=f"{type(err).__name__}: {err}"[:500]))
             if not running:
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = engine.step()
             except BaseException as err:  # noqa: BLE001 - the engine is gone: fail every call in flight
@@ -130,8 +135,11 @@ class VLLMEngine(ChatEngine):
                         future.set_exception(fatal)
                     except queue.Empty:
                         return
-            self.busy_steps += 1
-            self.step_seqs += len(running)
+            c = self._counters
+            c["busy_s"] += time.perf_counter() - t0
+            c["steps"] += 1
+            c["seq_steps"] += min(len(running), self._max_seqs)
+            c["underfull_steps"] += len(running) < self._max_seqs
             for out in outputs:
                 rid = out.request_id if out.request_id in running else out.request_id.rsplit("-", 1)[0]
                 if not out.finished or rid not in running:
@@ -147,6 +155,9 @@ class VLLMEngine(ChatEngine):
                         n_output_tokens=len(comp.token_ids),
                     ),
                 )
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._counters)
 
     def close(self) -> None:
         del self.llm

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from vecap.metrics import EngineMetrics
 log = logging.getLogger(__name__)
 
 TIMINGS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check")
+CPU_TIMINGS = tuple("cpu_" + t[2:] for t in TIMINGS)  # process CPU seconds beside the wall seconds
 
 WORK = pa.schema(
     [
@@ -69,9 +71,8 @@ WORK = pa.schema(
         ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
         ("caption_quality", pa.string()),  # JSON: vecap.validation's quality columns of the VLM caption
         ("fuse_quality", pa.string()),  # JSON: the same for the fused caption
-        ("engine_starts", pa.int32()),  # set on the first row an engine actor returns
-        ("engine_start_s", pa.float64()),
-        *[(t, pa.float64()) for t in TIMINGS],
+        ("engine_stats", pa.string()),  # JSON counters of the engine actors (first row of a batch)
+        *[(t, pa.float64()) for t in TIMINGS + CPU_TIMINGS],
     ]
 )
 
@@ -80,31 +81,30 @@ def work_table(rows: list[dict[str, Any]]) -> pa.Table:
     return schemas.table(rows, WORK)
 
 
-def with_time(table: pa.Table, column: str, seconds: float) -> pa.Table:
-    """Spread ``seconds`` evenly over the table's rows in timing column ``column`` (added to what is there)."""
+def with_time(table: pa.Table, column: str, seconds: float, cpu_seconds: float | None = None) -> pa.Table:
+    """Spread ``seconds`` (and ``cpu_seconds``, into ``cpu_*``) evenly over the table's rows,
+    added to what the timing column holds."""
     n = table.num_rows
     if n == 0:
         return table
-    values = pa.array([seconds / n] * n, pa.float64())
-    prev = table[column]
-    values = pc.add(pc.fill_null(prev, 0.0), values) if prev.null_count < n else values
-    return table.set_column(table.schema.get_field_index(column), column, values)
+    for name, value in ((column, seconds), ("cpu_" + column[2:], cpu_seconds)):
+        if value is None:
+            continue
+        values = pa.array([value / n] * n, pa.float64())
+        prev = table[name]
+        values = pc.add(pc.fill_null(prev, 0.0), values) if prev.null_count < n else values
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
 
 
-def timed(column: str):
-    """Decorate a CPU step (``batch -> table``) so that it records its own time in ``column``."""
-    import functools
+class Clock:
+    """Wall and process-CPU seconds since creation: a step's own cost, for its timing columns."""
 
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(batch: pa.Table, **kwargs: Any) -> pa.Table:
-            t0 = time.perf_counter()
-            out = fn(batch, **kwargs)
-            return with_time(out, column, time.perf_counter() - t0)
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
 
-        return run
-
-    return wrap
+    def stamp(self, table: pa.Table, column: str) -> pa.Table:
+        return with_time(table, column, time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def engine_spec(cfg: ModelConfig, multimodal: bool) -> EngineSpec:
         backend=cfg.backend,
         model=cfg.model,
         multimodal=multimodal,
-        sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+        sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.synthetic_lengths),
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
         engine_kwargs=dict(cfg.engine),
@@ -277,6 +277,7 @@ class EngineWorker:
 
     flag: ClassVar[str] = ""
     timing: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
 
     def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None) -> None:
         logging.basicConfig(level=logging.WARNING)
@@ -288,8 +289,10 @@ class EngineWorker:
             self._registry = ray.get_actor(self.faults.registry)
         t0 = time.perf_counter()
         self.engine = load_engine(spec)
-        self._start_s: float | None = time.perf_counter() - t0
-        self._metrics = EngineMetrics.for_worker(self, spec.backend, self._start_s)  # starts, restarts
+        # Engine counters not yet reported: start-up first, then requests and engine steps.
+        self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
+        self._reported: dict[str, float] = {}
+        self._metrics = EngineMetrics.for_worker(self, spec.backend, self._pending["engine_start_s"])  # starts, restarts
 
     def request(self, row: dict[str, Any]) -> Request:
         raise NotImplementedError
@@ -298,9 +301,10 @@ class EngineWorker:
         raise NotImplementedError
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
+        clock = Clock()
         rows = batch.to_pylist()
         todo = [r for r in rows if r.get(self.flag)]
+        self._pending["requests"] += len(todo)
         if todo:
             ready: dict[str, tuple[dict[str, Any], Request]] = {}
             for r in todo:
@@ -312,11 +316,26 @@ class EngineWorker:
                 await self._run(ready)
             for r in todo:
                 r[self.flag] = False
-        if self._start_s is not None and rows:
-            rows[0]["engine_starts"] = (rows[0].get("engine_starts") or 0) + 1
-            rows[0]["engine_start_s"] = (rows[0].get("engine_start_s") or 0.0) + self._start_s
-            self._start_s = None
-        return with_time(work_table(rows), self.timing, time.perf_counter() - t0)
+        if rows:
+            self._report(rows[0])
+        table = work_table(rows)
+        # The engine call's CPU runs in the engine's threads: only wall time is meaningful here.
+        return with_time(table, self.timing, time.perf_counter() - clock.wall)
+
+    def _report(self, row: dict[str, Any]) -> None:
+        """Add this actor's engine counters since the last report to the row, named by stage."""
+        import json
+
+        now = self.engine.stats()
+        for k, v in now.items():
+            self._pending[k] += v - self._reported.get(k, 0.0)
+        self._reported = dict(now)
+        stats = json.loads(row.get("engine_stats") or "{}")
+        for k, v in self._pending.items():
+            name = f"{self.stage}_{k}"
+            stats[name] = stats.get(name, 0) + v
+        row["engine_stats"] = json.dumps(stats)
+        self._pending = Counter()
 
     async def _run(self, ready: dict[str, tuple[dict[str, Any], Request]]) -> None:
         """Call the engine on the batch's requests, isolating inputs that killed it before."""

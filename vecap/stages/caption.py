@@ -23,6 +23,7 @@ from vecap.images import ImageRejected, prepare_image
 from vecap.prompts import Prompt, load_prompt
 from vecap.reader import ShardReader
 from vecap.stages.base import (
+    Clock,
     EngineWorker,
     Provenance,
     Stage,
@@ -67,7 +68,7 @@ def read_image_rows(
     seen: set[str] = set()
     dropped: list[str] = []
     rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    clock = Clock()
     for sample in reader:
         if sample.key in seen:  # one row per key: later copies are counted, not written
             dropped.append(sample.key)
@@ -95,8 +96,8 @@ def read_image_rows(
                 row.update(status=err.status, error=str(err))
         rows.append(row)
         if len(rows) >= rows_per_block:
-            yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
-            rows, t0 = [], time.perf_counter()
+            yield clock.stamp(work_table(rows), "t_read")
+            rows, clock = [], Clock()
     report = {
         "n_rows": len(seen) if only_keys is None else len(seen & only_keys),
         "truncated": reader.report.truncated,
@@ -107,7 +108,7 @@ def read_image_rows(
         "dropped_duplicate_keys": dropped,
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
-    yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
+    yield clock.stamp(work_table(rows), "t_read")
 
 
 class CaptionWorker(EngineWorker):
@@ -115,6 +116,7 @@ class CaptionWorker(EngineWorker):
 
     flag = "needs_caption"
     timing = "t_caption_engine"
+    stage = "caption"
 
     def __init__(self, spec: EngineSpec, prompt: Prompt, faults: FaultPolicy | None = None) -> None:
         super().__init__(spec, faults)
@@ -144,7 +146,7 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
     A rejected caption keeps its text for inspection, but its status says it is not used:
     the fusion then falls back to the alt-text.
     """
-    t0 = time.perf_counter()
+    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r["status"] != schemas.OK or r.get("caption_finish_reason") is None:
@@ -156,7 +158,7 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
         else:
             detail = f": {verdict.detail}" if verdict.detail else ""
             r.update(status=schemas.CAPTION_REJECTED, error=f"{verdict.reason}{detail}"[:500])
-    return with_time(work_table(rows), "t_caption_check", time.perf_counter() - t0)
+    return clock.stamp(work_table(rows), "t_caption_check")
 
 
 class CaptionStage(Stage):

@@ -24,6 +24,7 @@ from vecap.layout import Layout
 from vecap.prompts import Prompt, load_prompt
 from vecap.reader import read_alt_texts
 from vecap.stages.base import (
+    Clock,
     EngineWorker,
     Provenance,
     Stage,
@@ -47,7 +48,7 @@ def read_caption_rows(
     storage: Storage, layout: Layout, shard: str, only_keys: set[str] | None = None
 ) -> Iterator[pa.Table]:
     """One shard's committed captions, joined with its alt-texts → work rows, then its marker row."""
-    t0 = time.perf_counter()
+    clock = Clock()
     alts = read_alt_texts(layout.images, shard, storage)
     rows = []
     for c in storage.read_table(layout.parquet("caption", shard)).to_pylist():
@@ -69,7 +70,7 @@ def read_caption_rows(
             }
         )
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps({"n_rows": len(rows)})})
-    yield with_time(work_table(rows), "t_read", time.perf_counter() - t0)
+    yield clock.stamp(work_table(rows), "t_read")
 
 
 def instructions_of(prompt: Prompt) -> str:
@@ -82,7 +83,7 @@ def instructions_of(prompt: Prompt) -> str:
 
 def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: int, run_seed: int) -> pa.Table:
     """Ray Data UDF (CPU): decide which rows need the LLM and render their messages."""
-    t0 = time.perf_counter()
+    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"]:
@@ -102,7 +103,7 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
             continue
         r["fuse_messages"] = json.dumps(prompt.messages(alt_text=alt, vlm_caption=vlm), ensure_ascii=False)
         r["needs_fuse"] = True
-    return with_time(work_table(rows), "t_fuse_prep", time.perf_counter() - t0)
+    return clock.stamp(work_table(rows), "t_fuse_prep")
 
 
 class FuseWorker(EngineWorker):
@@ -110,6 +111,7 @@ class FuseWorker(EngineWorker):
 
     flag = "needs_fuse"
     timing = "t_fuse_engine"
+    stage = "fuse"
 
     def request(self, row: dict[str, Any]) -> Request:
         return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"])
@@ -127,7 +129,7 @@ class FuseWorker(EngineWorker):
 
 def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, checks: FuseChecks) -> pa.Table:
     """Ray Data UDF (CPU): accept the LLM's caption (tidied) or fall back, recording the reason."""
-    t0 = time.perf_counter()
+    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r.get("fuse_seed") is None or r.get("vec_source") is not None or r.get("fused_status"):
@@ -144,7 +146,7 @@ def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, 
             _set_result(r, fusion.Fused(verdict.text, "fused", None))
         else:
             _set_result(r, fusion.fall_back(alt, vlm, verdict.reason), detail=verdict.detail)
-    return with_time(work_table(rows), "t_fuse_check", time.perf_counter() - t0)
+    return clock.stamp(work_table(rows), "t_fuse_check")
 
 
 def _set_result(row: dict[str, Any], fused: fusion.Fused, detail: str | None = None) -> None:
