@@ -69,6 +69,9 @@ class ModelConfig(_Section):
     api_key_env: str = "OPENAI_API_KEY"
     request_concurrency: int = Field(16, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
+    # Connection errors and 5xx replies are retried with exponential back-off (0.5 s doubling to 8 s:
+    # 8 retries ride out about 40 s of a server restarting) before the engine counts as failed.
+    request_retries: int = Field(8, ge=0)
     # Batches one actor works on at once: the engine batches continuously across them, so
     # batch_size x max_batches_in_flight should exceed the engine's max_num_seqs.
     max_batches_in_flight: int = Field(4, ge=1)

@@ -22,6 +22,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,8 +211,10 @@ def invalidate_stale(
     for step, stage in stages.items():
         fp = stage.fingerprint()
         out = StageOutput(layout, step, storage)
-        candidates = out.done() if selected is None else out.done() & selected
-        stale = sorted(s for s in candidates if out.read_stats(s).get("fingerprint") not in (None, fp))
+        candidates = sorted(out.done() if selected is None else out.done() & selected)
+        with ThreadPoolExecutor(max_workers=32) as pool:  # one small read per done shard: in parallel
+            prints = dict(zip(candidates, pool.map(lambda s: out.read_stats(s).get("fingerprint"), candidates)))
+        stale = [s for s in candidates if prints[s] not in (None, fp)]
         if not stale:
             continue
         if not overwrite:
@@ -325,22 +328,30 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, unit="sample", desc="samples", disable=not enabled, smoothing=0.1, mininterval=1.0)
 
 
-def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan]) -> int | None:
-    total = 0
-    for p in plans:
-        if not p.stream:
-            continue
-        if p.retry_keys is not None:
-            total += len(p.retry_keys)
-            continue
-        path = f"{layout.images}/{p.shard}.parquet"
+def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan], sample: int = 64) -> int | None:
+    """The progress bar's total: rows of the input Parquets (estimated from ``sample`` of them
+    when there are more: thousands of reads before starting are not worth a progress bar)."""
+    import pyarrow.parquet as pq
+
+    streamed = [p for p in plans if p.stream]
+    retried = sum(len(p.retry_keys) for p in streamed if p.retry_keys is not None)
+    whole = [p.shard for p in streamed if p.retry_keys is None]
+    if not whole:
+        return retried
+
+    def rows(shard: str) -> int | None:
+        path = f"{layout.images}/{shard}.parquet"
         if not storage.exists(path):
             return None
-        import pyarrow.parquet as pq
-
         with storage.open_read(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+            return pq.ParquetFile(f).metadata.num_rows
+
+    picked = whole[:: max(1, len(whole) // sample)][:sample]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(rows, picked))
+    if any(c is None for c in counts):
+        return None
+    return retried + round(sum(counts) * len(whole) / len(picked))
 
 
 # --- the run --------------------------------------------------------------------------------

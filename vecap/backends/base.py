@@ -55,6 +55,7 @@ class EngineSpec:
     api_key_env: str = "OPENAI_API_KEY"
     request_concurrency: int = 16
     request_timeout_s: float = 120.0
+    request_retries: int = 8
 
 
 @dataclass

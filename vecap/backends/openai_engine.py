@@ -50,7 +50,7 @@ class OpenAIEngine(ChatEngine):
             base_url=spec.base_url,
             api_key=os.environ.get(spec.api_key_env, "EMPTY"),
             timeout=spec.request_timeout_s,
-            max_retries=3,
+            max_retries=spec.request_retries,
         )
         if not spec.model:
             self.model = self.client.models.list().data[0].id

@@ -254,6 +254,7 @@ def engine_spec(cfg: ModelConfig, multimodal: bool) -> EngineSpec:
         api_key_env=cfg.api_key_env,
         request_concurrency=cfg.request_concurrency,
         request_timeout_s=cfg.request_timeout_s,
+        request_retries=cfg.request_retries,
     )
 
 
@@ -309,7 +310,8 @@ class EngineWorker:
             ready: dict[str, tuple[dict[str, Any], Request]] = {}
             for r in todo:
                 try:
-                    ready[r["key"]] = (r, self.request(r))
+                    # Keys are unique within a shard; the fault registry sees shard/key.
+                    ready[f"{r['shard']}/{r['key']}"] = (r, self.request(r))
                 except Exception as err:  # noqa: BLE001 - a bad row is a row status
                     self.apply(r, Generation(text=None, error=f"{type(err).__name__}: {err}"))
             with self._metrics.batch(len(ready), self.engine):  # batches in flight, engine statistics
@@ -353,8 +355,9 @@ class EngineWorker:
             await self._ask("isolate", crashed)
         for group in groups:
             await self._ask("begin", group)
-            if set(group) & set(self.faults.exit_keys):
-                log.error("fault injection: engine process exits on %s", sorted(set(group) & set(self.faults.exit_keys)))
+            poisoned = {ready[k][0]["key"] for k in group} & set(self.faults.exit_keys)
+            if poisoned:
+                log.error("fault injection: engine process exits on %s", sorted(poisoned))
                 os._exit(1)
             try:
                 future = self.engine.submit([ready[k][1] for k in group])
