@@ -182,3 +182,132 @@ def test_flaky_storage_gives_the_same_output_as_a_clean_run(sample_images, tmp_p
     _same_as(pipeline_root, root, steps=("caption", "fuse", "write"))
     for shard in SHARDS:
         assert (root / "clip" / f"{shard}.tar").read_bytes() == (pipeline_root / "clip" / f"{shard}.tar").read_bytes()
+
+
+# --- a server that goes away, a node that goes away ----------------------------------------------
+def _start_server(model, port: int, log_path) -> "subprocess.Popen":
+    import subprocess
+    import sys
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
+           "--served-model-name", "tiny-llama"]
+    log = open(log_path, "a")
+    server = subprocess.Popen(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert server.poll() is None, open(log_path).read()[-3000:]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            return server
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the OpenAI-compatible server did not start")
+
+
+def _stop(server) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_root, tiny_models, tmp_path, demo_config):
+    """The fuse stage's server dies mid-run and comes back: requests are retried with back-off
+    (or the actor restarts); no row becomes model_error and nothing falls back because of it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "root"
+    shutil.copytree(pipeline_root / "images", root / "images")
+    shutil.copytree(pipeline_root / "captions", root / "captions")
+    server = _start_server(tiny_models["llama"], port, tmp_path / "server.log")
+    restarted: list = []
+
+    def chaos() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(root.glob("fused/_parts/*/*.parquet")):
+            time.sleep(0.2)
+        _stop(server)  # mid-run: some shards fused, others not
+        time.sleep(3)
+        restarted.append(_start_server(tiny_models["llama"], port, tmp_path / "server.log"))
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    try:
+        cfg = demo_config(root, "fuse.backend=openai", f"fuse.base_url=http://127.0.0.1:{port}/v1", "fuse.model=tiny-llama",
+                          "fuse.engine={}", "fuse.batch_size=4", "fuse.request_concurrency=2")
+        result = run(cfg, ["fuse"], progress=False)
+        thread.join(timeout=300)
+    finally:
+        _stop(server)
+        for s in restarted:
+            _stop(s)
+    assert restarted, "the server was never restarted"
+    assert not result.failed
+    rows = [r for s in sorted(stage_output(root, "fuse").done()) for r in stage_output(root, "fuse").read_table(s).to_pylist()]
+    assert len(rows) == sum(stage_output(pipeline_root, "fuse").read_stats(s)["n_rows"] for s in stage_output(root, "fuse").done())
+    assert not [r for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))]
+    assert not sum(result.tallies["fuse"].fallbacks.get(k, 0) for k in ("model_error", "engine_crash"))
+
+
+def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_images, tiny_models, tmp_path):
+    """A two-node cluster on this machine (ray.cluster_utils); the worker node is removed (its
+    processes killed) while the run is in progress: the job still completes, each key once."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "root"
+    shutil.copytree(sample_images, root / "images")
+    script = textwrap.dedent(
+        f"""
+        import json, threading, time
+        from pathlib import Path
+        import ray
+        from ray.cluster_utils import Cluster
+        from vecap.config import load_config
+        from vecap.pipeline import run
+
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 4, "object_store_memory": 250_000_000}})
+        worker = cluster.add_node(num_cpus=6, object_store_memory=250_000_000)
+        ray.init(address=cluster.address, log_to_driver=False)
+        root = Path({str(root)!r})
+        cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models['llava']}", "fuse.model={tiny_models['llama']}",
+                                   "caption.cpus_per_actor=1", "fuse.cpus_per_actor=1", "caption.batch_size=4",
+                                   "fuse.batch_size=4", "max_inflight_shards=2"])
+        removed = []
+
+        def chaos():
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(root.glob("captions/_done/*.json")):
+                time.sleep(0.2)
+            cluster.remove_node(worker)
+            removed.append(len(list(root.glob("captions/_done/*.json"))))
+
+        threading.Thread(target=chaos, daemon=True).start()
+        result = run(cfg, progress=False)
+        print("RESULT " + json.dumps({{"removed_after": removed, "failed": result.failed,
+                                     "nodes": len(ray.nodes())}}), flush=True)
+        ray.shutdown()
+        cluster.shutdown()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["removed_after"], "the worker node was never removed"
+    assert not out["failed"]
+    from vecap.reader import ShardReader, list_shards
+
+    images = str(root / "images")
+    expected = {s.key for shard in list_shards(images) for s in ShardReader(images, shard)}
+    keys = [k for s in sorted(stage_output(root, "write").done()) for k in stage_output(root, "write").read_table(s)["key"].to_pylist()]
+    assert len(keys) == len(set(keys)) and set(keys) == expected

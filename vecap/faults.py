@@ -108,9 +108,14 @@ def plan_groups(keys: list[str], counts: dict[str, tuple[int, bool]]) -> tuple[l
 
 
 def start_registry(run_id: str, max_consecutive_fatal: int) -> tuple[Any, str]:
-    """The run's registry actor (0 CPUs); returns its handle (keep it alive) and its name."""
+    """The run's registry actor (0 CPUs) on the driver's node, which lives as long as the run
+    (a worker node that goes away must not take it along); restarted (empty) if it dies anyway.
+    Returns its handle (keep it alive) and its name."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = f"vecap-faults-{run_id}"
-    handle = ray.remote(num_cpus=0, max_restarts=0)(FaultRegistry).options(name=name).remote(max_consecutive_fatal)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(FaultRegistry)
+    handle = actor.options(name=name, scheduling_strategy=here).remote(max_consecutive_fatal)
     return handle, name

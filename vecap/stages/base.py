@@ -370,9 +370,16 @@ class EngineWorker:
             await self._ask("end", group)
 
     async def _ask(self, method: str, *args: Any) -> Any:
+        """Call the run's fault registry; without one (or while it is unreachable) isolation is off."""
         if self._registry is None:
             return None
-        return await getattr(self._registry, method).remote(*args)
+        from ray.exceptions import RayActorError
+
+        try:
+            return await getattr(self._registry, method).remote(*args)
+        except RayActorError as err:
+            log.warning("fault registry unavailable (%s): no poison-input isolation for this call", err)
+            return None
 
     async def _fatal(self, message: str) -> None:
         """The engine failed: stop the run if the breaker trips, else exit for a restart."""
