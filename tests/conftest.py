@@ -119,7 +119,9 @@ def ray_local():
     """One local Ray for the whole session, private temp dir, no dashboard."""
     import ray
 
-    ray.init(
+    from vecap.pipeline import start_local_ray
+
+    start_local_ray(
         num_cpus=8,
         object_store_memory=400 * 1024 * 1024,
         include_dashboard=False,

@@ -116,6 +116,23 @@ def ray_address(cfg: PipelineConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
+    """``ray.init(address="local", ...)``, tried again when the new node times out during start-up
+    (on a loaded machine Ray's raylet can give up waiting for its own agents: a transient failure)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - only Ray's start-up time-out is retried
+            if attempt == attempts or "timed out during startup" not in str(err):
+                raise
+            log.warning("the local Ray did not start (%s); starting it again (%d/%d)", err, attempt + 1, attempts)
+            ray.shutdown()
+            time.sleep(2 * attempt)
+
+
 def init_ray(cfg: PipelineConfig) -> str:
     """Connect to ``ray.address`` / ``RAY_ADDRESS``, else start a *new* local Ray; says which."""
     import ray
@@ -132,8 +149,7 @@ def init_ray(cfg: PipelineConfig) -> str:
             where = f"the Ray cluster at {address}"
         else:
             # address="local": never attach to a cluster started (or crashed) on this machine.
-            ray.init(
-                address="local",
+            start_local_ray(
                 num_cpus=cfg.ray.num_cpus,
                 object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
                 include_dashboard=cfg.ray.dashboard,
@@ -425,7 +441,9 @@ def run(
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
         result = RunResult(run_id, tallies, time.time() - t0, layout, failed)
         file_only(result.summary())  # the CLI prints it; the log keeps it
-        if "write" in steps:
+        if "write" in steps or storage.exists(layout.sizes):
+            # Also after a retry: its finalize tasks invalidate tars concurrently, and each rewrites
+            # sizes.json from its own listing (the last one may list a tar another just removed).
             write_sizes(layout, storage)
         for s in steps:
             storage.write_json(layout.run_file(s), run_manifest(cfg, s, stages[s], result, dry_run))
