@@ -228,7 +228,7 @@ def test_openai_unreachable_server_stops_the_run(tmp_path, demo_config):
     no shard is committed with quiet fallbacks."""
     root = _fuse_root(tmp_path / "root", demo_config, {f"000000{i}": ALT for i in range(3)})
     base = f"http://127.0.0.1:{_free_port()}/v1"
-    cfg = demo_config(root, *_openai(base, "fuse.request_timeout_s=2"), "faults.max_consecutive_fatal=2")
+    cfg = demo_config(root, *_openai(base, "fuse.request_timeout_s=2", "fuse.request_retries=0"), "faults.max_consecutive_fatal=2")
     with pytest.raises(RunFailed) as err:
         run(cfg, ["fuse"], progress=False)
     assert "00000" in err.value.failed and "fatal" in err.value.failed["00000"], err.value.failed
