@@ -43,16 +43,28 @@ class Sizes:
     # should end before the sum of the budgets so far (time a section leaves unused passes on).
     budget_s: dict[str, float] = field(default_factory=dict)
     io_image_size: int = 336  # LLaVA-1.5's input: what a real run decodes to
+    # Engine sections: the engines' max_num_seqs (below the requests, so that an engine can be
+    # full and its busy fraction means something), and both prefix-caching modes of the fuse
+    # engine or the default (on) only.
+    max_num_seqs: int = 16
+    fuse_prefix_modes: tuple[str, ...] = ("on", "off")
+
+
+# Realistic output lengths with random weights (Sampling.synthetic_lengths): EOS ignored, each
+# request stops after a length drawn from its seed, the same draw in the stage and the bare engine.
+CAPTION_LENGTHS = (8, 40)  # VLM captions
+FUSE_LENGTHS = (20, 80)  # fused captions
 
 
 FULL = Sizes(reps=3, n_images=320, shard_size=32, caption_shards=3, fuse_shards=2, batch_size=16,
              backend_caption_requests=16, backend_fuse_requests=8, io_shards=10, memory_shards=2,
              memory_command="run", driver_samples=10_000, driver_shard_sizes=(100, 10_000), driver_reps=1,
-             budget_s={"setup": 45, "io": 20, "driver": 900, "memory": 110, "caption": 170, "fuse": 300, "backends": 75})
-QUICK = Sizes(reps=1, n_images=64, shard_size=8, caption_shards=2, fuse_shards=1, batch_size=4,
-              backend_caption_requests=4, backend_fuse_requests=4, io_shards=8, memory_shards=1,
+             budget_s={"setup": 45, "io": 20, "driver": 900, "memory": 110, "caption": 200, "fuse": 360, "backends": 150})
+QUICK = Sizes(reps=1, n_images=64, shard_size=8, caption_shards=8, fuse_shards=6, batch_size=4,
+              backend_caption_requests=8, backend_fuse_requests=8, io_shards=8, memory_shards=1,
               memory_command="caption", driver_samples=500, driver_shard_sizes=(100, 500), driver_reps=1,
-              budget_s={"setup": 40, "io": 10, "driver": 200, "memory": 50, "caption": 40, "fuse": 60, "backends": 20})
+              budget_s={"setup": 40, "io": 10, "driver": 200, "memory": 50, "caption": 90, "fuse": 150, "backends": 60},
+              max_num_seqs=8, fuse_prefix_modes=("on",))
 SECTIONS = ("io", "driver", "memory", "caption", "fuse", "backends")
 
 
@@ -120,7 +132,7 @@ def prepare(sizes: Sizes, harness: Harness, need_models: bool = True) -> Ctx:
 
 
 def read_markers(layout: Any, step: str) -> dict[str, dict[str, Any]]:
-    """shard → the stage's done marker (its stats, with ``timings``), via the library's layout."""
+    """shard → the stage's done marker (its stats, with ``timings`` and ``engine``), via the library's layout."""
     from vecap.outputs import StageOutput
 
     out = StageOutput(layout, step)
@@ -128,9 +140,23 @@ def read_markers(layout: Any, step: str) -> dict[str, dict[str, Any]]:
 
 
 def summed_timings(markers: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The markers' ``timings`` summed over shards (seconds, counts)."""
+    """The markers' ``timings`` (wall ``t_*`` and process-CPU ``cpu_*`` seconds per step) and
+    ``engine`` counters (``<stage>_requests``, ``<stage>_engine_starts``, ``<stage>_engine_start_s``,
+    ``<stage>_steps``, ``<stage>_underfull_steps``, ``<stage>_seq_steps``, ``<stage>_busy_s``), each
+    summed over shards (the counters are attributed to the shard of the batch that reported
+    them, so their sums over a run are exact). The two never share a name."""
     total: dict[str, float] = {}
     for m in markers.values():
-        for k, v in (m.get("timings") or {}).items():
-            total[k] = total.get(k, 0.0) + float(v)
+        for part in ("timings", "engine"):
+            for k, v in (m.get(part) or {}).items():
+                total[k] = total.get(k, 0.0) + float(v)
     return total
+
+
+def busy_fraction(steps: float | None, underfull_steps: float | None) -> float | None:
+    """Share of engine steps that ran as many sequences as the engine can (``max_num_seqs``):
+    1 − underfull / steps. On a GPU a decode step costs about the same for 1 or 256 sequences,
+    so this is the share of the engine's time that did full work."""
+    if not steps:
+        return None
+    return 1.0 - (underfull_steps or 0.0) / steps

@@ -13,8 +13,11 @@ does one warm-up run, then the measured runs, so the driver's figures are its ow
 - data path CPU: CPU seconds of the whole Ray process tree (driver, GCS, raylets, workers,
   actors) over the run, per sample: hence samples/s per core and CPU cores per GPU at
   50 images/s (a GPU's captioning rate for LLaVA-1.5-7B);
-- per-step seconds per sample from the stages' own markers (``timings``: wall time inside
-  each step, summed over the shard's rows; CPU time when the step has a core to itself).
+- per-step seconds per sample from the stages' own markers (``timings``: wall ``t_*`` and
+  process-CPU ``cpu_*`` seconds inside each step, summed over the shard's rows): the CPU side
+  per sample outside the engines (read + decode + resize, caption check, fuse prompts, fuse
+  check; the write stage records wall seconds), which ``vecap plan`` uses, and the CPU cores a
+  GPU node needs per GPU at a given images/s.
 
 The inputs are repacked from the generated sample (:mod:`bench.data`): the same samples in
 shards of 100 and in one shard of all of them.
@@ -36,6 +39,7 @@ from typing import Any
 
 from bench.context import REPO, WORK, Ctx, read_markers, set_env, summed_timings
 from bench.harness import Harness, Target, TreeSampler, alternating, median, timed
+from vecap.plan import CPU_STEPS, cpu_per_sample
 
 log = logging.getLogger("bench")
 
@@ -44,6 +48,7 @@ OVERRIDES = ["caption.actors=1", "fuse.actors=1", "max_inflight_shards=4"]
 NUM_CPUS = 8  # logical CPUs of the Ray instance, split evenly between the nodes
 OBJECT_STORE_MB = 1024  # split evenly between the nodes
 GPU_IMAGES_PER_S = 50.0
+RATES = (25.0, 50.0, 100.0)  # images/s per GPU at which cores per GPU are tabled
 BEFORE_MS_PER_ROW, BEFORE_MS_PER_SHARD = 0.7, 34.0  # the row-holding driver (issue 10), driver CPU
 STEPS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check", "t_write")
 TWENTY_TIMES_LOWER = Target("<=", 0.05)
@@ -114,7 +119,10 @@ def measure(root: Path, overrides: list[str], shards: list[str] | None = None) -
         "cores_per_gpu_at_50": GPU_IMAGES_PER_S * tree_cpu / rows,
         "steps_ms_per_sample": {k: 1000 * stream.get(k, 0.0) / rows for k in STEPS},
         "steps_cores_per_gpu_at_50": GPU_IMAGES_PER_S * sum(stream.get(k, 0.0) for k in STEPS) / rows,
-        "engine_starts": stream.get("engine_starts", 0),
+        # CPU seconds per sample of each CPU step (process CPU; the write stage's wall seconds)
+        "cpu_steps_s_per_sample": cpu_per_sample(stream, rows),
+        "cpu_s_per_sample": sum(cpu_per_sample(stream, rows).values()),
+        "engine_starts": stream.get("caption_engine_starts", 0) + stream.get("fuse_engine_starts", 0),
         "sampler_cpu_s": s["sampler_cpu_s"],
     }
 
@@ -291,6 +299,25 @@ def _report(h: Harness, summary: dict[str, dict[str, dict[str, Any]]], n: int, s
             steps.append([nodes, f"{int(size):,}", *[per.get(k) for k in STEPS], sum(v or 0 for v in per.values())])
     h.table("Data path steps: ms per sample (the markers' timings: wall time inside each step)",
             ["nodes", "shard size", *[k[2:] for k in STEPS], "sum"], steps)
+    cpu_rows = []
+    for nodes, by_size in summary.items():
+        for size, m in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            per = m.get("cpu_steps_s_per_sample", {})
+            total = m.get("cpu_s_per_sample")
+            cpu_rows.append([nodes, f"{int(size):,}", *[1000 * (per.get(k) or 0) for k in CPU_STEPS],
+                             None if total is None else 1000 * total,
+                             *[None if total is None else rate * total for rate in RATES], m["cores_per_gpu_at_50"]])
+    h.table("CPU side per sample outside the engines (dry run; the markers' cpu_* seconds, write: wall): ms per sample, "
+            "and CPU cores per GPU at a GPU's images/s", ["nodes", "shard size", *CPU_STEPS.values(), "sum (ms)",
+            *[f"cores/GPU @{r:.0f} img/s" for r in RATES], "whole Ray tree, cores/GPU @50"], cpu_rows)
+    big = one.get(large, {})
+    if big.get("cpu_s_per_sample") is not None:
+        h.add("driver", f"CPU-seconds per sample outside the engines, shards of {int(large):,}", "ms: sum of the steps' "
+              "process CPU (read + decode + resize, caption check, fuse prompts, fuse check, write) / the whole Ray "
+              "process tree's CPU per sample (Ray's own costs included)", 1000 * big["cpu_s_per_sample"],
+              big["cpu_ms_per_sample"])
+        h.add("driver", f"CPU cores per GPU at {GPU_IMAGES_PER_S:.0f} images/s", "the steps' CPU / the whole tree's",
+              GPU_IMAGES_PER_S * big["cpu_s_per_sample"], big["cores_per_gpu_at_50"])
     h.note(f"Data path: each configuration runs in its own driver process (one Ray instance, {NUM_CPUS} logical CPUs split "
            f"between its nodes, one warm-up run first); `vecap.pipeline.run(cfg, dry_run=True)` with the packaged `{RECIPE}` "
            f"recipe and {', '.join(OVERRIDES)}. Inputs: the generated sample repacked into {n:,} samples (each image repeated)"

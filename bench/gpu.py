@@ -1,18 +1,31 @@
-"""GPU throughput of the caption and fuse engines against the compute ceiling, per GPU.
+"""The caption and fuse engines on a GPU: stage against single-call engine, busy fraction,
+images/s and fusions/s per GPU, against the compute ceiling.
 
 On a machine with a GPU and vLLM (the regular GPU build), this builds LLaVA-1.5-7B and a
 Llama-3-8B-class text model from their public configurations (hard-coded below, no hub
-access) with random weights (vLLM's ``load_format="dummy"``), drives each through vecap's
-own vLLM backend (``vecap.backends.load_engine``: the chat rendering and batching the
-stages use), and reports images/s and fusions/s beside the compute ceiling:
+access) with random weights (vLLM's ``load_format="dummy"``) and, per model, in its own
+process (GPU memory is freed between models):
 
-    ceiling = peak dense bf16 FLOP/s / FLOPs per request
+- starts the stage's own engine actor class (``CaptionWorker`` / ``FuseWorker``, the engine
+  through ``vecap.backends.load_engine``: the chat rendering and continuous feeding the
+  stages use) with the ``gpu`` recipe's ``max_num_seqs`` and realistic output lengths
+  (``synthetic_lengths``: EOS ignored, captions 8–40 tokens, fusions 20–80, drawn from each
+  request's seed, the same draw on every side);
+- **stage**: drives that actor as Ray Data does when the upstream keeps up — an asyncio loop
+  keeping ``max_batches_in_flight`` batches of ``batch_size`` rows submitted — requests /
+  (first call to last return);
+- **single call**: the same engine given every request in one call (a user's own script);
+- **batches**: the same engine fed batch by batch (the old baseline), for reference;
+- each side's busy fraction (1 − steps running fewer than ``max_num_seqs`` sequences / steps,
+  from the engine's counters), and images/s or fusions/s per GPU beside the compute ceiling:
 
-with FLOPs per request counted from the configuration and the measured token counts
-(2 x matmul parameters per token, the vision tower per image, attention's quadratic term).
-For LLaVA-1.5-7B that is about 9 TFLOP per 336 px image; for an 8B model about 4.4 TFLOP
-per fusion of 250 input + 60 output tokens; at the H200's ~790 TFLOP/s the ceilings are
-about 88 images/s and 180 fusions/s per GPU.
+    ceiling = peak dense BF16 FLOP/s / FLOPs per request (``vecap.plan.flops_per_request``)
+
+  about 9 TFLOP per 336 px LLaVA-1.5-7B image and 4.4 TFLOP per fusion of 250 + 60 tokens.
+
+Ray Data itself is not in the GPU run (the CPU benchmark, ``python -m bench``, runs the whole
+pipeline); what a GPU adds is how full the engine stays, which the actor shows. The results
+(``--out``, default ``bench/results/gpu.json``) are what ``vecap plan --measured`` reads.
 
 The tokenizer is vecap's tiny offline BPE (``vecap.demo.tiny_models``), padded with dummy tokens
 to each model's vocabulary size, so every sampled id decodes. Prompts are sized in its
@@ -20,12 +33,11 @@ tokens: the caption prompt plus 576 image tokens, and fuse prompts of ~250 token
 instruction prefix, as vecap's fuse prompt has, then the per-sample text).
 
 ``--reduced`` runs the same code on a CPU with tiny configurations and a few requests, so
-CI keeps the script working (its figures mean nothing). Each model runs in a child process
-(so GPU memory is freed between them). Timing, medians over repetitions and the results
-files come from the bench's one harness (:mod:`bench.harness`). Output: ``--out`` (JSON)
-and the same name with ``.md``, and the JSON again as the last line of stdout.
+CI keeps the script working (its figures mean nothing). Timing, medians over repetitions and
+the results files come from the bench's one harness (:mod:`bench.harness`). Output: ``--out``
+(JSON) and the same name with ``.md``, and the JSON again as the last line of stdout.
 
-    python -m bench.gpu                           # GPU: both models, ~4 minutes on an H200
+    python -m bench.gpu                           # GPU: both models, ~5-6 minutes on an H100/H200 (estimate)
     python -m bench.gpu --reduced --out x.json
 """
 
@@ -45,10 +57,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # bench (and vecap, when not pip-installed) when run as a file
 
-from bench.harness import Harness, Target, median, timed  # noqa: E402
+from bench.context import CAPTION_LENGTHS, FUSE_LENGTHS  # noqa: E402
+from bench.harness import Harness, Target, timed  # noqa: E402
+from vecap.plan import GPUS, card_of, flops_per_request  # noqa: E402
 
-PEAK_TFLOPS_H200 = 790.0  # dense bf16
-NOMINAL = {"caption": 9.0, "fuse": 4.4}  # TFLOP per request, the round figures quoted above
+DEFAULT_PEAK_TFLOPS = GPUS["h100"].bf16_tflops  # when the device is none of vecap.plan.GPUS (H100 and H200: 989 dense)
+NOMINAL = {"caption": 9.0, "fuse": 4.4}  # TFLOP per request, the published round figures
+STAGE_VS_SINGLE = Target(">=", 0.95)
+BUSY_WITHIN_5_POINTS = Target(">=", -0.05, "difference")
 
 # llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + 2-layer MLP projector + Vicuna-7B).
 LLAVA_15_7B: dict[str, Any] = {
@@ -135,37 +151,6 @@ def _reduced(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------ FLOPs
-def _text_dims(config: dict[str, Any]) -> dict[str, int]:
-    t = config.get("text_config", config)
-    h, heads = t["hidden_size"], t["num_attention_heads"]
-    head_dim = t.get("head_dim") or h // heads
-    kv = t.get("num_key_value_heads", heads) * head_dim
-    per_layer = h * heads * head_dim + 2 * h * kv + heads * head_dim * h + 3 * h * t["intermediate_size"]
-    return {"layers": t["num_hidden_layers"], "hidden": h, "attn_dim": heads * head_dim,
-            "matmul_params": t["num_hidden_layers"] * per_layer, "lm_head": h * t["vocab_size"]}
-
-
-def flops_per_request(config: dict[str, Any], prompt_tokens: float, output_tokens: float) -> float:
-    """Forward FLOPs of one request: 2 x parameters per token (+ LM head per sampled token),
-    attention scores and values over the context, and for LLaVA the vision tower and projector."""
-    d = _text_dims(config)
-    p, o = prompt_tokens, output_tokens
-    flops = 2.0 * d["matmul_params"] * (p + o) + 2.0 * d["lm_head"] * (o + 1)
-    # QK^T and AV: 2 x 2 x attn_dim FLOPs per (query, key) pair; causal: ~P^2/2 + P*O + O^2/2 pairs.
-    flops += 4.0 * d["layers"] * d["attn_dim"] * (p * p / 2 + p * o + o * o / 2)
-    if "vision_config" in config:
-        v = config["vision_config"]
-        n = (v["image_size"] // v["patch_size"]) ** 2 + 1
-        layers = v["num_hidden_layers"] + config["vision_feature_layer"] + 1  # the layers whose output is used
-        vh = v["hidden_size"]
-        flops += 2.0 * layers * (4 * vh * vh + 2 * vh * v["intermediate_size"]) * n + 4.0 * layers * vh * n * n
-        flops += 2.0 * 3 * v["patch_size"] ** 2 * vh * n  # patch embedding
-        th = config["text_config"]["hidden_size"]
-        flops += 2.0 * (vh * th + th * th) * (n - 1)  # projector
-    return flops
-
-
 # ------------------------------------------------------------------------------ model folders
 def _padded_tokenizer(vocab_size: int):
     """vecap's tiny BPE, padded with dummy tokens to ``vocab_size`` so that any sampled id decodes."""
@@ -209,27 +194,32 @@ def write_model(folder: Path, config: dict[str, Any]) -> Path:
     return folder
 
 
-# ------------------------------------------------------------------------------ requests
-def caption_requests(n: int, image_size: int) -> list:
+# ------------------------------------------------------------------------------ rows
+def caption_rows(n: int, image_size: int) -> list[dict[str, Any]]:
+    """The caption actor's rows: distinct random images (no cache hits), the stage's per-key seeds."""
     import numpy as np
-    from PIL import Image
 
-    from vecap.backends import Request
-    from vecap.prompts import load_prompt
+    from vecap.stages.base import seed_for
 
-    messages = load_prompt("caption", "concise").messages(image=True)
     rng = np.random.default_rng(0)
-    return [Request(messages=messages, seed=i,
-                    image=Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8), "RGB"))
-            for i in range(n)]
+    rows = []
+    for i in range(n):
+        key = f"{i:09d}"
+        pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8).tobytes()
+        rows.append({"key": key, "shard": "00000", "source": "images", "is_marker": False, "status": "ok",
+                     "pixels": pixels, "pixels_w": image_size, "pixels_h": image_size, "needs_caption": True,
+                     "caption_seed": seed_for(0, "caption", key)})
+    return rows
 
 
-def fuse_requests(n: int, tokenizer, target_tokens: int = 250, prefix_tokens: int = 150) -> list:
-    """Chat requests of ~target_tokens tokens: a shared instruction prefix, then per-sample text."""
-    from vecap.backends import Request
+def fuse_rows(n: int, tokenizer, target_tokens: int = 250, prefix_tokens: int = 150) -> list[dict[str, Any]]:
+    """The fuse actor's rows: chat messages of ~target_tokens tokens, a shared instruction prefix, then
+    per-sample text (distinct), and the stage's per-key seeds."""
     from vecap.demo.tiny_models import training_sentences
+    from vecap.stages.base import seed_for
 
     sentences = training_sentences(4000, seed=1)
+    lengths: dict[int, int] = {}  # sentence → its tokens (+1 for the space), counted when first used
 
     def count(messages: list[dict[str, Any]]) -> int:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -239,86 +229,134 @@ def fuse_requests(n: int, tokenizer, target_tokens: int = 250, prefix_tokens: in
     while count([{"role": "system", "content": system}]) < prefix_tokens:
         system += sentences[i] + " "
         i += 1
-    requests = []
+    base = count([{"role": "system", "content": system.strip()}, {"role": "user", "content": "Caption: "}])
+    rows = []
     for k in range(n):
-        user = ""
-        messages = [{"role": "system", "content": system.strip()}, {"role": "user", "content": ""}]
-        while count(messages) < target_tokens:
-            user += sentences[i % len(sentences)] + " "
+        words, size = [], base
+        while size < target_tokens:  # sentence token counts, summed: no template rendering per sentence
+            j = i % len(sentences)
+            words.append(sentences[j])
+            if j not in lengths:
+                lengths[j] = len(tokenizer(sentences[j], add_special_tokens=False)["input_ids"]) + 1
+            size += lengths[j]
             i += 1
-            messages[1]["content"] = "Alt-text: " + user.strip() if k % 2 else "Caption: " + user.strip()
-        requests.append(Request(messages=messages, seed=k))
-    return requests
+        label = "Alt-text: " if k % 2 else "Caption: "
+        messages = [{"role": "system", "content": system.strip()}, {"role": "user", "content": label + " ".join(words)}]
+        key = f"{k:09d}"
+        rows.append({"key": key, "shard": "00000", "source": "captions", "is_marker": False, "status": "ok",
+                     "needs_fuse": True, "fuse_messages": json.dumps(messages), "fuse_seed": seed_for(0, "fuse", key)})
+    return rows
 
 
 # ------------------------------------------------------------------------------ one stage
+def peak_tflops(device: str, given: float | None) -> tuple[float, str]:
+    """Dense BF16 TFLOP/s of the device: given, or vecap.plan's table by name, else the H100/H200 figure."""
+    if given:
+        return given, "given (--peak-tflops)"
+    card = card_of(device)
+    if card is not None:
+        return card.bf16_tflops, f"{card.name}, vecap.plan.GPUS (vendor datasheet, dense BF16)"
+    return DEFAULT_PEAK_TFLOPS, f"{device} not in vecap.plan.GPUS: the H100/H200 figure assumed"
+
+
 def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from vecap.backends import EngineSpec, Sampling, load_engine
+    from bench.engines import actor_rep, batches_rep, single_rep, summarise
+    from vecap.backends import EngineSpec, Sampling
 
-    config = LLAVA_15_7B if stage == "caption" else LLAMA_3_8B
+    caption = stage == "caption"
+    config = LLAVA_15_7B if caption else LLAMA_3_8B
     if args.reduced:
         config = _reduced(config)
     folder = write_model(Path(args.work) / stage, config)
     gpu = torch.cuda.is_available() and not args.reduced
-    engine_kwargs: dict[str, Any] = {"load_format": "dummy", "max_model_len": 2048 if stage == "caption" else 1024}
+    lo, hi = CAPTION_LENGTHS if caption else FUSE_LENGTHS
+    n = args.caption_requests if caption else args.fuse_requests
+    batch = args.caption_batch if caption else args.fuse_batch
+    max_num_seqs = args.caption_max_num_seqs if caption else args.fuse_max_num_seqs
+    in_flight, reps = args.in_flight, args.reps
+    if args.reduced:
+        n, batch, max_num_seqs, in_flight, reps = min(n, 16), min(batch, 4), min(max_num_seqs, 4), 2, 1
+    engine_kwargs: dict[str, Any] = {"load_format": "dummy", "max_model_len": 2048 if caption else 1024,
+                                     "max_num_seqs": max_num_seqs}
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
         engine_kwargs["enforce_eager"] = True
-    max_new = 30 if stage == "caption" else 60
-    spec = EngineSpec(backend="vllm", model=str(folder), multimodal=stage == "caption",
-                      sampling=Sampling(max_new_tokens=max_new, temperature=0.0, top_p=1.0),
+    spec = EngineSpec(backend="vllm", model=str(folder), multimodal=caption,
+                      sampling=Sampling(max_new_tokens=hi, temperature=0.0, top_p=1.0, synthetic_lengths=(lo, hi)),
                       dtype="bfloat16" if gpu else "float32", engine_kwargs=engine_kwargs)
-    n = args.caption_requests if stage == "caption" else args.fuse_requests
-    batch = args.caption_batch if stage == "caption" else args.fuse_batch
-    reps = args.reps
-    if args.reduced:
-        n, batch, reps = min(n, 8), min(batch, 4), 1
-    startup, engine = timed(lambda: load_engine(spec))
-    if stage == "caption":
-        requests = caption_requests(n + batch, config["vision_config"]["image_size"])
+    if caption:
+        from vecap.prompts import load_prompt
+        from vecap.stages.caption import CaptionWorker
+
+        startup, worker = timed(lambda: CaptionWorker(spec, load_prompt("caption", "concise")))
+        rows = caption_rows(n + batch, config["vision_config"]["image_size"])
     else:
         from transformers import AutoTokenizer
 
-        requests = fuse_requests(n + batch, AutoTokenizer.from_pretrained(folder))
-    from bench.engines import run_batches
+        from vecap.stages.fuse import FuseWorker
 
-    warm, requests = requests[:batch], requests[batch:]  # warm-up on other inputs (no cache hits)
-    warm_s, _ = timed(lambda: engine.generate(warm))
-    # Repetitions of the same requests, caches emptied before each (run_batches), median time.
+        startup, worker = timed(lambda: FuseWorker(spec))
+        rows = fuse_rows(n + batch, AutoTokenizer.from_pretrained(folder))
+    engine, flag = worker.engine, "needs_caption" if caption else "needs_fuse"
+    warm, rows = rows[:batch], rows[batch:]  # warm-up on other inputs (no cache hits)
+    warm_s, _ = timed(lambda: engine.generate([worker.request(r) for r in warm]))
+    requests = [worker.request(r) for r in rows]  # the same requests (seeds, so output lengths) as the actor builds
     harness = Harness({stage: args.budget_s}, reps=reps)
-    passes = [run_batches(engine, requests, batch) for _ in harness.repetitions(stage)]
-    seconds = median(t for t, _ in passes)
-    outs = passes[0][1]
+    sides = harness.compare(stage, {"stage": lambda: actor_rep(worker, rows, batch, in_flight, flag),
+                                    "single": lambda: single_rep(engine, requests),
+                                    "batches": lambda: batches_rep(engine, requests, batch)})
+    outs = sides["single"][0]["_out"]
+    summary = {name: summarise(r) for name, r in sides.items()}
+    one, st, bb = summary["single"], summary["stage"], summary["batches"]
     prompt = sum(g.n_prompt_tokens or 0 for g in outs) / len(outs)
     output = sum(g.n_output_tokens or 0 for g in outs) / len(outs)
     tflop = flops_per_request(config, prompt, output) / 1e12
-    per_s = len(outs) / seconds
-    ceiling = args.peak_tflops / tflop
+    device = torch.cuda.get_device_name(0) if gpu else "cpu"
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    per_s = one["per_s"]
+    ceiling = peak / tflop
     return {
-        "model": ("LLaVA-1.5-7B" if stage == "caption" else "Llama-3-8B") + (" (reduced config)" if args.reduced else ""),
+        "model": ("LLaVA-1.5-7B" if caption else "Llama-3-8B") + (" (reduced config)" if args.reduced else ""),
         "reduced": args.reduced,
-        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "device": device,
         "dtype": spec.dtype,
-        "requests": len(outs),
+        "requests": len(requests),
         "batch_size": batch,
-        "reps": len(passes),
-        "seconds_per_rep": [t for t, _ in passes],
+        "in_flight": in_flight,
+        "max_num_seqs": max_num_seqs,
+        "output_lengths": [lo, hi],
+        "reps": len(sides["single"]),
         "engine_startup_s": startup,
         "warmup_s": warm_s,
-        "seconds": seconds,
-        "per_s": per_s,
-        "unit": "images/s" if stage == "caption" else "fusions/s",
+        "seconds": one["seconds"],
+        "per_s": per_s,  # the single-call engine
+        "stage_per_s": st["per_s"],  # the stage's engine actor, batches in flight
+        "batches_per_s": bb["per_s"],
+        "stage_vs_single": st["per_s"] / per_s if per_s else None,
+        "batches_vs_single": bb["per_s"] / per_s if per_s else None,
+        "busy_fraction_stage": st["busy_fraction"],
+        "busy_fraction_single": one["busy_fraction"],
+        "busy_fraction_batches": bb["busy_fraction"],
+        # share of each side's wall spent inside engine.step(): below 1 when the engine waits (e.g. for
+        # requests being added: image preprocessing runs in the feeder thread)
+        "step_share_stage": st["step_share"],
+        "step_share_single": one["step_share"],
+        "sides": summary,
+        "unit": "images/s" if caption else "fusions/s",
         "prompt_tokens_mean": prompt,
         "output_tokens_mean": output,
         "tflop_per_request": tflop,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
         "achieved_tflops": per_s * tflop,
         "ceiling_per_s": ceiling,
         "fraction_of_ceiling": per_s / ceiling,
+        "stage_fraction_of_ceiling": (st["per_s"] or 0) / ceiling,
         "nominal_tflop_per_request": NOMINAL[stage],
-        "nominal_ceiling_per_s": args.peak_tflops / NOMINAL[stage],
+        "nominal_ceiling_per_s": peak / NOMINAL[stage],
     }
 
 
@@ -329,13 +367,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"),
                    help="JSON results (and the same name with .md) (default: %(default)s)")
     p.add_argument("--stages", default="caption,fuse")
+    # requests > batch x in-flight > max_num_seqs: the actor refills a full engine as batches finish
     p.add_argument("--caption-requests", type=int, default=1024)
     p.add_argument("--fuse-requests", type=int, default=2048)
-    p.add_argument("--caption-batch", type=int, default=256, help="requests per engine call (the stage's batch_size)")
-    p.add_argument("--fuse-batch", type=int, default=512)
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H200, help="dense bf16 TFLOP/s of one GPU")
+    p.add_argument("--caption-batch", type=int, default=128, help="rows per actor call (the stage's batch_size)")
+    p.add_argument("--fuse-batch", type=int, default=256)
+    p.add_argument("--caption-max-num-seqs", type=int, default=256, help="as the gpu recipe")
+    p.add_argument("--fuse-max-num-seqs", type=int, default=512, help="as the gpu recipe")
+    p.add_argument("--in-flight", type=int, default=4, help="batches in flight per actor (max_batches_in_flight)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense BF16 TFLOP/s of one GPU (default: vecap.plan.GPUS by device name)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--reps", type=int, default=3, help="passes over the requests per model (median; 1 with --reduced)")
+    p.add_argument("--reps", type=int, default=1, help="passes over the requests per side (median; 1 with --reduced)")
     p.add_argument("--budget-s", type=float, default=150.0, help="seconds per model after which no new pass starts")
     p.add_argument("--work", default=None, help="folder for the model folders (default: a temporary one)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process: run this one stage
@@ -363,25 +406,42 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness({s: args.budget_s for s in stages}, reps=1 if args.reduced else args.reps, quick=args.reduced)
     with tempfile.TemporaryDirectory(prefix="vecap-gpu-bench-") as tmp:
         work = args.work or tmp
-        harness.results.update({"mode": "reduced" if args.reduced else "full", "peak_tflops": args.peak_tflops})
+        harness.results.update({"mode": "reduced" if args.reduced else "full"})
         for stage in stages:
             harness.section(stage, lambda st=stage: _run_child(st, args, work, Path(tmp)))
             r = harness.results[stage]
             if "error" in r:
                 continue
-            harness.add("gpu", f"{stage}: per GPU / compute ceiling", f"{r['unit']}: measured ({r['model']}, {r['device']}, "
-                        f"batch {r['batch_size']}, median of {r['reps']}) / peak {args.peak_tflops:.0f} TFLOP/s ÷ "
-                        f"{r['tflop_per_request']:.3g} TFLOP per request", r["per_s"], r["ceiling_per_s"],
-                        None if args.reduced else Target(">=", 0.5))
-            print(f"{stage}: {r['per_s']:.2f} {r['unit']} per GPU, ceiling {r['ceiling_per_s']:.1f} "
-                  f"({r['tflop_per_request']:.2f} TFLOP/request at {args.peak_tflops:.0f} TFLOP/s): "
-                  f"{100 * r['fraction_of_ceiling']:.1f}% of the ceiling; {r['prompt_tokens_mean']:.0f} prompt + "
-                  f"{r['output_tokens_mean']:.0f} output tokens, engine start {r['engine_startup_s']:.0f}s", file=sys.stderr)
+            harness.results.setdefault("peak_tflops", r["peak_tflops"])
+            targets = not args.reduced
+            how = (f"{r['requests']} requests, outputs of {r['output_lengths'][0]}–{r['output_lengths'][1]} tokens, "
+                   f"max_num_seqs {r['max_num_seqs']}, {r['model']} on {r['device']}")
+            harness.add("gpu", f"{stage}: stage / single-call engine", f"{r['unit']}: the stage's engine actor ({r['in_flight']} "
+                        f"batches of {r['batch_size']} in flight) / one call of all requests ({how})", r["stage_per_s"],
+                        r["per_s"], STAGE_VS_SINGLE if targets else None)
+            harness.add("gpu", f"{stage}: busy fraction, stage − single call", "1 − underfull_steps/steps",
+                        r["busy_fraction_stage"], r["busy_fraction_single"], BUSY_WITHIN_5_POINTS if targets else None)
+            harness.add("gpu", f"{stage}: batch by batch / single call (the old baseline)", f"{r['unit']}",
+                        r["batches_per_s"], r["per_s"])
+            harness.add("gpu", f"{stage}: share of the wall inside engine.step(), stage / single call", "Σ busy_s / "
+                        "seconds (below 1: the engine waited, e.g. for requests being added)", r["step_share_stage"],
+                        r["step_share_single"])
+            harness.add("gpu", f"{stage}: stage per GPU / compute ceiling", f"{r['unit']}: the stage's actor / peak "
+                        f"{r['peak_tflops']:.0f} TFLOP/s ÷ {r['tflop_per_request']:.3g} TFLOP per request",
+                        r["stage_per_s"], r["ceiling_per_s"])
+            print(f"{stage}: stage {r['stage_per_s']:.2f} {r['unit']} per GPU, single call {r['per_s']:.2f} "
+                  f"(stage/single {r['stage_vs_single']:.3f}), busy fraction stage {r['busy_fraction_stage']} vs single "
+                  f"{r['busy_fraction_single']}; ceiling {r['ceiling_per_s']:.1f} ({r['tflop_per_request']:.2f} TFLOP/request "
+                  f"at {r['peak_tflops']:.0f} TFLOP/s); {r['prompt_tokens_mean']:.0f} prompt + {r['output_tokens_mean']:.0f} "
+                  f"output tokens, engine start {r['engine_startup_s']:.0f}s", file=sys.stderr)
         harness.results["seconds"] = time.time() - harness.t_start
     if args.reduced:
         harness.note("Reduced configs on the CPU: these figures only show that the script runs.")
+    harness.note("Sides: stage = the stage's engine actor class driven in-process with batches in flight (Ray Data "
+                 "not included); single = the same engine given every request in one call; batches = one batch after "
+                 "the other. Output lengths drawn from each request's seed (EOS ignored), the same on every side.")
     out = Path(args.out)
-    harness.write(out.parent, out.stem, "vecap GPU engines against the compute ceiling")
+    harness.write(out.parent, out.stem, "vecap GPU engines: stage against single-call engine and the compute ceiling")
     print(json.dumps(json.loads(out.read_text())))  # the last line of stdout: the same JSON
     return 1 if harness.failed() else 0
 
@@ -390,10 +450,13 @@ def _run_child(stage: str, args: argparse.Namespace, work: str, tmp: Path) -> di
     """One model in its own process (GPU memory is freed between models)."""
     child_out = tmp / f"{stage}.json"
     cmd = [sys.executable, "-m", "bench.gpu", "--stage", stage, "--child-out", str(child_out), "--work", work,
-           "--peak-tflops", str(args.peak_tflops), "--caption-requests", str(args.caption_requests),
-           "--fuse-requests", str(args.fuse_requests), "--caption-batch", str(args.caption_batch),
-           "--fuse-batch", str(args.fuse_batch), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--caption-requests", str(args.caption_requests), "--fuse-requests", str(args.fuse_requests),
+           "--caption-batch", str(args.caption_batch), "--fuse-batch", str(args.fuse_batch),
+           "--caption-max-num-seqs", str(args.caption_max_num_seqs), "--fuse-max-num-seqs", str(args.fuse_max_num_seqs),
+           "--in-flight", str(args.in_flight), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
            "--reps", str(args.reps), "--budget-s", str(args.budget_s)]
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.reduced:
         cmd.append("--reduced")
     rc = subprocess.call(cmd, cwd=REPO)

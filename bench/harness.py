@@ -88,10 +88,13 @@ def jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Target:
-    """What the ratio A/B should be: ``Target(">=", 0.9)`` reads "A/B ≥ 0.9"."""
+    """What the ratio A/B should be: ``Target(">=", 0.9)`` reads "A/B ≥ 0.9"; with
+    ``of="difference"`` it is about A − B instead (``Target(">=", -0.05, "difference")``:
+    A at most 5 points below B)."""
 
     op: Literal[">=", "<="]
     value: float
+    of: Literal["ratio", "difference"] = "ratio"
 
     def met(self, r: float | None) -> bool | None:
         if r is None:
@@ -99,7 +102,7 @@ class Target:
         return r >= self.value if self.op == ">=" else r <= self.value
 
     def __str__(self) -> str:
-        return f"{'≥' if self.op == '>=' else '≤'} {self.value:g}"
+        return f"{'A−B ' if self.of == 'difference' else ''}{'≥' if self.op == '>=' else '≤'} {self.value:g}"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,11 @@ class Row:
 
     @property
     def met(self) -> bool | None:
-        return self.target.met(self.ratio) if self.target else None
+        if not self.target:
+            return None
+        if self.target.of == "difference":
+            return self.target.met(None if self.a is None or self.b is None else self.a - self.b)
+        return self.target.met(self.ratio)
 
     def cells(self) -> list[str]:
         met = {True: "yes", False: "**no**", None: ""}[self.met]

@@ -7,11 +7,13 @@ Sections, in the order they run (each one's figures come from public interfaces 
 2. ``driver``: the data path with the dry run: driver CPU and memory per sample for shards of
    100 and of 10,000 samples, one node against two; CPU cores needed per GPU;
 3. ``memory``: peak memory of a whole ``vecap`` run over N and 4N samples;
-4. ``caption``: the caption stage against the bare vLLM engine on the same requests;
-5. ``fuse``: the fuse stage against the bare engine, prefix caching on and off;
-6. ``backends``: the vLLM backend against the hf backend, same requests, greedy.
+4. ``caption``: the caption stage against the bare vLLM engine given every request in one call
+   (realistic output lengths, busy fractions), the stage's actor alone, and batch by batch;
+5. ``fuse``: the same for the fuse stage, prefix caching on and off (on only with ``--quick``);
+6. ``backends``: the vLLM backend against the hf backend, same requests, greedy, and a profile
+   of one call on each (:mod:`bench.profile`).
 
-Sizes suit a 2-core machine: ``--quick`` about 6 minutes, the full run about 25 (the
+Sizes suit a 2-core machine: ``--quick`` about 12 minutes, the full run about 30 (the
 data-path runs of 10,000 samples take up to 15 of them). Each section has a time budget
 (:class:`bench.harness.Harness`): a loaded machine gives fewer repetitions, said in the results.
 """
@@ -40,14 +42,18 @@ in alternating order, on the same inputs. Rows marked (b), (c) show the same com
 the first row of each carries the target.
 Models: bench-scale random-weight LLaVA and Llama (`vecap.demo.tiny_models`, scale=bench) with the packaged `demo` \
 recipe's settings (float32, eager); the memory runs use the tiny models.
-Pipeline side: `vecap.pipeline.run(cfg, [stage], overwrite=True)` on a fresh root, with Ray started beforehand; \
-requests / (run wall time − the start-up the stage records in its markers, `timings.engine_start_s`): planning, reads, \
-CPU steps and commits count against the stage. Rows (b) use the markers' `t_caption_engine` / `t_fuse_engine` (the \
-engine actor's calls summed; they overlap with several batches in flight, so those rows understate the stage). The \
-bare engine is warmed up once: the pipeline's figure carries a cold engine's first batch.
-Bare-engine side: `load_engine(spec).generate(batch)` in the bench process, with the stage's own EngineSpec, the same \
-requests (built by the stages' own functions) and batch size; its prefix and multimodal caches are emptied before \
-each repetition (the same prompts would otherwise come from the cache).
+Engine sections: realistic output lengths with random weights (`synthetic_lengths`: EOS ignored, each request stops \
+after a length drawn from its seed, captions 8–40 tokens, fusions 20–80; the same draw on every side) and an engine \
+max_num_seqs below the number of requests. Pipeline side: `vecap.pipeline.run(cfg, [stage], overwrite=True)` on a \
+fresh root, with Ray started beforehand; requests / (run wall time − the actor's engine start-up, \
+`<stage>_engine_start_s` in the markers' `engine` counters): planning, the first read, CPU steps sharing the cores and \
+the last commit count against the stage (the markers carry no call timestamps). Actor side (b): the stage's own \
+engine actor class driven in the bench process with max_batches_in_flight batches submitted, requests / (first call to \
+last return). Single-call side: that actor's engine given all requests in one `generate` call (what a user's own \
+script does); batch-by-batch: the same engine fed one batch after the other (the old baseline). Busy fraction: \
+1 − underfull_steps / steps (steps running fewer than max_num_seqs sequences), from the engine counters; on a GPU it \
+is the share of the engine's time doing full work, on a CPU step time grows with the batch. Engines' prefix, encoder and \
+multimodal caches are emptied before each side.
 Fuse input: captions committed through `vecap.outputs.StageOutput`, made of in-domain sentences (the random VLM's \
 captions are mostly empty or byte soup, which the stage settles without the LLM). The bench tokenizer is a small BPE: \
 the fuse prompt is ~3x longer in tokens than with Llama-3's tokenizer, which favours prefix caching.

@@ -15,6 +15,7 @@ STAGE_KEYS = {
     "model", "reduced", "device", "dtype", "requests", "batch_size", "engine_startup_s", "warmup_s", "seconds",
     "per_s", "unit", "prompt_tokens_mean", "output_tokens_mean", "tflop_per_request", "achieved_tflops",
     "ceiling_per_s", "fraction_of_ceiling", "nominal_tflop_per_request", "nominal_ceiling_per_s",
+    "stage_per_s", "batches_per_s", "stage_vs_single", "busy_fraction_stage", "busy_fraction_single", "peak_tflops",
 }
 
 
@@ -22,27 +23,31 @@ def test_gpu_bench_reduced_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--reduced", "--out", str(out), "--work", str(tmp_path / "m")],
-        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == result  # the last line of stdout is the same JSON
     assert result["mode"] == "reduced" and result["peak_tflops"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# vecap GPU engines")  # the harness's markdown beside it
+    assert {"caption: stage / single-call engine", "fuse: busy fraction, stage − single call"} <= {r["name"] for r in result["rows"]}
     for stage, unit in (("caption", "images/s"), ("fuse", "fusions/s")):
         r = result[stage]
         assert STAGE_KEYS <= set(r), STAGE_KEYS - set(r)
         assert r["reduced"] is True and r["unit"] == unit and r["requests"] > 0
         assert r["per_s"] > 0 and r["tflop_per_request"] > 0 and r["ceiling_per_s"] > 0
         assert r["prompt_tokens_mean"] > 0 and r["output_tokens_mean"] > 0
+        assert r["stage_per_s"] > 0 and r["batches_per_s"] > 0
+        lo, hi = r["output_lengths"]  # synthetic lengths: every side drew the same lengths in [lo, hi]
+        assert lo <= r["output_tokens_mean"] <= hi
+        assert 0 <= r["busy_fraction_stage"] <= 1 and 0 <= r["busy_fraction_single"] <= 1
 
 
-def test_flop_counts_match_the_published_figures():
-    """~9 TFLOP per LLaVA-1.5-7B image and ~4.4 TFLOP per 8B fusion: ceilings ~88 and ~180/s at 790 TFLOP/s."""
+def test_gpu_script_counts_flops_with_the_planner():
+    """bench.gpu's full configurations give the planner's FLOPs (one formula: vecap.plan)."""
     sys.path.insert(0, str(REPO))
     from bench import gpu
+    from vecap import plan
 
-    caption = gpu.flops_per_request(gpu.LLAVA_15_7B, prompt_tokens=576 + 40, output_tokens=30) / 1e12
-    fuse = gpu.flops_per_request(gpu.LLAMA_3_8B, prompt_tokens=250, output_tokens=60) / 1e12
-    assert 8.5 < caption < 9.5 and 4.2 < fuse < 4.6
-    assert 80 < 790 / caption < 95 and 170 < 790 / fuse < 190
+    for full, compact, prompt, output in ((gpu.LLAVA_15_7B, plan.LLAVA_15_7B, 616, 30), (gpu.LLAMA_3_8B, plan.LLAMA_3_8B, 250, 60)):
+        assert plan.flops_per_request(full, prompt, output) == plan.flops_per_request(compact, prompt, output)

@@ -56,6 +56,11 @@ def test_targets_and_rows():
     row = h.add("x", "stage / engine", "images/s", 9.0, 10.0, at_least)
     assert row.ratio == pytest.approx(0.9) and row.met is True
     assert h.add("x", "info", "s", 1.0, None).ratio is None
+    within_5_points = Target(">=", -0.05, "difference")  # A at most 5 points below B
+    assert str(within_5_points) == "A−B ≥ -0.05"
+    assert h.add("x", "busy", "fraction", 0.76, 0.80, within_5_points).met is True
+    assert h.add("x", "busy", "fraction", 0.74, 0.80, within_5_points).met is False
+    assert h.add("x", "busy", "fraction", None, 0.80, within_5_points).met is None
 
 
 def test_compare_alternates_sides_and_keeps_rep_order():

@@ -167,6 +167,27 @@ def _report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from vecap.config import load_config
+    from vecap.plan import make_plan, render
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = make_plan(
+            cfg, args.images, args.gpu, deadline_days=args.deadline_days, gpus_per_node=args.gpus_per_node,
+            price_per_gpu_hour=args.price, measured=args.measured, utilisation=args.utilisation,
+            pipeline_efficiency=args.pipeline_efficiency, fuse_fraction=args.fuse_fraction,
+            cpu_s_per_sample=args.cpu_s_per_sample, dry_run_root=args.dry_run_root,
+        )
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else render(plan, args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vecap",
@@ -257,6 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="convert a root written by vecap 0.1 to the current layout, in place")
     p.add_argument("root", help="dataset root (local path or URI)")
     p.set_defaults(func=_migrate_cmd)
+
+    p = sub.add_parser(
+        "plan", help="before paying for GPUs: GPU-hours, nodes for a deadline, the caption:fuse split, CPU cores, cost",
+        description="Plan a run of the recipe's caption and fuse models on GPUs, from per-GPU engine throughput "
+        "(a GPU benchmark's results, or the compute ceiling times an assumed utilisation) and the CPU cost per "
+        "sample (a dry run's markers, or the bench's measurement).",
+    )
+    _add_config_args(p)
+    p.add_argument("--images", type=int, required=True, help="images to caption")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100 or l40s (default: %(default)s)")
+    p.add_argument("--deadline-days", type=float, default=7.0, help="days the run may take (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
+    p.add_argument("--measured", default=None, metavar="JSON",
+                   help="per-GPU throughput from `python -m bench.gpu` (e.g. bench/results/gpu.json)")
+    p.add_argument("--utilisation", type=float, default=None,
+                   help="without --measured: share of the dense BF16 peak the engines reach (an assumption)")
+    p.add_argument("--pipeline-efficiency", type=float, default=None,
+                   help="without --measured: stage throughput / bare engine's (an assumption)")
+    p.add_argument("--fuse-fraction", type=float, default=1.0, help="share of images that reach the fusion LLM")
+    p.add_argument("--cpu-s-per-sample", type=float, default=None, help="CPU seconds per sample outside the engines")
+    p.add_argument("--dry-run-root", default=None, help="read the CPU cost per sample from this root's dry run")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(func=_plan_cmd)
     return parser
 
 
