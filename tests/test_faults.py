@@ -36,8 +36,10 @@ def test_plan_groups_bisects_keys_that_crashed_twice():
     assert plan_groups(keys, once) == ([], [keys])  # one crash may be anything: retry as is
     twice = {k: (2, False) for k in keys}
     assert plan_groups(keys, twice) == ([], [keys[:4], keys[4:]])
-    mixed = {"k1": (3, False), "k2": (3, False), "k5": (1, True)}
+    mixed = {"k1": (3, False), "k2": (3, False), "k5": (2, True)}
     assert plan_groups(keys, mixed) == (["k5"], [["k0", "k3", "k4", "k6", "k7"], ["k1"], ["k2"]])
+    once_alone = {"k5": (1, True)}  # one crash of a call of one sample: not yet blamed on it
+    assert plan_groups(keys, once_alone) == ([], [keys])
 
 
 def test_registry_counts_open_calls_and_trips_the_breaker():
@@ -47,10 +49,14 @@ def test_registry_counts_open_calls_and_trips_the_breaker():
     reg.end(["a", "b"])
     assert reg.counts(["a"]) == {}
     reg.begin(["a"])
+    assert reg.counts(["a"]) == {"a": (1, False)}  # alone, but nothing has worked since: not blamed
+    reg.end(["z"])  # the engine works for another sample
     assert reg.counts(["a"]) == {"a": (1, True)}  # a call of one sample that never ended
     assert reg.fatal("x") is None and reg.fatal("x") is None
     reg.end(["z"])  # a success resets the count
-    assert reg.fatal("x") is None and reg.fatal("y") is None
+    assert reg.fatal("x") is None
+    reg.isolate(["a"])  # isolating a sample is not a success of the engine
+    assert reg.fatal("y") is None
     assert "3 fatal engine errors in a row" in reg.fatal("boom")
 
 

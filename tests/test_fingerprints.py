@@ -162,8 +162,6 @@ def test_operational_settings_are_not_part_of_the_fingerprint(tmp_path, override
     assert _snapshot(root) == snapshot
 
 
-@pytest.mark.xfail(strict=True, reason="reported: the refusal only looks at the selected shards, so --shards "
-                   "adds a shard made with other settings to a stage without --overwrite")
 def test_a_new_shard_with_other_settings_is_refused_even_with_shards(tmp_path):
     """Committed 00000-00001 with the old prompt, a new shard 00002 selected: adding it with the new
     prompt would mix two prompts in captions/ — refused unless --overwrite."""
@@ -177,7 +175,6 @@ def test_a_new_shard_with_other_settings_is_refused_even_with_shards(tmp_path):
         )
 
 
-@pytest.mark.xfail(strict=True, reason="reported: settings that change outputs but are not in the fingerprint")
 @pytest.mark.parametrize(
     "overrides,step",
     [(["caption.image_size=64"], "caption"),  # the pixels the VLM sees

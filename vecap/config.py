@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,12 @@ class ModelConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     # Testing only (fault injection): the engine process exits when one of these keys reaches it.
     fault_exit_keys: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _server_needs_an_address(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 # Checks of vecap.validation, in the order they run (the first that fails names the row's reason).

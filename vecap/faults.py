@@ -45,30 +45,49 @@ class FaultRegistry:
         self.max_consecutive_fatal = max_consecutive_fatal
         self.open: dict[str, int] = {}  # key → calls containing it that began and never ended
         self.open_alone: set[str] = set()  # keys whose call of one sample began and never ended
+        self.successes = 0  # engine calls that returned, in all
+        self.first_open: dict[str, int] = {}  # key → successes when its first unfinished call began
         self.consecutive_fatal = 0
         self.fatal_total = 0
         self.isolated: list[str] = []
         self.tripped: str | None = None
 
     def counts(self, keys: list[str]) -> dict[str, tuple[int, bool]]:
-        return {k: (self.open.get(k, 0), k in self.open_alone) for k in keys if k in self.open}
+        """key → (crashed calls containing it, crashed alone *while the engine worked for others*).
+
+        The second needs a success of the engine since the key's first crash: when nothing
+        succeeds (a dead server), no sample is blamed and the circuit breaker decides.
+        """
+        return {
+            k: (self.open.get(k, 0), k in self.open_alone and self.successes > self.first_open.get(k, self.successes))
+            for k in keys
+            if k in self.open
+        }
 
     def begin(self, keys: list[str]) -> None:
         for k in keys:
             self.open[k] = self.open.get(k, 0) + 1
+            self.first_open.setdefault(k, self.successes)
         if len(keys) == 1:
             self.open_alone.add(keys[0])
 
-    def end(self, keys: list[str]) -> None:
+    def _forget(self, keys: list[str]) -> None:
         for k in keys:
             self.open.pop(k, None)
             self.open_alone.discard(k)
+            self.first_open.pop(k, None)
+
+    def end(self, keys: list[str]) -> None:
+        """An engine call returned: its keys are fine, and the engine works."""
+        self._forget(keys)
+        self.successes += 1
         self.consecutive_fatal = 0
 
     def isolate(self, keys: list[str]) -> None:
-        """These samples killed the engine alone: they become ``engine_crash`` rows."""
+        """These samples killed the engine alone: they become ``engine_crash`` rows (this is not
+        a success of the engine: the circuit breaker's count goes on)."""
         self.isolated.extend(keys)
-        self.end(keys)
+        self._forget(keys)
 
     def fatal(self, message: str) -> str | None:
         """Count a fatal error; returns the breaker's message once it has tripped."""
@@ -97,7 +116,7 @@ def plan_groups(keys: list[str], counts: dict[str, tuple[int, bool]]) -> tuple[l
     keys never in a crashed call go together; keys in two or more crashed calls are split
     in halves, so each retry halves the group that holds the poison.
     """
-    crashed_alone = [k for k in keys if counts.get(k, (0, False))[1]]
+    crashed_alone = [k for k in keys if counts.get(k, (0, False))[1] and counts[k][0] >= 2]
     suspects = [k for k in keys if counts.get(k, (0, False))[0] >= 2 and k not in crashed_alone]
     clean = [k for k in keys if k not in set(crashed_alone) | set(suspects)]
     groups = [clean] if clean else []

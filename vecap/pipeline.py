@@ -227,21 +227,25 @@ def invalidate_stale(
     for step, stage in stages.items():
         fp = stage.fingerprint()
         out = StageOutput(layout, step, storage)
-        candidates = sorted(out.done() if selected is None else out.done() & selected)
+        done = sorted(out.done())
         with ThreadPoolExecutor(max_workers=32) as pool:  # one small read per done shard: in parallel
-            prints = dict(zip(candidates, pool.map(lambda s: out.read_stats(s).get("fingerprint"), candidates)))
-        stale = [s for s in candidates if prints[s] not in (None, fp)]
+            prints = dict(zip(done, pool.map(lambda s: out.read_stats(s).get("fingerprint"), done)))
+        stale = [s for s in done if prints[s] not in (None, fp)]
         if not stale:
             continue
         if not overwrite:
-            old = out.read_stats(stale[0]).get("fingerprint") or {}
+            # Any committed shard made differently refuses the run, selected or not: adding a
+            # shard with other settings would mix them in one stage folder.
+            old = prints[stale[0]] or {}
             diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
             raise ConfigMismatch(
                 f"{len(stale)} committed shard(s) in {layout.stage(step)} were made with other settings "
-                f"(committed → now: {diff}). Use a new root, or pass --overwrite to recompute them."
+                f"(committed → now: {diff}). Use a new root, or pass --overwrite to recompute them "
+                "(with --shards, only those)."
             )
-        log.warning("overwriting %d shard(s) of %s made with other settings", len(stale), layout.stage(step))
-        for shard in stale:
+        chosen = [s for s in stale if selected is None or s in selected]
+        log.warning("overwriting %d shard(s) of %s made with other settings", len(chosen), layout.stage(step))
+        for shard in chosen:
             for later in STAGES[STAGES.index(step) :]:
                 StageOutput(layout, later, storage).invalidate(shard)
 

@@ -176,8 +176,15 @@ class CaptionStage(Stage):
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
 
     def fingerprint(self) -> dict[str, Any]:
-        # Validation thresholds change statuses and fallbacks: they are part of what must match.
-        return {**self.provenance.columns(), "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json"))}
+        # Everything that changes the rows must match: the model provenance, the pixels the VLM
+        # sees, the validation thresholds, and the per-sample seeds when decoding samples.
+        o = self.read_options
+        return {
+            **self.provenance.columns(),
+            "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json")),
+            "image": {"size": o.image_size, "max_pixels": o.max_pixels, "max_bytes": o.max_bytes},
+            "seed": o.run_seed if self.cfg.temperature > 0 else None,
+        }
 
     def steps(self) -> list[Step]:
         c = self.cfg

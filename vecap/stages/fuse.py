@@ -138,7 +138,8 @@ def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, 
         vlm = (r.get("vlm_caption") or "").strip()
         if r.get("fuse_error"):
             reason = "engine_crash" if r["fuse_error"].startswith("engine_crash") else "model_error"
-            _set_result(r, fusion.fall_back(alt, vlm, reason), detail=r["fuse_error"])
+            detail = r["fuse_error"].removeprefix("engine_crash:").strip()
+            _set_result(r, fusion.fall_back(alt, vlm, reason), detail=detail)
             continue
         verdict = check_fused(r.get("fuse_output"), r.get("fuse_finish_reason"), alt, vlm, instructions, checks)
         r["fuse_quality"] = json.dumps(verdict.quality)
@@ -171,8 +172,14 @@ class FuseStage(Stage):
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
 
     def fingerprint(self) -> dict[str, Any]:
-        # Validation thresholds change statuses and fallbacks: they are part of what must match.
-        return {**self.provenance.columns(), "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json"))}
+        # Everything that changes the rows must match: the model provenance, the prompt's inputs,
+        # the validation thresholds, and the per-sample seeds when decoding samples.
+        return {
+            **self.provenance.columns(),
+            "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json")),
+            "max_alt_text_words": self.cfg.max_alt_text_words,
+            "seed": self.run_seed if self.cfg.temperature > 0 else None,
+        }
 
     def steps(self) -> list[Step]:
         f = self.cfg

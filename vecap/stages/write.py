@@ -47,7 +47,10 @@ class WriteStage(Stage):
     schema: ClassVar[pa.Schema] = schemas.VECAP
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts)}
+        return {
+            "mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts),
+            "max_image_bytes": self.max_image_bytes,
+        }
 
     def write_shard(self, storage: Storage, layout: Layout, shard: str) -> dict[str, Any]:
         return write_shard(storage, layout, shard, self)
