@@ -66,7 +66,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage) -> dict[str, Any]:
     """Build and commit ``clip/<shard>.tar`` and ``vecap/<shard>.parquet``, marker last; returns the stats."""
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     mix, p_vec, seed, image_exts = stage.mix, stage.p_vec, stage.seed, stage.image_exts
     fused = {r["key"]: r for r in StageOutput(layout, "fuse", storage).read_table(shard).to_pylist()}
     captions = {r["key"]: r for r in StageOutput(layout, "caption", storage).read_table(shard).to_pylist()}
@@ -119,7 +119,7 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
         "statuses": dict(Counter(r["status"] for r in ordered)),
         "txt_sources": dict(Counter(r["txt_source"] for r in ordered if r["txt_source"])),
         "fingerprint": stage.fingerprint(),
-        "timings": {"t_write": round(time.time() - t0, 3)},
+        "timings": {"t_write": round(time.time() - t0, 3), "cpu_write": round(time.process_time() - c0, 3)},
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     StageOutput(layout, STAGE, storage).commit(shard, schemas.table(ordered, schemas.VECAP), stats)
