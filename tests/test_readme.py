@@ -1,8 +1,8 @@
 """The README's snippets that read outputs run, as written, against a real run's outputs.
 
 Every ```python block runs (the README's paths say data/sample: the test runs them in a
-folder where data/sample is a pipeline root), and every `vecap inspect` / `vecap report`
-line of its ```bash blocks exits 0 with output. A snippet that does not run fails here.
+folder where data/sample is a pipeline root), and every `vecap inspect|report|status|plan`
+line of its ```bash blocks exits 0 with output (a plan from a GPU benchmark's file excepted). A snippet that does not run fails here.
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ def test_readme_python_snippet_runs(index, pipeline_root, tmp_path, monkeypatch)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})  # noqa: S102
 
 
-def test_readme_inspect_and_report_lines_run(pipeline_root, tmp_path):
+def _commands(block: str) -> list[str]:
+    """A bash block's commands, continuation lines joined, comments dropped."""
+    return [c.split(" #", 1)[0].strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def test_readme_inspect_report_status_and_plan_lines_run(pipeline_root, tmp_path):
     work = _in_sample_dir(tmp_path, pipeline_root)
     lines = [
-        line.split("#", 1)[0].strip()
+        line
         for block in blocks("bash")
-        for line in block.splitlines()
-        if line.strip().startswith(("vecap inspect", "vecap report"))
+        for line in _commands(block)
+        if line.startswith(("vecap inspect", "vecap report", "vecap status", "vecap plan")) and "--measured" not in line and "s3://" not in line
     ]
     assert lines
     for line in lines:
