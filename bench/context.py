@@ -135,8 +135,7 @@ def read_markers(layout: Any, step: str) -> dict[str, dict[str, Any]]:
     """shard → the stage's done marker (its stats, with ``timings`` and ``engine``), via the library's layout."""
     from vecap.outputs import StageOutput
 
-    out = StageOutput(layout, step)
-    return {s: out.read_stats(s) for s in sorted(out.done())}
+    return StageOutput(layout, step).markers()
 
 
 def summed_timings(markers: dict[str, dict[str, Any]]) -> dict[str, float]:

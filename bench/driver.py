@@ -265,7 +265,7 @@ def _report(h: Harness, summary: dict[str, dict[str, dict[str, Any]]], n: int, s
     h.add("driver", f"driver CPU per sample, shards of {int(large):,} / of {int(small):,}", "ms per sample, one node (flat: "
           "the driver's cost does not grow with shard size)", get(one, large, "driver_cpu_ms_per_sample"),
           get(one, small, "driver_cpu_ms_per_sample"), FLAT)
-    h.add("driver", f"driver CPU per sample, 2 nodes / 1 node", f"ms per sample, shards of {int(small):,}",
+    h.add("driver", "driver CPU per sample, 2 nodes / 1 node", f"ms per sample, shards of {int(small):,}",
           get(two, small, "driver_cpu_ms_per_sample"), get(one, small, "driver_cpu_ms_per_sample"), FLAT)
     h.add("driver", f"driver peak RSS, shards of {int(large):,} / of {int(small):,}", "MiB, one node",
           get(one, large, "driver_peak_rss_mib"), get(one, small, "driver_peak_rss_mib"), FLAT)

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bench.context import QUICK, WORK, prepare, set_env
-    from bench.harness import Harness, alternating, load, markdown_table
+    from bench.harness import Harness, alternating, load
 
     set_env()
     from bench.engines import caption_requests, fuse_requests, write_captions

@@ -126,15 +126,19 @@ def plan_groups(keys: list[str], counts: dict[str, tuple[int, bool]]) -> tuple[l
     return crashed_alone, [g for g in groups if g]
 
 
-def start_registry(run_id: str, max_consecutive_fatal: int) -> tuple[Any, str]:
+def registry_name(run_id: str) -> str:
+    """The name under which the engine actors of run ``run_id`` find its registry."""
+    return f"vecap-faults-{run_id}"
+
+
+def start_registry(run_id: str, max_consecutive_fatal: int) -> Any:
     """The run's registry actor (0 CPUs) on the driver's node, which lives as long as the run
     (a worker node that goes away must not take it along); restarted (empty) if it dies anyway.
-    Returns its handle (keep it alive) and its name."""
+    Returns its handle: keep it alive for the run."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = f"vecap-faults-{run_id}"
+    name = registry_name(run_id)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(FaultRegistry)
-    handle = actor.options(name=name, scheduling_strategy=here).remote(max_consecutive_fatal)
-    return handle, name
+    return actor.options(name=name, scheduling_strategy=here).remote(max_consecutive_fatal)

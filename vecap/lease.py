@@ -52,6 +52,7 @@ class Lease:
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = time.time()
         self.took_over: dict[str, Any] | None = None  # the expired lease this run replaced
 
     def _record(self) -> dict[str, Any]:
@@ -60,7 +61,7 @@ class Lease:
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "started_at": getattr(self, "_started", now),
+            "started_at": self._started,
             "heartbeat_at": now,
             "ttl_s": self.ttl_s,
         }

@@ -9,6 +9,8 @@ shard for output. Invalidation removes the marker first.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -43,6 +45,27 @@ class StageOutput:
     def read_stats(self, shard: str) -> dict[str, Any]:
         return self.storage.read_json(self.layout.marker(self.step, shard))
 
+    def markers(self, shards: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """shard → its done marker (stats), for ``shards`` (default: every done shard).
+
+        One small read per shard, in parallel (an object store answers each in tens of ms);
+        a marker that vanished or cannot be parsed meanwhile is logged and left out.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = sorted(self.done() if shards is None else shards)
+
+        def read(shard: str) -> dict[str, Any] | None:
+            try:
+                stats = self.read_stats(shard)
+            except (FileNotFoundError, ValueError) as err:
+                log.warning("marker of %s shard %s unreadable: %s", self.step, shard, err)
+                return None
+            return stats if isinstance(stats, dict) else None
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return {s: m for s, m in zip(names, pool.map(read, names)) if m is not None}
+
     def read_table(self, shard: str) -> pa.Table:
         return self.storage.read_table(self.layout.parquet(self.step, shard))
 
@@ -64,8 +87,7 @@ class StageOutput:
 
 def write_sizes(layout: Layout, storage: Storage) -> dict[str, int]:
     """``clip/sizes.json``: tar name → sample count of every done write shard, as open_clip reads it."""
-    out = StageOutput(layout, "write", storage)
-    sizes = {f"{s}.tar": int(out.read_stats(s)["n_samples"]) for s in sorted(out.done())}
+    sizes = {f"{s}.tar": int(m["n_samples"]) for s, m in StageOutput(layout, "write", storage).markers().items()}
     storage.write_json(layout.sizes, sizes)
     return sizes
 
@@ -90,8 +112,6 @@ def migrate_layout(layout: Layout, storage: Storage) -> dict[str, int]:
     moved = {"markers": 0, "tars": 0}
     names = storage.names(layout.stage("write"))
     if storage.local:
-        import os
-
         os.makedirs(layout.clip, exist_ok=True)
     for name in names:
         if name.endswith(".tar") or name == "sizes.json":

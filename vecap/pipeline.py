@@ -28,6 +28,7 @@ from typing import Any
 
 from vecap import metrics
 from vecap.config import ConfigError, PipelineConfig
+from vecap.faults import registry_name, start_registry
 from vecap.finalize import ShardJob, finalize_shard, sum_timings, write_parts
 from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
@@ -226,11 +227,8 @@ def invalidate_stale(
     """
     for step, stage in stages.items():
         fp = stage.fingerprint()
-        out = StageOutput(layout, step, storage)
-        done = sorted(out.done())
-        with ThreadPoolExecutor(max_workers=32) as pool:  # one small read per done shard: in parallel
-            prints = dict(zip(done, pool.map(lambda s: out.read_stats(s).get("fingerprint"), done)))
-        stale = [s for s in done if prints[s] not in (None, fp)]
+        prints = {s: m.get("fingerprint") for s, m in StageOutput(layout, step, storage).markers().items()}
+        stale = [s for s, p in prints.items() if p not in (None, fp)]
         if not stale:
             continue
         if not overwrite:
@@ -425,16 +423,13 @@ def run(
             storage.remove_temps(layout.stage(s))
             storage.remove_temps(layout.done_dir(s))
         storage.remove_temps(layout.clip)
-        stages = build_stages(cfg, steps)
+        stages = build_stages(cfg, steps, registry_name(run_id))
         invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)
         plans, tallies = plan(stages, layout, storage, input_shards, retry_failed)
         failed: dict[str, str] = {}
         if plans:
             log.info("Ray: %s", init_ray(cfg))
-            from vecap.faults import start_registry
-
-            registry, registry_name = start_registry(run_id, cfg.faults.max_consecutive_fatal)
-            stages = build_stages(cfg, steps, registry_name)
+            registry = start_registry(run_id, cfg.faults.max_consecutive_fatal)
             log.info(
                 "plan: %d shard(s) from images, %d from captions, %d write-only (%d done shard(s) skipped)",
                 sum(p.source == "images" for p in plans), sum(p.source == "captions" for p in plans),

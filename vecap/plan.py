@@ -183,14 +183,12 @@ def cpu_cost_from_dry_run(root: str, storage_options: dict[str, Any] | None = No
             break
     if stream is None:
         raise FileNotFoundError(f"no dry-run markers under {layout.root}: run `vecap run --dry-run` first")
-    for shard in sorted(stream.done()):
-        stats = stream.read_stats(shard)
+    for stats in stream.markers().values():
         samples += int(stats.get("n_rows", 0))
         for k, v in (stats.get("timings") or {}).items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    write = StageOutput(layout, "write", storage)
-    for shard in sorted(write.done()):
-        for k, v in (write.read_stats(shard).get("timings") or {}).items():
+    for stats in StageOutput(layout, "write", storage).markers().values():
+        for k, v in (stats.get("timings") or {}).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return cpu_per_sample(totals, samples), samples
 

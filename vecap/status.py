@@ -13,13 +13,13 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from vecap.layout import DRY_RUN_DIR, PARTS_DIR, STAGE_DIRS, STAGES, Layout
 from vecap.lease import _dead_here
+from vecap.outputs import StageOutput
 from vecap.reader import list_shards
 from vecap.storage import Storage
 
@@ -122,10 +122,8 @@ def load_status(root: str, storage_options: dict[str, Any] | None = None, *, dry
     now = time.time() if now is None else now
     n_input = len(list_shards(layout.images, storage=storage))
     lease = read_lease(storage, layout, now)
-    done = {s: sorted(n[: -len(".json")] for n in storage.names(layout.done_dir(s)) if n.endswith(".json")) for s in STAGES}
-    paths = [layout.marker(s, shard) for s in STAGES for shard in done[s]]
-    with ThreadPoolExecutor(max_workers=16) as pool:  # object stores: one GET per marker, in parallel
-        markers = dict(zip(paths, pool.map(lambda p: _read_json(storage, p), paths)))
+    markers = {s: StageOutput(layout, s, storage).markers() for s in STAGES}
+    done = {s: sorted(markers[s]) for s in STAGES}
     running_since = lease.started_at if lease is not None and lease.dead is None else None
     stages = []
     for s in STAGES:
@@ -133,7 +131,7 @@ def load_status(root: str, storage_options: dict[str, Any] | None = None, *, dry
         statuses: Counter = Counter()
         fallbacks: Counter = Counter()
         for shard in done[s]:
-            stats = markers.get(layout.marker(s, shard)) or {}
+            stats = markers[s][shard]
             n = int(stats.get("n_rows", 0))
             p.samples += n
             statuses.update(stats.get("statuses") or {})

@@ -24,7 +24,7 @@ from os import PathLike
 from typing import Any, Literal
 
 from vecap.layout import DONE_DIR, STAGE_DIRS, Layout
-from vecap.outputs import check_layout
+from vecap.outputs import StageOutput, check_layout
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -329,16 +329,7 @@ def done_shards(storage: Storage, layout: Layout, step: str) -> list[str]:
 
 def read_markers(storage: Storage, layout: Layout, step: str, shards: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Each done shard's marker JSON (its stats); an unreadable one is logged and left out."""
-    out = {}
-    for shard in shards:
-        try:
-            marker = storage.read_json(layout.marker(step, shard))
-        except (OSError, ValueError) as err:
-            log.warning("marker of %s shard %s unreadable: %s", step, shard, err)
-            continue
-        if isinstance(marker, dict):
-            out[shard] = marker
-    return out
+    return StageOutput(layout, step, storage).markers(shards)
 
 
 def read_rows(storage: Storage, path: str) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import Counter
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field

@@ -8,7 +8,6 @@ chat request from the prompt and the pixels, caption, and put the text back.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,7 +32,6 @@ from vecap.stages.base import (
     seed_for,
     select_output,
     with_json_fields,
-    with_time,
     work_table,
 )
 from vecap.storage import Storage

@@ -9,7 +9,6 @@ the reason recorded (:mod:`vecap.fusion`).
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -34,7 +33,6 @@ from vecap.stages.base import (
     seed_for,
     select_output,
     with_json_fields,
-    with_time,
     work_table,
 )
 from vecap.storage import Storage
