@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import jpeg_bytes, png_bytes, sample_members, write_img2dataset_parquet, write_tar
 
-from vecap import schemas
+from vecap import schemas, validation
 from vecap.inspect import inspect_path
 from vecap.layout import Layout
 from vecap.report import LegacyLayoutError, ReportData, build_report, load_report_data, render_html
+from vecap.report.data import example_rank
 
 VOID = {"img", "meta", "br", "hr", "input", "link", "col"}
 SCRIPT_TAG = "\"><script>alert(1)</script>"
@@ -37,7 +38,7 @@ PROBE = (Path(__file__).resolve().parent.parent / "vecap" / "report" / "template
 def write_stage(root: Path, step: str, shard: str, rows: list[dict], schema: pa.Schema, marker: dict) -> None:
     """A committed shard: ``<stage>/NNNNN.parquet`` and its marker ``<stage>/_done/NNNNN.json``."""
     layout = Layout(str(root))
-    extra = sorted({k for r in rows for k in r if k.startswith("q_")})
+    extra = sorted({k for r in rows for k in r if k.startswith("q_")} - set(schema.names))
     table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
     for name in extra:
         table = table.append_column(name, pa.array([r.get(name) for r in rows]))
@@ -115,6 +116,10 @@ class Page(HTMLParser):
         self.counts: dict[str, int] = {}
         self.stats_counts: dict[str, int] = {}
         self.failed: list[str] = []
+        self.quantiles: dict[str, float] = {}  # "step:column:p50" → the exact value (data-value)
+        self.quality: list[str] = []  # "step:column" of each q_* column shown
+        self.rejections: dict[str, int] = {}  # "step:reason" → rows
+        self.examples: list[str] = []  # "step:reason:key"
         self.totals: dict[str, int] = {}
         self.scripts: list[tuple[dict, str]] = []
         self.attrs: list[tuple[str, str, str]] = []  # (tag, name, value)
@@ -146,6 +151,14 @@ class Page(HTMLParser):
             self._cell = (self.totals, a["data-total"])
         if "data-failed-key" in a:
             self.failed.append(a["data-failed-key"])
+        if "data-quantile" in a:
+            self.quantiles[a["data-quantile"]] = float(a["data-value"])
+        if "data-quality" in a:
+            self.quality.append(a["data-quality"])
+        if "data-rejection" in a:
+            self._cell = (self.rejections, a["data-rejection"])
+        if "data-example" in a:
+            self.examples.append(a["data-example"])
 
     def handle_endtag(self, tag):
         if tag == "article":
@@ -277,12 +290,14 @@ def test_quality_columns_are_shown_when_present(tmp_path):
     ]  # fmt: skip
     write_stage(root, "fuse", "00000", rows, schemas.FUSED, {"n_rows": 6, "statuses": {"ok": 6}, "fallbacks": {}})
     data = load_report_data(str(root), thumbnails=False)
-    q = {c.name: c for c in data.quality}
+    assert [sq.step for sq in data.stage_quality] == ["fuse"]
+    q = {c.name: c for c in data.stage_quality[0].columns}
     assert q["q_clip_score"].kind == "numeric" and q["q_clip_score"].n_null == 1 and sum(q["q_clip_score"].counts) == 5
     assert q["q_lang"].kind == "categorical" and q["q_lang"].values == Counter({"en": 2, "fr": 2})
     page = assert_no_live_markup(render_html(data))
-    assert page.counts["q_lang:en"] == 2 and page.counts["q_lang:null"] == 2
-    assert ("svg", "data-quality", "q_clip_score") in page.attrs and ("div", "data-quality", "q_lang") in page.attrs
+    assert page.counts["fused/q_lang:en"] == 2 and page.counts["fused/q_lang:null"] == 2
+    assert ("div", "data-quality", "fuse:q_clip_score") in page.attrs and ("div", "data-quality", "fuse:q_lang") in page.attrs
+    assert page.quantiles["fuse:q_clip_score:p50"] == pytest.approx(0.2) and page.rejections == {}
     assert "q_lang: en=2, fr=2, null=2" in inspect_path(root / "fused" / "00000.parquet")
 
 
@@ -392,7 +407,8 @@ def test_hostile_values_never_become_markup(tmp_path):
     assert SCRIPT_TAG in page.cards and JS_URL in page.cards and IMG_TAG in page.failed
     assert all(srcs and decodes(srcs[0]) for key, srcs in page.cards.items() if key != "1000007")
     assert page.counts[f"status:{SCRIPT_TAG}"] == 2 and page.stats_counts[f"status:{SCRIPT_TAG}"] == 2
-    assert page.stats_counts[f"fallback:{IMG_TAG}"] == 3 and page.counts[f"q_note:{IMG_TAG}"] == 8
+    assert page.stats_counts[f"fallback:{IMG_TAG}"] == 3 and page.counts[f"vecap/q_note:{IMG_TAG}"] == 8
+    assert page.counts["vecap/q_note:null"] == 8  # shard 00000 has no q_note column: null there
     assert ("tr", "data-model-step", "caption") in page.attrs and f"VeCap report: root" in html
 
 
@@ -454,3 +470,140 @@ def test_report_of_a_uri_root(tmp_path):
         assert "2 done shard(s)" in inspect_path("memory://vecap-test-root/vecap")
     finally:
         fs.rm("/vecap-test-root", recursive=True)
+
+
+# --- q_* distributions and rejection reasons, against pandas on the same files ------------
+QUANTILES = {"p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
+FOLDERS = {"caption": "captions", "fuse": "fused"}
+
+
+def rejected_in_parquet(step: str, df) -> dict[str, list[tuple[str, str]]]:
+    """Rejected rows by reason, from the Parquet with pandas: (shard, key) of each.
+
+    captions/: status caption_rejected; fused/: a fallback (vec_source vlm/alt, or no_text) whose
+    reason is one of the validator's (vecap.validation.FUSE_REASONS), not an engine failure or a missing source.
+    """
+    reason = df["error"].fillna("unknown").str.split(":", n=1).str[0].str.strip()
+    if step == "caption":
+        mask = df["status"] == schemas.CAPTION_REJECTED
+    else:
+        mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == schemas.NO_TEXT)) & reason.isin(validation.FUSE_REASONS)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for r, shard, key in zip(reason[mask], df["shard"][mask], df["key"][mask]):
+        out.setdefault(r, []).append((shard, key))
+    return out
+
+
+def stage_frame(root: Path, step: str):
+    """A stage's rows with pandas, file by file (``pd.read_parquet(folder)`` takes the first file's columns)."""
+    import pandas as pd
+
+    files = sorted((root / FOLDERS[step]).glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def assert_quality_is_the_parquets(root: Path, page: Page, data: ReportData, steps=("caption", "fuse")) -> None:
+    """Every q_* column of each stage's Parquet is on the page, with pandas' quantiles; rejection counts are pandas'."""
+    import pandas as pd
+
+    assert [sq.step for sq in data.stage_quality if sq.step in FOLDERS] == list(steps)
+    for step in steps:
+        df = stage_frame(root, step)
+        q_names = [c for c in df.columns if c.startswith("q_")]
+        assert q_names, step
+        assert sorted(c for st, c in (q.split(":", 1) for q in page.quality) if st == step) == sorted(q_names)
+        n_numeric = 0
+        for name in q_names:
+            column = df[name]
+            if not pd.api.types.is_numeric_dtype(column) or column.isna().all():
+                assert not any(k.startswith(f"{step}:{name}:") for k in page.quantiles), name
+                continue
+            n_numeric += 1
+            for label, p in QUANTILES.items():
+                # float32 columns: pandas interpolates in float32, the report in float64
+                assert page.quantiles[f"{step}:{name}:{label}"] == pytest.approx(float(column.quantile(p)), rel=1e-6, abs=1e-6), (name, label)
+        assert n_numeric, step
+        expected = rejected_in_parquet(step, df)
+        assert page.rejections == {**{k: v for k, v in page.rejections.items() if not k.startswith(step + ":")},
+                                   **{f"{step}:{r}": len(rows) for r, rows in expected.items()}}  # fmt: skip
+        sq = next(sq for sq in data.stage_quality if sq.step == step)
+        assert sq.rejection_counts() == Counter({r: len(rows) for r, rows in expected.items()})
+        for reason, rows in expected.items():  # the examples: the first rows of that reason in example_rank order
+            picks = sorted(rows, key=lambda sk: example_rank(*sk))[:3]
+            shown = [e.split(":", 2)[2] for e in page.examples if e.startswith(f"{step}:{reason}:")]
+            assert shown == [key for _, key in picks], (step, reason)
+
+
+def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
+    """Hand-built captions/ and fused/ shards: quantiles, nulls, a column missing from one shard, every kind of fallback."""
+    import pandas as pd
+
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    reasons = ["refusal: I'm sorry", "repetition: 'bridge' x12", "refusal", "empty", "boilerplate: The image shows."]
+    alts = {}
+    for s, shard in enumerate(("00000", "00001")):
+        caps = []
+        for i in range(9):
+            key = f"{s}{i:06d}"
+            alts[key] = IMG_TAG if i == 1 else f"Golden Gate Bridge {i}"
+            rejected = i % 2 == 1
+            caps.append({
+                "key": key, "shard": shard, "status": "download_failed" if i == 8 else "caption_rejected" if rejected else "ok",
+                "error": "HTTP 404" if i == 8 else reasons[(i + s) % 5] if rejected else None,
+                "vlm_caption": None if i == 8 else (SCRIPT_TAG if i == 3 else f"a red bridge {i} " * (i + 1)),
+                "q_repetition": None if i == 8 else round(0.11 * i * (s + 1), 3), "q_words": None if i == 8 else 3 * i + s,
+                "q_lang_out": None if i == 8 else ["en", "fr", "ja"][i % 3],
+                **({"q_only_here": 0.5 * i} if s == 1 else {}),
+            })  # fmt: skip
+        write_stage(root, "caption", shard, caps, schemas.CAPTIONS, {"n_rows": 9, "statuses": dict(Counter(c["status"] for c in caps))})
+        write_img2dataset_parquet(root / "images" / f"{shard}.parquet", [{"key": c["key"], "caption": alts[c["key"]]} for c in caps])
+        fused = []
+        for i in range(9):
+            key = f"{s}{i:06d}"
+            error, source = [(None, "fused"), ("lost_entities: kept 0 of 3", "vlm"), ("invented: 1999", "alt"),
+                             ("no_vlm_caption", "alt"), ("model_error: boom", "vlm"), ("lost_entities", "vlm"),
+                             ("caption_failed: model_error", "alt"), ("empty", None), ("HTTP 404", None)][i]  # fmt: skip
+            fused.append({
+                "key": key, "shard": shard, "status": {7: "no_text", 8: "download_failed"}.get(i, "ok"), "error": error,
+                "alt_text": alts[key], "vlm_caption": "a red bridge", "vec_source": source,
+                "vec_caption": {"vlm": "a red bridge", "alt": alts[key]}.get(source, "fused text" if source else None),
+                "q_entity_recall": None if i in (3, 8) else i / 8, "q_novel": i % 3, "q_lang_out": "en",
+            })  # fmt: skip
+        write_stage(root, "fuse", shard, fused, schemas.FUSED, {"n_rows": 9, "fallbacks": {}})
+
+    data = load_report_data(str(root), thumbnails=False)
+    caption = next(sq for sq in data.stage_quality if sq.step == "caption")
+    assert caption.rejection_counts() == Counter({"refusal": 3, "repetition": 2, "empty": 2, "boilerplate": 1})
+    assert next(sq for sq in data.stage_quality if sq.step == "fuse").rejection_counts() == Counter(
+        {"lost_entities": 4, "invented": 2, "empty": 2})  # not no_vlm_caption, model_error, caption_failed  # fmt: skip
+    only = next(c for c in caption.columns if c.name == "q_only_here")
+    assert only.n_null == 9 and only.quantiles["p50"] == pytest.approx(pd.Series([0.5 * i for i in range(9)]).median())
+    refusal = next(r for r in caption.rejections if r.reason == "refusal")
+    assert len(refusal.examples) == 3 and {e.detail for e in refusal.examples} <= {"I'm sorry", ""}
+    assert all(e.alt_text == alts[e.key] for e in refusal.examples)  # joined from images/
+    assert all(e.text.startswith(("a red bridge", SCRIPT_TAG)) for r in caption.rejections for e in r.examples)
+
+    html = render_html(data)
+    page = assert_no_live_markup(html)
+    assert_quality_is_the_parquets(root, page, data)
+    assert render_html(load_report_data(str(root), thumbnails=False)).split("<h2>Samples")[0].split("<h2>Quality")[1] == (
+        html.split("<h2>Samples")[0].split("<h2>Quality")[1])  # same examples on every report  # fmt: skip
+    text = inspect_path(root)
+    assert "captions/ q_* columns (18 rows):" in text
+    assert "rejected by reason: refusal=3, empty=2, repetition=2, boilerplate=1" in text
+    assert "rejected by reason (rows): lost_entities=4, empty=2, invented=2" in inspect_path(root / "fused")
+
+
+def test_quality_and_rejections_of_a_pipeline_run(pipeline_root, tmp_path):
+    """A real run's captions/ and fused/: the page's quantiles and rejection counts are pandas' on the same files."""
+    out = build_report(pipeline_root, tmp_path / "report.html", n_samples=4)
+    page = assert_no_live_markup(out.read_text())
+    data = load_report_data(str(pipeline_root), n_samples=0, thumbnails=False)
+    assert_quality_is_the_parquets(pipeline_root, page, data)
+    caption_reasons = rejected_in_parquet("caption", stage_frame(pipeline_root, "caption"))
+    assert set(caption_reasons) <= set(validation.CAPTION_REASONS)  # every rejection names one of the checks
+    text = inspect_path(pipeline_root)
+    for sq in data.stage_quality:
+        if sq.step in FOLDERS:
+            assert f"{sq.folder}/ q_* columns ({sq.n_rows} rows):" in text

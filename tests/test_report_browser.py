@@ -61,6 +61,7 @@ class _Dom(HTMLParser):
         self.handlers: list[tuple[str, str]] = []
         self.totals: dict[str, str] = {}
         self._total: str | None = None
+        self.quality_stages: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = {k: v or "" for k, v in attrs}
@@ -73,6 +74,8 @@ class _Dom(HTMLParser):
             self.cards.append(a["data-key"])
         elif tag == "span" and "data-total" in a:
             self._total = a["data-total"]
+        if "data-quality-stage" in a:
+            self.quality_stages.append(a["data-quality-stage"])
 
     def handle_data(self, data):
         if self._total is not None:
@@ -108,6 +111,19 @@ def _hostile_root(root: Path) -> int:
             row["status"], row["error"] = "image_undecodable_" + "z" * 120, SCRIPT_TAG * 8
     write_stage(root, "write", "00001", shard, schemas.VECAP, {"n_rows": len(shard), "statuses": {"ok": 6, "x" * 150: 2}})
     (Path(layout.marker("fuse", "00001"))).write_text('{"fallbacks": {"%s": 2}}' % long_reason)
+    # captions/ and fused/ with q_* columns and rejected rows whose texts are long unbroken words
+    caps, fused = [], []
+    for i, row in enumerate(shard):
+        rejected = i % 2 == 0
+        caps.append({"key": row["key"], "shard": "00001", "status": "caption_rejected" if rejected else "ok",
+                     "error": f"repetition: {'w' * 250}" if rejected else None, "vlm_caption": ("v" * 400 + " ") * 2,
+                     "q_repetition": 0.1 * i, "q_words": 3 * i, "q_lang_out": "l" * 150 if i == 1 else "en"})  # fmt: skip
+        fused.append({"key": row["key"], "shard": "00001", "status": "ok", "alt_text": IMG_TAG + "a" * 300,
+                      "vlm_caption": "a bus", "vec_caption": "b" * 400 if rejected else "a bus, London",
+                      "vec_source": "vlm" if rejected else "fused", "error": long_reason if rejected else None,
+                      "q_entity_recall": i / 8, "q_novel_terms": "|".join(["n" * 60] * 4), "q_words": 2 * i})  # fmt: skip
+    write_stage(root, "caption", "00001", caps, schemas.CAPTIONS, {"n_rows": len(caps)})
+    write_stage(root, "fuse", "00001", fused, schemas.FUSED, {"n_rows": len(fused), "fallbacks": {long_reason: 4}})
     return len(rows)
 
 
@@ -127,6 +143,7 @@ def test_report_in_a_browser(chromium, tmp_path):
         assert dom.totals["rows"] == str(n_rows) and dom.totals["samples"] == str(len(data.samples))
         assert dom.cards == [r["key"] for r in data.samples]
         assert dom.scripts == [{"id": "vecap-probe"}] and dom.handlers == []  # no data became script
+        assert dom.quality_stages == ["caption", "fuse", "write"]  # each stage's q_* section rendered
 
     shot = tmp_path / "report.png"
     _run(chromium, tmp_path, page.as_uri(), f"--screenshot={shot}", f"--window-size={WIDE[0]},{WIDE[1]}")

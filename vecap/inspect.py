@@ -23,6 +23,7 @@ from vecap.report.data import (
     load_report_data,
     quality_columns,
     read_markers,
+    read_stage_quality,
     sum_markers,
 )
 from vecap.outputs import check_layout
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 _COUNTED = ("status", "vec_source", "txt_source")
 _SHOWN = ("key", "status", "alt_text", "vlm_caption", "vec_caption", "txt", "error")
 _STEP_OF_DIR = {folder: step for step, folder in STAGE_DIRS.items()}
+_MAX_VALUES = 10  # values listed per categorical q_* column (the most frequent)
 
 
 def inspect_path(path: str | Path, n_rows: int = 5) -> str:
@@ -79,10 +81,13 @@ def _quality_lines(columns: list[QualityColumn]) -> list[str]:
     lines = []
     for q in columns:
         if q.kind == "numeric":
+            quantiles = "".join(f", {k} {v:.3g}" for k, v in q.quantiles.items() if k != "p50")
             lines.append(f"  {q.name}: mean {q.mean:.3g}, median {q.median:.3g}, min {q.min:.3g}, max {q.max:.3g}"
-                         f" ({q.n_null} null of {q.n})")  # fmt: skip
+                         f"{quantiles} ({q.n_null} null of {q.n})")  # fmt: skip
         else:
-            lines.append(f"  {q.name}: {_kv(q.values)}" + (f", null={q.n_null}" if q.n_null else ""))
+            top = dict(q.values.most_common(_MAX_VALUES))
+            more = f", … {len(q.values) - len(top)} more value(s)" if len(q.values) > len(top) else ""
+            lines.append(f"  {q.name}: {_kv(top)}{more}" + (f", null={q.n_null}" if q.n_null else ""))
     return lines
 
 
@@ -133,6 +138,9 @@ def _stage_summary(storage: Storage, layout: Layout, step: str, n_rows: int) -> 
     for name in ("statuses", "fallbacks"):
         if any(name in m for m in markers.values()):
             lines.append(f"  {name} (markers): {_kv(sum_markers(markers, name))}")
+    if shards and step in ("caption", "fuse"):
+        rejected = read_stage_quality(storage, layout, step, shards).rejection_counts()
+        lines.append(f"  rejected by reason (rows): {_kv(rejected)}")
     if shards:
         lines.append(_parquet_summary(storage, layout.parquet(step, shards[0]), n_rows))
     return "\n".join(lines)
@@ -189,5 +197,9 @@ def root_summary(data: ReportData) -> str:
         lines.append(f"  fallbacks (fused markers): {_kv(fallbacks)}")
     for m in data.models:
         lines.append(f"  {m.step} model: {m.model} (prompt {m.prompt_id or '?'}){' — ' + m.note if m.note else ''}")
-    lines += _quality_lines(data.quality)
+    for sq in data.stage_quality:
+        lines.append(f"  {sq.folder}/ q_* columns ({sq.n_rows} rows):" if sq.columns else f"  {sq.folder}/:")
+        lines += ["  " + line for line in _quality_lines(sq.columns)]
+        if sq.step in ("caption", "fuse"):
+            lines.append(f"    rejected by reason: {_kv(sq.rejection_counts())}")
     return "\n".join(lines)

@@ -7,11 +7,15 @@ the untrusted text as it was read, and escaping is the template's job.
 Reads the layout of :mod:`vecap.layout` through :class:`vecap.storage.Storage`, so a root
 may be local or ``s3://``/``gs://``. The rows come from the most advanced stage that has a
 committed shard (``vecap/``, else ``fused/``, else ``captions/``, else the img2dataset
-``images/`` Parquet); done shards are the markers in ``<stage>/_done/``.
+``images/`` Parquet); done shards are the markers in ``<stage>/_done/``. The ``q_*`` columns
+and rejection reasons (:class:`StageQuality`) are read from each stage's own Parquet, since the
+``vecap/`` rows do not carry them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
 import statistics
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from os import PathLike
 from typing import Any, Literal
+
+import pyarrow as pa
 
 from vecap.layout import DONE_DIR, STAGE_DIRS, Layout
 from vecap.outputs import StageOutput, check_layout
@@ -43,6 +49,14 @@ COLUMNS = (
 )  # fmt: skip
 _ROW_COLUMNS = tuple(c for c in COLUMNS if c not in ("model", "prompt_id"))
 _QUALITY_BINS = 10
+QUANTILES = (("p5", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95))  # pandas' "linear"
+QUALITY_STEPS = ("caption", "fuse", "write")  # stages whose Parquet may hold q_* columns, in pipeline order
+N_EXAMPLES = 3  # examples shown per rejection reason
+CAPTION_REJECTED = "caption_rejected"  # vecap.schemas.CAPTION_REJECTED (the status of a rejected VLM caption)
+NO_TEXT = "no_text"  # vecap.schemas.NO_TEXT
+# Fusion fallbacks no validator decided: engine failures and missing sources (vecap.stages.fuse.INFRA_REASONS,
+# vecap.validation.OTHER_REASONS); every other fallback reason is a rejected LLM output.
+NOT_REJECTIONS = frozenset({"model_error", "engine_crash", "caption_failed", "no_alt_text", "no_vlm_caption"})
 
 
 # --- value objects ----------------------------------------------------------------------
@@ -104,6 +118,49 @@ class QualityColumn:
     median: float | None = None
     min: float | None = None
     max: float | None = None
+    quantiles: dict[str, float] = field(default_factory=dict)  # numeric: p5 … p95 (pandas' linear interpolation)
+
+
+@dataclass(frozen=True)
+class RejectionExample:
+    """One rejected row: ``text`` is the rejected output when the Parquet keeps it (the VLM caption of a
+    ``caption_rejected`` row; the fused Parquet keeps only the fallback, in ``fallback``)."""
+
+    key: str
+    shard: str
+    detail: str  # the error after "<reason>: "
+    text: str | None
+    alt_text: str | None
+    fallback: str | None = None  # fuse: the VeC caption used instead
+    fallback_source: str | None = None  # fuse: its vec_source (vlm, alt; None: no text)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejection reason of a stage: its rows and up to :data:`N_EXAMPLES` of them (by :func:`example_rank`)."""
+
+    reason: str
+    n: int
+    examples: list[RejectionExample]
+
+
+@dataclass(frozen=True)
+class StageQuality:
+    """The ``q_*`` columns and rejections of one stage's committed Parquet (``captions/``, ``fused/``, ``vecap/``)."""
+
+    step: str
+    folder: str
+    n_rows: int
+    n_shards: int
+    columns: list[QualityColumn]
+    rejections: list[Rejection]  # most frequent first
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(r.n for r in self.rejections)
+
+    def rejection_counts(self) -> Counter:
+        return Counter({r.reason: r.n for r in self.rejections})
 
 
 # --- pure helpers (shared with vecap inspect) -------------------------------------------
@@ -141,6 +198,7 @@ def _quality(name: str, values: list[Any]) -> QualityColumn:
         return QualityColumn(name, "categorical", len(values), len(values) - len(present),
                              values=Counter(str(v) for v in present))  # fmt: skip
     lo, hi = min(numeric), max(numeric)
+    ordered = sorted(numeric)
     n_bins = _QUALITY_BINS if hi > lo else 1
     step = (hi - lo) / n_bins if hi > lo else 1.0
     counts = [0] * n_bins
@@ -150,7 +208,37 @@ def _quality(name: str, values: list[Any]) -> QualityColumn:
         name, "numeric", len(values), len(values) - len(present),
         edges=[lo + i * step for i in range(n_bins + 1)], counts=counts,
         mean=statistics.fmean(numeric), median=statistics.median(numeric), min=lo, max=hi,
+        quantiles={label: quantile(ordered, p) for label, p in QUANTILES},
     )  # fmt: skip
+
+
+def quantile(ordered: list[float], p: float) -> float:
+    """The ``p`` quantile of sorted values, interpolated linearly (numpy's and pandas' default)."""
+    h = (len(ordered) - 1) * p
+    i = math.floor(h)
+    if i + 1 >= len(ordered):
+        return ordered[-1]
+    a, b, t = ordered[i], ordered[i + 1], h - i
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's lerp, rounded as numpy does
+
+
+def example_rank(shard: str, key: str) -> str:
+    """The order in which rejected rows become examples: a hash, so they spread over shards, stable across runs."""
+    return hashlib.blake2b(f"{shard}/{key}".encode(), digest_size=8).hexdigest()
+
+
+def rejection_reason(step: str, status: str | None, error: str | None, vec_source: str | None) -> str | None:
+    """Why a row's model output was rejected by validation (``error`` before ":"), or None if it was not.
+
+    caption: status ``caption_rejected``. fuse: a fallback (``vec_source`` vlm/alt, or ``no_text``)
+    whose reason is not an engine failure or a missing source (:data:`NOT_REJECTIONS`).
+    """
+    reason = (error or "unknown").split(":", 1)[0].strip() or "unknown"
+    if step == "caption":
+        return reason if status == CAPTION_REJECTED else None
+    if step == "fuse" and (vec_source in FALLBACK_SOURCES or status == NO_TEXT):
+        return None if reason in NOT_REJECTIONS else reason
+    return None
 
 
 def length_histograms(rows: list[dict[str, Any]], columns: Iterable[str] = CAPTION_COLUMNS) -> LengthHistograms:
@@ -230,6 +318,7 @@ class ReportData:
     models: list[ModelInfo] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     thumbnails: dict[tuple[str, str], str] = field(default_factory=dict)
+    stage_quality: list[StageQuality] = field(default_factory=list)  # per stage with q_* columns or rejections
 
     @property
     def folder(self) -> str:
@@ -307,6 +396,10 @@ def load_report_data(
         tars=sorted(n[:-4] for n in storage.names(layout.clip) if n.endswith(".tar") and not n.startswith(".")),
     )  # fmt: skip
     data.models = _models(data)
+    data.stage_quality = [
+        q for step in QUALITY_STEPS if done.get(step)
+        for q in [read_stage_quality(storage, layout, step, done[step])] if q.n_rows and (q.columns or q.rejections)
+    ]  # fmt: skip
     data.samples = sorted(data.ok_rows, key=lambda r: (r["key"], r["shard"]))[: max(n_samples, 0)]
     if thumbnails and data.samples:
         data.thumbnails = _thumbnails(storage, layout, data.samples)
@@ -337,6 +430,85 @@ def read_rows(storage: Storage, path: str) -> list[dict[str, Any]]:
     table = storage.read_table(path)
     names = [c for c in table.column_names if c in COLUMNS or c.startswith(QUALITY_PREFIX)]
     return table.select(names).to_pylist()
+
+
+def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iterable[str]) -> StageQuality:
+    """The ``q_*`` distributions and rejection reasons of a stage's done shards.
+
+    Reads only ``key``, ``status``, ``error``, ``vec_source`` and the ``q_*`` columns of each
+    shard, then the text columns of the few rows picked as examples (and, for ``captions/``,
+    their alt-text from ``images/``). A ``q_*`` column absent from some shards counts as null there.
+    """
+    from vecap.reader import read_parquet_rows
+
+    shards = list(shards)
+    values: dict[str, list[Any]] = {}
+    n_rows = 0
+    counts: Counter = Counter()
+    picked: dict[str, list[tuple[str, str, int]]] = defaultdict(list)  # reason → (rank, shard, row index)
+    texts = ("error", "vlm_caption", "alt_text", "vec_caption", "vec_source")
+    examples: dict[tuple[str, int], dict[str, Any]] = {}
+    n_read = 0
+    for shard in shards:
+        path = layout.parquet(step, shard)
+        try:
+            pf = _parquet_file(storage, path)
+            names = pf.schema_arrow.names
+            q_names = [n for n in names if n.startswith(QUALITY_PREFIX)]
+            base = [c for c in ("key", "status", "error", "vec_source") if c in names]
+            table = pf.read(columns=base + q_names)
+        except (OSError, pa.ArrowException) as err:
+            log.warning("%s unreadable, left out of the quality section: %s", path, err)
+            continue
+        n_read += 1
+        for name in q_names:
+            values.setdefault(name, [None] * n_rows).extend(table[name].to_pylist())
+        n_rows += table.num_rows
+        for name, column in values.items():
+            column.extend([None] * (n_rows - len(column)))
+        if step not in ("caption", "fuse"):
+            continue
+        cols = {c: table[c].to_pylist() if c in base else [None] * table.num_rows for c in ("key", "status", "error", "vec_source")}
+        shard_picks: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+        for i, (key, status, error, source) in enumerate(zip(cols["key"], cols["status"], cols["error"], cols["vec_source"])):
+            reason = rejection_reason(step, status, error, source)
+            if reason is not None:
+                counts[reason] += 1
+                shard_picks[reason].append((example_rank(shard, str(key)), shard, i))
+        wanted = []
+        for reason, cands in shard_picks.items():
+            merged = sorted(picked[reason] + sorted(cands)[:N_EXAMPLES])[:N_EXAMPLES]
+            picked[reason] = merged
+            wanted += [i for _, s, i in merged if s == shard]
+        if wanted:  # the text of this shard's candidates (a later shard may displace them)
+            rows = pf.read(columns=["key"] + [c for c in texts if c in names]).take(sorted(wanted)).to_pylist()
+            alts = {}
+            if step == "caption":
+                alts = {str(r["key"]): r.get("caption") for r in read_parquet_rows(layout.images, shard, storage)}
+            for i, row in zip(sorted(wanted), rows):
+                row.setdefault("alt_text", alts.get(str(row["key"])))
+                examples[(shard, i)] = row
+    rejections = []
+    for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        shown = []
+        for _, shard, i in picked[reason]:
+            row = examples[(shard, i)]
+            detail = (row.get("error") or "").split(":", 1)[1].strip() if ":" in (row.get("error") or "") else ""
+            fuse = step == "fuse"
+            shown.append(RejectionExample(
+                key=str(row["key"]), shard=shard, detail=detail, text=None if fuse else row.get("vlm_caption"),
+                alt_text=row.get("alt_text"), fallback=row.get("vec_caption") if fuse else None,
+                fallback_source=row.get("vec_source") if fuse else None,
+            ))  # fmt: skip
+        rejections.append(Rejection(reason, n, shown))
+    columns = [_quality(name, column) for name, column in sorted(values.items())]
+    return StageQuality(step, STAGE_DIRS[step], n_rows, n_read, columns, rejections)
+
+
+def _parquet_file(storage: Storage, path: str):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))
 
 
 def _normalise(row: dict[str, Any], step: str, shard: str) -> dict[str, Any]:

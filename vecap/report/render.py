@@ -22,7 +22,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vecap.report.data import CAPTION_COLUMNS, NULL, LengthHistograms, QualityColumn, ReportData, load_report_data
+from vecap.report.data import (
+    CAPTION_COLUMNS,
+    NULL,
+    QUANTILES,
+    LengthHistograms,
+    QualityColumn,
+    ReportData,
+    StageQuality,
+    load_report_data,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -37,10 +46,13 @@ MAX_BADGE_CHARS = 80
 MAX_VALUE_CHARS = 120  # counted values (statuses, fallback reasons) longer than this are cut, whole in the title
 MAX_FAILED_ROWS = 20
 MAX_SHARDS_LISTED = 12
+MAX_EXAMPLE_CHARS = 240  # rejected texts and alt-texts in the rejection examples
+MAX_CATEGORIES = 12  # values listed per categorical q_* column (the most frequent)
 LABELS = {"alt_text": "alt-text", "vlm_caption": "VLM caption", "vec_caption": "VeC caption"}
 _THUMB_RE = re.compile(r"^data:image/(?:jpeg|png|webp);base64,[A-Za-z0-9+/]+={0,2}$")
 # SVG histogram geometry (viewBox units)
 _W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 360, 200, 34, 8, 24, 30
+_SPARK_W, _SPARK_H = 240, 36  # the small histogram in a numeric q_* column's panel
 
 
 # --- the Jinja2 environment -------------------------------------------------------------
@@ -139,19 +151,59 @@ def _length_figures(hist: LengthHistograms) -> list[dict[str, Any]]:
     return figures
 
 
-def _quality_item(q: QualityColumn) -> dict[str, Any]:
-    """A ``q_*`` column: an SVG histogram if numeric, else a counts panel."""
-    if q.kind == "categorical":
-        counts = dict(q.values)
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
+
+
+def _spark(q: QualityColumn) -> dict[str, Any]:
+    """A q_* column's histogram as a small bar strip (same bins as :class:`QualityColumn`)."""
+    top = max(q.counts, default=0)
+    bw = _SPARK_W / max(len(q.counts), 1)
+    bars = []
+    for i, n in enumerate(q.counts):
+        h = (_SPARK_H - 2) * n / top if top else 0
+        lo, hi = q.edges[i], q.edges[i + 1]
+        bars.append({"x": round(i * bw + 0.5, 1), "y": round(_SPARK_H - h, 1), "w": round(max(bw - 1, 0.5), 1),
+                     "h": round(h, 1), "title": f"{_fmt(lo)} – {_fmt(hi)}: {n}"})  # fmt: skip
+    return {"w": _SPARK_W, "h": _SPARK_H, "bars": bars}
+
+
+def _stage_quality(sq: StageQuality) -> dict[str, Any]:
+    """One stage's q_* columns (numeric: quantiles and a small histogram; else value counts) and its rejections."""
+    numeric, categorical, empty = [], [], []
+    for q in sq.columns:
+        if q.n and q.n_null == q.n:
+            empty.append(q.name)
+            continue
+        if q.kind == "numeric":
+            numeric.append({
+                "name": q.name, "n": q.n - q.n_null, "n_null": q.n_null, "mean": _fmt(q.mean),
+                "min": _fmt(q.min), "max": _fmt(q.max), "spark": _spark(q),
+                "quantiles": [{"label": label, "value": q.quantiles[label], "text": _fmt(q.quantiles[label])}
+                              for label, _ in QUANTILES],
+            })  # fmt: skip
+            continue
+        top = q.values.most_common(MAX_CATEGORIES)
+        counts = dict(top)
         if q.n_null:
             counts[NULL] = q.n_null
-        return {"kind": "categorical", "name": q.name, "panel": _count_panel(q.name, q.name, counts)}
-    labels = [f"{lo:.3g} – {hi:.3g}" for lo, hi in zip(q.edges, q.edges[1:])]
-    ticks = [f"{lo:.3g}" for lo in q.edges[:-1]]
-    summary = (f"{q.n - q.n_null} of {q.n} rows; mean {q.mean:.3g}, median {q.median:.3g}, "
-               f"min {q.min:.3g}, max {q.max:.3g}")  # fmt: skip
-    return {"kind": "numeric", "name": q.name, "column": q.name, "label": q.name, "axis": "value",
-            "summary": summary, "svg": _svg_bars(q.counts, labels, ticks, max(q.counts, default=0))}  # fmt: skip
+        title = q.name + (f" ({len(top)} of {len(q.values)} values)" if len(q.values) > len(top) else "")
+        categorical.append({"name": q.name, "panel": _count_panel(title, f"{sq.folder}/{q.name}", counts)})
+    rejections = [
+        {"reason": r.reason, "n": r.n, "pct": _pct(r.n, sq.n_rows),
+         "examples": [
+             {"key": e.key, "shard": e.shard, "detail": _cut(e.detail, MAX_ERROR_CHARS),
+              "text": None if e.text is None else _cut(e.text, MAX_EXAMPLE_CHARS),
+              "alt_text": _cut(e.alt_text, MAX_EXAMPLE_CHARS),
+              "fallback": None if sq.step != "fuse" else _cut(e.fallback, MAX_EXAMPLE_CHARS),
+              "fallback_source": e.fallback_source or "none"}
+             for e in r.examples]}
+        for r in sq.rejections
+    ]  # fmt: skip
+    return {"step": sq.step, "folder": sq.folder, "n_rows": sq.n_rows, "n_shards": sq.n_shards,
+            "numeric": numeric, "categorical": categorical, "empty": empty, "rejections": rejections,
+            "n_rejected": sq.n_rejected, "pct_rejected": _pct(sq.n_rejected, sq.n_rows),
+            "judged": sq.step in ("caption", "fuse")}  # fmt: skip
 
 
 def _card(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
@@ -215,7 +267,7 @@ def page_context(data: ReportData) -> dict[str, Any]:
             {**vars(r), "pct": _pct(r.kept, r.total), "color": r.column} for r in data.retention
         ],
         "n_with_alt_entities": data.n_with_alt_entities,
-        "quality": [_quality_item(q) for q in data.quality],
+        "stage_quality": [_stage_quality(sq) for sq in data.stage_quality],
         "cards": [_card(r, data.thumbnails.get((r["shard"], r["key"]))) for r in data.samples],
         "failed": [
             {"key": r["key"], "shard": r["shard"], "status": r.get("status") or NULL,
