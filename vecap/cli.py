@@ -133,7 +133,9 @@ def _download_cmd(args: argparse.Namespace) -> int:
 def _sample_data_cmd(args: argparse.Namespace) -> int:
     from vecap.demo.sample_data import make_sample_data
 
-    out = make_sample_data(args.root, n_images=args.n_images, shard_size=args.shard_size, overwrite=args.overwrite)
+    out = make_sample_data(
+        args.root, n_images=args.n_images, shard_size=args.shard_size, overwrite=args.overwrite, duplicates=args.duplicates
+    )
     print(f"sample img2dataset shards → {out}")
     return 0
 
@@ -216,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data/sample", help="dataset root; shards go to <root>/images")
     p.add_argument("--n-images", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=16)
+    p.add_argument(
+        "--duplicates", type=float, default=0.0, metavar="FRACTION",
+        help="share of the images that are byte-identical copies of another (other URL and alt-text), e.g. 0.3",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_sample_data_cmd)
 

@@ -139,6 +139,12 @@ class CaptionConfig(ModelConfig):
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     validation: CaptionChecks = Field(default_factory=CaptionChecks)
+    # Identical images (img2dataset's sha256) are captioned once per run; their copies reuse it.
+    dedup: bool = True
+    # A caption cache shared by runs (local path or URI, e.g. s3://bucket/vecap-cache), keyed by
+    # image sha256 and this stage's fingerprint; cache_storage_options default to the root's.
+    cache: str | None = None
+    cache_storage_options: dict[str, Any] | None = None
 
 
 class FuseConfig(ModelConfig):

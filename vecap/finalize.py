@@ -97,6 +97,7 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
             keep = committed.filter(pc.invert(pc.is_in(committed["key"], value_set=table["key"])))
             table = pa.concat_tables([keep, table.select(committed.column_names).cast(committed.schema)]).sort_by("key")
             expected = committed.num_rows
+        table = stage.complete(table, job.shard, storage, layout)
         if table.num_rows != expected:
             raise RuntimeError(f"shard {job.shard}: {table.num_rows} {stage.name} rows assembled, {expected} expected")
         stats = stage.stats(table)

@@ -8,6 +8,7 @@
 <root>/vecap/             NNNNN.parquet   + _done/                    stage write: one row per key
 <root>/clip/              NNNNN.tar sizes.json                        stage write: CLIP-ready webdataset
 <root>/<stage>/_parts/    NNNNN/<part>.parquet                        work in progress (merged, then removed)
+<root>/captions/_reuse/   <run>/NNNNN.parquet                         a run's duplicate and cached keys
 <root>/<stage>/_run.json                                              the last run's config, versions, totals
 <root>/_lease.json                                                    the run that holds the root
 ```
@@ -28,6 +29,7 @@ IMAGES_DIR = "images"
 CLIP_DIR = "clip"
 DONE_DIR = "_done"
 PARTS_DIR = "_parts"
+REUSE_DIR = "_reuse"  # captions/_reuse/<run id>/NNNNN.parquet: a run's reused keys per shard (vecap.reuse)
 RUN_FILE = "_run.json"
 SIZES_FILE = "sizes.json"
 LEASE_FILE = "_lease.json"
@@ -69,6 +71,10 @@ class Layout:
 
     def parts(self, step: str, shard: str) -> str:
         return self.join(STAGE_DIRS[step], PARTS_DIR, shard)
+
+    def reuse(self, run_id: str | None = None) -> str:
+        """The caption reuse plan of a run (every run's when ``run_id`` is None)."""
+        return self.join(STAGE_DIRS["caption"], REUSE_DIR, *([run_id] if run_id else []))
 
     def run_file(self, step: str) -> str:
         return self.join(STAGE_DIRS[step], RUN_FILE)

@@ -34,6 +34,7 @@ from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
 from vecap.outputs import StageOutput, check_layout, write_sizes
 from vecap.reader import list_shards
+from vecap.reuse import Reuse, ShardReuse, resolve
 from vecap.runlog import driver_log, file_only, worker_runtime_env
 from vecap.stages.base import Stage
 from vecap.storage import Storage, is_uri
@@ -194,7 +195,7 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
 
     built: dict[str, Stage] = {}
     if "caption" in steps:
-        built["caption"] = CaptionStage(cfg.caption, cfg.seed, faults(cfg.caption))
+        built["caption"] = CaptionStage(cfg.caption, cfg.seed, faults(cfg.caption), cfg.storage_options)
     if "fuse" in steps:
         built["fuse"] = FuseStage(cfg.fuse, cfg.seed, faults(cfg.fuse))
     if "write" in steps:
@@ -305,25 +306,35 @@ def plan(
 # --- the stream -----------------------------------------------------------------------------
 def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None):
     """Ray Data UDF: one planned shard → its work rows, from the images or from committed captions."""
+    from vecap.reuse import read_shard_reuse
     from vecap.stages.caption import read_image_rows
     from vecap.stages.fuse import read_caption_rows
 
-    for source, shard, keys in zip(*(batch.column(c).to_pylist() for c in ("source", "shard", "keys"))):
+    columns = ("source", "shard", "keys", "reuse")
+    for source, shard, keys, reused in zip(*(batch.column(c).to_pylist() for c in columns)):
         only = set(json.loads(keys)) if keys else None
         if source == "images":
-            yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only_keys=only)
+            again = read_shard_reuse(storage, reused)
+            yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only, again)
         else:
             yield from read_caption_rows(storage, layout, shard, only_keys=only)
 
 
-def build_stream(cfg: PipelineConfig, stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout):
+def build_stream(
+    cfg: PipelineConfig, stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, again: Reuse
+):
     """from_items(planned shards) → read → each stream stage's steps → part writer (manifest rows)."""
     import ray.data
 
     from vecap.stages.base import Step
 
     items = [
-        {"source": p.source, "shard": p.shard, "keys": json.dumps(sorted(p.retry_keys)) if p.retry_keys else ""}
+        {
+            "source": p.source,
+            "shard": p.shard,
+            "keys": json.dumps(sorted(p.retry_keys)) if p.retry_keys else "",
+            "reuse": (again.file(p.shard) or "") if p.source == "images" else "",
+        }
         for p in plans
         if p.stream
     ]
@@ -331,7 +342,7 @@ def build_stream(cfg: PipelineConfig, stages: dict[str, Stage], plans: list[Shar
     ds = Step(
         "read", _read_shards, {"storage": storage, "layout": layout, "caption_stage": stages.get("caption")},
         # At most max_inflight_shards shards are being read at once; Ray Data's back-pressure bounds the rest.
-        inputs=("source", "shard", "keys"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=1024,
+        inputs=("source", "shard", "keys", "reuse"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=1024,
     ).apply(ds)
     in_stream = [stages[s] for s in ("caption", "fuse") if any(s in p.stream for p in plans)]
     for stage in in_stream:
@@ -427,6 +438,7 @@ def run(
         invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)
         plans, tallies = plan(stages, layout, storage, input_shards, retry_failed)
         failed: dict[str, str] = {}
+        storage.remove(layout.reuse(), recursive=True)  # reuse plans of dead runs
         if plans:
             log.info("Ray: %s", init_ray(cfg))
             registry = start_registry(run_id, cfg.faults.max_consecutive_fatal)
@@ -435,7 +447,19 @@ def run(
                 sum(p.source == "images" for p in plans), sum(p.source == "captions" for p in plans),
                 sum(p.source is None for p in plans), len(input_shards) - len(plans),
             )
-            failed = _execute(cfg, stages, plans, storage, layout, tallies, progress, registry)
+            again = resolve_reuse(stages, plans, storage, layout, run_id)
+            if again.n_duplicate and any(len(p.stream) > 1 for p in plans):
+                # A duplicate's caption arrives when its first copy's shard commits, after the stream
+                # has passed it: caption every shard first, then fuse (and write) from the captions.
+                log.info("duplicate images: captioning first, then fusing")
+                first = [ShardPlan(p.shard, p.source, ["caption"], False) for p in plans if "caption" in p.stream]
+                failed = _execute(cfg, stages, first, storage, layout, tallies, progress, registry, again)
+                later = {k: v for k, v in stages.items() if k != "caption"}
+                plans, later_tallies = plan(later, layout, storage, [s for s in input_shards if s not in failed], False)
+                tallies.update(later_tallies)
+                again = Reuse("")
+            failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again))
+            storage.remove(layout.reuse(run_id), recursive=True)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
         result = RunResult(run_id, tallies, time.time() - t0, layout, failed)
@@ -451,6 +475,22 @@ def run(
     return result
 
 
+def resolve_reuse(stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, run_id: str) -> Reuse:
+    """Which images of the planned shards are duplicates or cached (:mod:`vecap.reuse`)."""
+    caption = stages.get("caption")
+    todo = [p.shard for p in plans if p.source == "images" and p.retry_keys is None]
+    if caption is None or not todo:
+        return Reuse("")
+    t0 = time.time()
+    cfg = caption.cfg  # type: ignore[attr-defined]
+    again = resolve(todo, layout.images, storage, layout.reuse(run_id), dedup=cfg.dedup, cache=caption.cache)  # type: ignore[attr-defined]
+    log.info(
+        "captions reused: %d duplicate image(s), %d from the cache (resolved in %.1fs)",
+        again.n_duplicate, again.n_cache, time.time() - t0,
+    )
+    return again
+
+
 def _execute(
     cfg: PipelineConfig,
     stages: dict[str, Stage],
@@ -460,11 +500,13 @@ def _execute(
     tallies: dict[str, StageTally],
     progress: bool,
     registry: Any,
+    again: Reuse,
 ) -> dict[str, str]:
     """Stream the planned shards, submit each shard's finalize task when complete; returns failed shards.
 
     A stream that fails (the fault registry's circuit breaker, an error Ray could not retry)
     still lets every complete shard commit; the shards it left incomplete are reported failed.
+    A shard with duplicate images is committed after the shards holding their first copies.
     """
     import ray
 
@@ -475,6 +517,8 @@ def _execute(
     pending: dict[Any, str] = {}
     submitted: set[str] = set()
     failed: dict[str, str] = {}
+    captioned: set[str] = set()
+    waiting: dict[str, tuple[ShardPlan, dict[str, Any], dict[str, float]]] = {}
     n_fused = 0
 
     def submit(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
@@ -500,9 +544,30 @@ def _execute(
                 continue
             for step, stats in done.items():
                 tallies[step].add(stats)
+            if "caption" in done:
+                captioned.add(shard)
             if "fuse" in done:
                 n_fused += 1
                 _fault_point(n_fused)
+
+    def complete(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
+        if again.shards.get(p.shard, ShardReuse()).waits_for <= captioned:
+            submit(p, report, timings)
+        else:
+            waiting[p.shard] = (p, report, timings)
+
+    def release() -> None:
+        """Submit the waiting shards whose first copies are committed; fail those whose never will be."""
+        for shard in list(waiting):
+            deps = again.shards[shard].waits_for
+            lost = sorted(d for d in deps if d in failed)
+            if lost:
+                del waiting[shard]
+                failed[shard] = f"the first copies of its duplicate images are in shard {lost[0]}, which failed"
+                log.error("shard %s failed: %s", shard, failed[shard])
+                metrics.record_failed()
+            elif deps <= captioned:
+                submit(*waiting.pop(shard))
 
     for p in plans:
         if not p.stream:
@@ -515,7 +580,7 @@ def _execute(
         timings: dict[str, Counter] = {}
         stream_error = None
         try:
-            for batch in build_stream(cfg, stages, streamed, storage, layout).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in build_stream(cfg, stages, streamed, storage, layout, again).iter_batches(batch_size=None, batch_format="pyarrow"):
                 for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings"))):
                     got[shard] += n
                     bar.update(n)
@@ -524,19 +589,25 @@ def _execute(
                         reports[shard] = json.loads(report)
                     # A shard is complete once its read report and as many rows as it announced are here.
                     if shard in reports and got[shard] == reports[shard]["n_rows"]:
-                        submit(by_shard[shard], reports.pop(shard), dict(timings.pop(shard)))
+                        complete(by_shard[shard], reports.pop(shard), dict(timings.pop(shard)))
                         got.pop(shard)
                 harvest(block=False)
+                release()
         except Exception as err:  # noqa: BLE001 - commit what is complete, then report the rest
             tripped = ray.get(registry.state.remote())["tripped"]
             stream_error = tripped or f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
             log.error("the stream stopped: %s", stream_error)
         bar.close()
         for p in streamed:
-            if p.shard not in submitted:
+            if p.shard not in submitted and p.shard not in waiting:
                 failed.setdefault(p.shard, stream_error or "the stream ended before all of the shard's rows came back")
                 metrics.record_failed()
-    harvest(block=True)
+    release()
+    while pending:
+        harvest(block=True)
+        release()
+    for shard in waiting:  # unreachable unless a first copy's shard was never planned
+        failed[shard] = "the shards holding the first copies of its duplicate images were not committed"
     return failed
 
 

@@ -43,6 +43,7 @@ class Sample:
     alt_text: str | None = None
     url: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # img2dataset's, from its Parquet (of the downloaded bytes)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class ShardReader:
             seen.add(sample.key)
             row = rows.get(sample.key, {})
             sample.url = sample.url or row.get("url")
+            sample.sha256 = row.get("sha256") if sample.image is not None else None
             if sample.alt_text is None:
                 sample.alt_text = row.get("caption")
             yield self._count(sample)

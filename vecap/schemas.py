@@ -80,6 +80,16 @@ QUALITY_FUSE = [
     ("q_words_vlm", pa.int32()),
 ]
 
+# Where a row's VLM caption comes from (vecap.reuse): this row's own engine call, another
+# copy of the same image in the run, or the caption cache; caption_from names that key.
+CAPTION_SOURCES = ("computed", "duplicate", "cache")
+_REUSE = [
+    ("sha256", pa.string()),  # img2dataset's sha256 of the image bytes
+    ("caption_source", pa.string()),
+    ("caption_from", pa.string()),
+    ("caption_from_shard", pa.string()),
+]
+
 CAPTIONS = pa.schema(
     [
         ("key", pa.string()),
@@ -89,6 +99,7 @@ CAPTIONS = pa.schema(
         ("vlm_caption", pa.string()),
         *_PROVENANCE,
         *QUALITY_CAPTION,
+        *_REUSE,
     ]
 )
 

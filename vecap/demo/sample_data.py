@@ -242,18 +242,31 @@ def _alt_texts(rng: np.random.Generator, count: int) -> list[str]:
 # --- the sample set ----------------------------------------------------------------------
 
 
-def _write_sources(src: Path, n_images: int, seed: int) -> list[dict[str, Any]]:
-    """Write the image files into `src`; returns the URL-list rows (URL paths relative)."""
+def _write_sources(src: Path, n_images: int, seed: int, duplicates: float = 0.0) -> list[dict[str, Any]]:
+    """Write the image files into `src`; returns the URL-list rows (URL paths relative).
+
+    ``duplicates``: the share of the ``n_images`` that are byte-identical copies of another
+    one, under their own file name (URL) and alt-text, as the web repeats images.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    specs = _specs(n_images)
+    n_copies = round(duplicates * n_images)
+    specs = _specs(n_images - n_copies)
     rows: list[dict[str, Any]] = []
     for spec in specs:
         (src / spec.name).write_bytes(_encode(spec, rng))
         rows.append(
             {"file": spec.name, "format": spec.fmt.lower(), "mode": spec.mode, "width": spec.size[0], "height": spec.size[1]}
         )
+    if n_copies:
+        copy_rng = np.random.default_rng([seed, 1])  # apart: the set without copies stays the same
+        originals = list(rows)
+        for i in range(n_copies):
+            orig = originals[int(copy_rng.integers(len(originals)))]
+            name = f"copy{i}_{orig['file']}"
+            (src / name).write_bytes((src / orig["file"]).read_bytes())
+            rows.append({**orig, "file": name})
     (src / NOT_AN_IMAGE_FILE).write_bytes(b"<html><body><h1>403 Forbidden</h1>Hotlinking not allowed.</body></html>\n")
     rows.append({"file": NOT_AN_IMAGE_FILE, "format": "html", "mode": None, "width": None, "height": None})
     for i in range(N_MISSING):
@@ -269,9 +282,16 @@ def _is_complete(images: Path) -> bool:
 
 
 def make_sample_data(
-    root: str | Path, n_images: int = 64, shard_size: int = 16, seed: int = 0, overwrite: bool = False
+    root: str | Path,
+    n_images: int = 64,
+    shard_size: int = 16,
+    seed: int = 0,
+    overwrite: bool = False,
+    duplicates: float = 0.0,
 ) -> Path:
     """Builds <root>/images/ in img2dataset's webdataset format from generated images served on loopback; returns the images dir.
+
+    ``duplicates`` (0 to 1): the share of the images that repeat another's bytes under another URL and alt-text.
 
     Built in a temporary folder and renamed into place at the end, so a half-built set never
     looks complete; an existing complete set is returned as is unless `overwrite`.
@@ -283,6 +303,8 @@ def make_sample_data(
 
     if n_images < 1 or shard_size < 1:
         raise ValueError("n_images and shard_size must be >= 1")
+    if not 0 <= duplicates < 1:
+        raise ValueError("duplicates must be in [0, 1)")
     root = Path(root)
     images, sources = root / "images", root / "sample_src"
     if _is_complete(images) and not overwrite:
@@ -297,7 +319,7 @@ def make_sample_data(
     try:
         src, out = tmp / "sample_src", tmp / "images"
         src.mkdir()
-        rows = _write_sources(src, n_images, seed)
+        rows = _write_sources(src, n_images, seed, duplicates)
         log.info("wrote %d source images in %.1fs", n_images, time.monotonic() - start)
         with serve_folder(src) as base_url:
             for row in rows:

@@ -52,6 +52,10 @@ WORK = pa.schema(
         ("pixels_w", pa.int32()),
         ("pixels_h", pa.int32()),
         ("needs_caption", pa.bool_()),
+        ("sha256", pa.string()),
+        ("caption_source", pa.string()),  # computed | duplicate | cache (vecap.reuse)
+        ("caption_from", pa.string()),
+        ("caption_from_shard", pa.string()),
         ("vlm_caption", pa.string()),
         ("caption_finish_reason", pa.string()),
         ("caption_n_prompt_tokens", pa.int32()),
@@ -204,6 +208,10 @@ class Stage(ABC):
     def output_table(self, work: pa.Table) -> pa.Table:
         """Work rows of one shard → this stage's Parquet rows."""
         raise NotImplementedError
+
+    def complete(self, table: pa.Table, shard: str, storage: Any, layout: Any) -> pa.Table:
+        """The finalize task's last look at a shard's rows before they are committed."""
+        return table
 
     def stats(self, table: pa.Table) -> dict[str, Any]:
         """Per-shard counts for the marker and the run summary."""

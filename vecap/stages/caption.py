@@ -8,13 +8,14 @@ chat request from the prompt and the pixels, caption, and put the text back.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from vecap import schemas
+from vecap import reuse, schemas
 from vecap.backends import EngineSpec, Generation, Request
 from vecap.config import CaptionChecks, CaptionConfig, stable_hash
 from vecap.faults import FaultPolicy
@@ -56,11 +57,14 @@ def read_image_rows(
     shard: str,
     opts: ImageReadOptions,
     only_keys: set[str] | None = None,
+    reused: dict[str, dict[str, Any]] | None = None,
     rows_per_block: int = 32,
 ) -> Iterator[pa.Table]:
     """One input shard → work rows with decoded pixels (blocks of ``rows_per_block``), then its marker row.
 
-    ``only_keys`` restricts the rows to those keys (retrying failed rows alone).
+    ``only_keys`` restricts the rows to those keys (retrying failed rows alone). Keys in
+    ``reused`` (:mod:`vecap.reuse`) are not decoded and skip the VLM: cached captions are
+    filled in here, duplicates when the shard commits.
     """
     reader = ShardReader(images_dir, shard, max_image_bytes=opts.max_bytes, storage=storage)
     seen: set[str] = set()
@@ -85,8 +89,13 @@ def read_image_rows(
             "url": sample.url,
             "caption_seed": seed_for(opts.run_seed, STAGE, sample.key),
             "needs_caption": False,
+            "sha256": sample.sha256,
+            "caption_source": reuse.COMPUTED,
         }
-        if sample.status == schemas.OK:
+        again = (reused or {}).get(sample.key)
+        if sample.status == schemas.OK and again is not None:
+            row.update(reused_row(again))
+        elif sample.status == schemas.OK:
             try:
                 img = prepare_image(sample.image, opts.image_size, opts.max_pixels, opts.max_bytes)
                 row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
@@ -107,6 +116,20 @@ def read_image_rows(
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
     yield clock.stamp(work_table(rows), "t_read")
+
+
+def reused_row(again: dict[str, Any]) -> dict[str, Any]:
+    """The work-row fields of a key whose caption is reused (a cache entry's caption, or a duplicate's source)."""
+    row = {f: again[f] for f in ("caption_source", "caption_from", "caption_from_shard")}
+    if again["caption_source"] == reuse.CACHE:
+        entry = json.loads(again["entry"])
+        row.update(
+            status=entry["status"], error=entry["error"], vlm_caption=entry["vlm_caption"],
+            caption_finish_reason=entry["finish_reason"], caption_seed=entry["seed"],
+            caption_n_prompt_tokens=0, caption_n_output_tokens=0,
+            caption_quality=json.dumps({n: entry.get(n) for n, _ in schemas.QUALITY_CAPTION}),
+        )
+    return row
 
 
 class CaptionWorker(EngineWorker):
@@ -149,6 +172,8 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
     for r in rows:
         if r["is_marker"] or r["status"] != schemas.OK or r.get("caption_finish_reason") is None:
             continue
+        if r.get("caption_source") not in (None, reuse.COMPUTED):
+            continue  # checked when it was computed, with the same checks (they are in the fingerprint)
         verdict = check_caption(r.get("vlm_caption"), r["caption_finish_reason"], checks, instructions)
         r["caption_quality"] = json.dumps(verdict.quality)
         if verdict.reason is None:
@@ -165,13 +190,20 @@ class CaptionStage(Stage):
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
 
-    def __init__(self, cfg: CaptionConfig, run_seed: int, faults: FaultPolicy | None = None) -> None:
+    def __init__(
+        self, cfg: CaptionConfig, run_seed: int, faults: FaultPolicy | None = None, cache_storage_options: dict | None = None
+    ) -> None:
         self.cfg = cfg
         self.faults = faults or FaultPolicy()
         self.spec = engine_spec(cfg, multimodal=True)
         self.prompt = load_prompt(STAGE, cfg.prompt)
         self.read_options = ImageReadOptions(cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed)
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
+        self.cache = (
+            reuse.CaptionCache(cfg.cache, self.fingerprint(), cfg.cache_storage_options or cache_storage_options or {})
+            if cfg.cache
+            else None
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         # Everything that changes the rows must match: the model provenance, the pixels the VLM
@@ -211,7 +243,22 @@ class CaptionStage(Stage):
                 "finish_reason": "caption_finish_reason", "n_prompt_tokens": "caption_n_prompt_tokens",
                 "n_output_tokens": "caption_n_output_tokens", "seed": "caption_seed",
                 **{name: name for name, _ in schemas.QUALITY_CAPTION},
+                **{name: name for name in ("sha256", "caption_source", "caption_from", "caption_from_shard")},
             },
             self.provenance.columns(),
         )
+
+    def stats(self, table: pa.Table) -> dict[str, Any]:
+        out = super().stats(table)
+        out["caption_sources"] = {k: v for k, v in Counter(table["caption_source"].to_pylist()).items() if k}
+        return out
+
+    def complete(self, table: pa.Table, shard: str, storage: Storage, layout: Any) -> pa.Table:
+        """Fill the duplicates' captions from their first copies; add the computed ones to the cache."""
+        from vecap.outputs import StageOutput
+
+        table = reuse.fill_duplicates(table, shard, StageOutput(layout, STAGE, storage).read_table)
+        if self.cache is not None:
+            self.cache.add(table, shard)
+        return table
 
