@@ -194,9 +194,11 @@ def pipeline_rep(cfg: Any, stage: str, shards: list[str]) -> dict[str, Any]:
     requests = int(t.get(f"{stage}_requests", answered))
     startup = t.get(f"{stage}_engine_start_s", 0.0)
     counters = {k: t.get(f"{stage}_{k}") for k in COUNTERS if f"{stage}_{k}" in t}
+    span = t.get(f"{stage}_span_s")  # the actor's first engine call to its last return (one actor here)
     return side(wall - startup, requests, counters, wall_s=wall, rows=result.tallies[stage].rows, answered=answered,
                 engine_start_s=startup, engine_starts=t.get(f"{stage}_engine_starts", 0),
-                e2e_per_s=requests / wall, engine_calls_s=t.get(f"t_{stage}_engine", 0.0))
+                e2e_per_s=requests / wall, engine_calls_s=t.get(f"t_{stage}_engine", 0.0),
+                span_s=span, span_per_s=requests / span if span else None)
 
 
 def report_stage(ctx: Ctx, label: str, unit: str, n: str, reps: dict[str, list[dict[str, Any]]],
@@ -208,6 +210,10 @@ def report_stage(ctx: Ctx, label: str, unit: str, n: str, reps: dict[str, list[d
     p, a, one, b = s["pipeline"], s["actor"], s["single"], s["batches"]
     h.add(sec, f"{label} stage / single-call engine", f"{unit}: requests / (run wall − the actor's engine start-up) "
           f"/ the bare engine given all requests in one call ({n})", p["per_s"], one["per_s"], STAGE_VS_ENGINE)
+    h.add(sec, f"{label} stage / single-call engine (d), steady state", f"{unit}: requests / the engine actor's span "
+          "(its first engine call to its last return, markers' span_s: includes any wait for input between calls, "
+          "leaves out the stream's fill before the first batch and the commit after the last) / single call",
+          p["span_per_s"], one["per_s"], STAGE_VS_ENGINE)
     h.add(sec, f"{label} stage / single-call engine (b), actor in-process", f"{unit}: the stage's engine actor, "
           f"{in_flight} batches in flight, requests / (first call to last return), no Ray Data / single call",
           a["per_s"], one["per_s"])

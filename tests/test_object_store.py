@@ -1,5 +1,5 @@
 """An ``s3://`` root against a real S3 endpoint on loopback (moto's server mode), with s3fs as the client:
-same rows and tar members as a local run, pandas reads a stage from the bucket, a real SIGKILL of
+same rows and tar members as a local run, pandas reads a stage from the bucket, a caption cache in the bucket, a real SIGKILL of
 the driver then a resume loses and duplicates nothing, and a second run on the same root is refused."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import yaml
 
 from vecap.layout import Layout
 from vecap.outputs import StageOutput
-from vecap.pipeline import run
+from vecap.pipeline import build_stages, run
+from vecap.reuse import resolve
 from vecap.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,8 @@ def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images,
     local = make_root("local")
     run(demo_config(local), shards=SHARDS, progress=False)
     root = _bucket_root(s3, sample_images, "same")
-    cfg = demo_config(root)
-    cfg.storage_options = s3
+    cfg = demo_config(root, "caption.cache=s3://vecap-test/caption-cache")
+    cfg.storage_options = s3  # the cache's too (caption.cache_storage_options unset)
     result = run(cfg, shards=SHARDS, progress=False)
     assert result.tallies["write"].shards == len(SHARDS)
     storage = Storage.for_path(root, s3)
@@ -81,6 +82,14 @@ def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images,
     assert len(fused) == sum(StageOutput(here, "fuse").read_stats(s)["n_rows"] for s in SHARDS)
     assert not storage.exists(remote.lease)  # released
     assert not storage.names(remote.join("fused", "_parts"))  # no part left behind
+
+    # The caption cache in the bucket holds the computed captions, and a resolution job finds them all.
+    cache = build_stages(cfg, ["caption"])["caption"].cache
+    captions = pd.read_parquet(f"{root}/captions", storage_options=s3)
+    cached = captions[captions.status.isin(["ok", "caption_rejected"]) & captions.sha256.notna()]
+    assert cache.files() and sum(storage.read_table(f).num_rows for f in cache.files()) == len(cached)
+    found = resolve(SHARDS, remote.images, storage, f"{root}/reuse-check", dedup=True, cache=cache)
+    assert found.n_cache == len(cached) > 0
 
 
 def _recipe(tmp_path: Path, root: str, s3: dict, tiny_models) -> Path:

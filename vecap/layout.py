@@ -69,8 +69,9 @@ class Layout:
         """The shard's done marker: its stats, written last."""
         return self.join(STAGE_DIRS[step], DONE_DIR, f"{shard}.json")
 
-    def parts(self, step: str, shard: str) -> str:
-        return self.join(STAGE_DIRS[step], PARTS_DIR, shard)
+    def parts(self, step: str, shard: str | None = None) -> str:
+        """A shard's part files (every shard's when ``shard`` is None)."""
+        return self.join(STAGE_DIRS[step], PARTS_DIR, *([shard] if shard else []))
 
     def reuse(self, run_id: str | None = None) -> str:
         """The caption reuse plan of a run (every run's when ``run_id`` is None)."""

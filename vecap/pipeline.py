@@ -430,9 +430,10 @@ def run(
     with lease, driver_log(storage, layout, run_id) as log_path:
         log.info("run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else "")
         log.info("driver log: %s", log_path)
-        for s in STAGES:  # we hold the lease: temporary files left in the root belong to dead runs
+        for s in STAGES:  # we hold the lease: temporary files and parts left in the root belong to dead runs
             storage.remove_temps(layout.stage(s))
             storage.remove_temps(layout.done_dir(s))
+            storage.remove(layout.parts(s), recursive=True)  # (made with settings that may have changed since)
         storage.remove_temps(layout.clip)
         stages = build_stages(cfg, steps, registry_name(run_id))
         invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)

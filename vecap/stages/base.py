@@ -300,6 +300,7 @@ class EngineWorker:
         # Engine counters not yet reported: start-up first, then requests and engine steps.
         self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
         self._reported: dict[str, float] = {}
+        self._span_until: float | None = None  # span_s: this actor's first engine call to its last return
         self._metrics = EngineMetrics.for_worker(self, spec.backend, self._pending["engine_start_s"])  # starts, restarts
 
     def request(self, row: dict[str, Any]) -> Request:
@@ -321,8 +322,15 @@ class EngineWorker:
                     ready[f"{r['shard']}/{r['key']}"] = (r, self.request(r))
                 except Exception as err:  # noqa: BLE001 - a bad row is a row status
                     self.apply(r, Generation(text=None, error=f"{type(err).__name__}: {err}"))
+            if self._span_until is None:
+                self._span_until = time.perf_counter()
             with self._metrics.batch(len(ready), self.engine):  # batches in flight, engine statistics
                 await self._run(ready)
+            # The span grows to each return, gaps between calls included: it is the engine's steady-state
+            # window (what starves it between calls counts; the stream's fill and final commit do not).
+            now = time.perf_counter()
+            self._pending["span_s"] += max(0.0, now - self._span_until)
+            self._span_until = max(now, self._span_until)
             for r in todo:
                 r[self.flag] = False
         if rows:
