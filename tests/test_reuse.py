@@ -32,9 +32,11 @@ N_IMAGES, SHARD_SIZE, DUPLICATES = 20, 8, 0.3
 
 @pytest.fixture(scope="module")
 def dup_images(tmp_path_factory) -> Path:
-    from vecap.demo.sample_data import make_sample_data
-
-    return make_sample_data(tmp_path_factory.mktemp("dups"), n_images=N_IMAGES, shard_size=SHARD_SIZE, duplicates=DUPLICATES)
+    """The corpus, made as a user makes it: `vecap sample-data --duplicates 0.3`."""
+    root = tmp_path_factory.mktemp("dups")
+    cmd = ["sample-data", "--root", str(root), "--n-images", str(N_IMAGES), "--shard-size", str(SHARD_SIZE)]
+    subprocess.run([sys.executable, "-m", "vecap.cli", *cmd, "--duplicates", str(DUPLICATES)], check=True, capture_output=True)
+    return root / "images"
 
 
 def _inputs(images: Path) -> pd.DataFrame:
@@ -107,6 +109,9 @@ def test_each_image_reaches_the_vlm_once(dup_run, dup_images):
 
     stats = {s: m["caption_sources"] for s, m in stage_output(root, "caption").markers().items()}
     assert sum(s.get(DUPLICATE, 0) for s in stats.values()) == len(dups)
+    from vecap.inspect import inspect_path
+
+    assert f"duplicate={len(dups)}" in inspect_path(root / "captions")  # `vecap inspect` shows the sources too
     reuse_plans = root / "captions" / "_reuse"
     assert not reuse_plans.exists() or not any(reuse_plans.iterdir())  # the run's reuse plan is removed at its end
 

@@ -135,7 +135,7 @@ def _stage_summary(storage: Storage, layout: Layout, step: str, n_rows: int) -> 
     n = sum(int(m.get("n_rows", 0)) for m in markers.values() if isinstance(m.get("n_rows", 0), int))
     if n:
         lines.append(f"  rows (markers): {n}")
-    for name in ("statuses", "fallbacks"):
+    for name in ("statuses", "fallbacks", "caption_sources"):
         if any(name in m for m in markers.values()):
             lines.append(f"  {name} (markers): {_kv(sum_markers(markers, name))}")
     if shards and step in ("caption", "fuse"):
