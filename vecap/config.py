@@ -163,6 +163,10 @@ class WriteConfig(_Section):
     # Image formats copied into the output tars (what open_clip's loader reads). Others are
     # never re-encoded: they stay out of the tar with status "unsupported_format".
     image_exts: list[str] = Field(default_factory=lambda: ["jpg", "png", "webp"])
+    # Optional CLIPScore (vecap.clipscore): a transformers CLIPModel folder or hub id; each written
+    # row then gets clip_score_alt/_vlm/_vec, computed in the write stage. None: off (columns null).
+    clip_model: str | None = None
+    clip_batch_size: int = Field(32, ge=1)
 
 
 class FaultsConfig(_Section):

@@ -200,7 +200,10 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
         built["fuse"] = FuseStage(cfg.fuse, cfg.seed, faults(cfg.fuse))
     if "write" in steps:
         w = cfg.write
-        built["write"] = WriteStage(w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes)
+        built["write"] = WriteStage(
+            w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes,
+            clip_model=w.clip_model, clip_batch_size=w.clip_batch_size, max_image_pixels=cfg.caption.max_image_pixels,
+        )
     return built
 
 

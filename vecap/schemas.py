@@ -144,6 +144,10 @@ VECAP = pa.schema(
         ("fuse_prompt_id", pa.string()),
         ("fuse_prompt_sha256", pa.string()),
         ("fuse_params_sha256", pa.string()),
+        # optional CLIPScore (write.clip_model): 100 * max(cos, 0); null when off or no text/image
+        ("clip_score_alt", pa.float32()),
+        ("clip_score_vlm", pa.float32()),
+        ("clip_score_vec", pa.float32()),
     ]
 )
 

@@ -152,6 +152,8 @@ def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None
     try:
         if spec["kind"] == "llava":
             _build_llava(tmp, spec["scale"])
+        elif spec["kind"] == "clip":
+            _build_clip(tmp)
         else:
             _build_llama(tmp, spec["scale"])
         (tmp / MARKER).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
@@ -378,3 +380,115 @@ def _rewrite_llava_hf_layout(model: Any, out: Path) -> None:
         stale.unlink()
     state = {llava_hf_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- CLIP (for CLIPScore)
+
+CLIP_SIZES: dict[str, Any] = {
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 77},
+    "projection_dim": 16,
+}
+# CLIP's own special tokens; EOS must not get id 2 (transformers' CLIP then pools at the
+# highest token id, the pre-2023 behaviour), so the order puts it at 3.
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_SPECIAL_TOKENS = [UNK, PAD, CLIP_BOS, CLIP_EOS]
+
+
+def clip_model_dir(out_dir: str | Path) -> Path:
+    """Where ``build_tiny_clip`` puts the model."""
+    return Path(out_dir) / "tiny-clip"
+
+
+def build_tiny_clip(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Build (or reuse) a random-weight transformers ``CLIPModel`` with its ``CLIPProcessor``.
+
+    For the optional CLIPScore of the write stage (``write.clip_model``). Built offline like the
+    LLaVA and Llama above (a BPE trained on the same generated sentences, fixed seed); separate
+    from ``build_tiny_models``, whose folders and markers it leaves untouched. Returns its folder.
+    """
+    path = clip_model_dir(out_dir)
+    spec = {
+        "kind": "clip",
+        "scale": "tiny",
+        "build_version": BUILD_VERSION,
+        "seed": SEED,
+        "vocab_size_max": VOCAB_SIZE,
+        "sizes": CLIP_SIZES,
+        "description": "random-weight CLIPModel (ViT + text transformer) with a CLIPProcessor",
+    }
+    if not overwrite and is_complete(path, spec):
+        log.info("reusing clip model at %s", path)
+        return path
+    _build_atomically(path, spec, overwrite)
+    return path
+
+
+def build_clip_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE with CLIP's conventions: ``<|startoftext|> … <|endoftext|>``, right padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=CLIP_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_sentences(), trainer=trainer)
+    bos, eos = tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}", special_tokens=[(CLIP_BOS, bos), (CLIP_EOS, eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=CLIP_BOS,
+        eos_token=CLIP_EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        padding_side="right",
+        model_max_length=CLIP_SIZES["text"]["max_position_embeddings"],
+    )
+
+
+def _build_clip(out: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer(VOCAB_SIZE)
+    vision = CLIP_SIZES["vision"]
+    config = CLIPConfig(
+        text_config={
+            **CLIP_SIZES["text"],
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config=dict(vision),
+        projection_dim=CLIP_SIZES["projection_dim"],
+    )
+    torch.manual_seed(SEED)
+    model = CLIPModel(config).eval()
+    # Random towers give cosines spread around 0, half of which CLIPScore clips to 0. Like a
+    # trained CLIP, make both embeddings share a direction: one projection for both towers and
+    # the same offset after both final layer norms, so cosines are mostly positive and still vary.
+    with torch.no_grad():
+        offset = torch.randn(vision["hidden_size"], generator=torch.Generator().manual_seed(SEED))
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        model.vision_model.post_layernorm.bias.copy_(offset)
+        model.text_model.final_layer_norm.bias.copy_(offset)
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision["image_size"]},
+        crop_size={"height": vision["image_size"], "width": vision["image_size"]},
+        do_center_crop=True,
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)

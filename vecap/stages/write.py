@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from vecap import schemas
 from vecap.fusion import light_clean
-from vecap.images import image_size, sniff_image_format
+from vecap.images import ImageRejected, image_size, prepare_image, sniff_image_format
 from vecap.layout import Layout
 from vecap.mixing import choose_txt
 from vecap.outputs import StageOutput
@@ -43,6 +43,10 @@ class WriteStage(Stage):
     seed: int = 0
     image_exts: tuple[str, ...] = ("jpg", "png", "webp")
     max_image_bytes: int = 32 << 20
+    # Optional CLIPScore (vecap.clipscore); None: off, the clip_score_* columns stay null.
+    clip_model: str | None = None
+    clip_batch_size: int = 32
+    max_image_pixels: int = 64_000_000  # the caption stage's decode limit, reused for CLIP's decode
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.VECAP
 
@@ -50,6 +54,8 @@ class WriteStage(Stage):
         return {
             "mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts),
             "max_image_bytes": self.max_image_bytes,
+            # only when set: the fingerprints of runs without CLIPScore stay what they were
+            **({"clip_model": self.clip_model} if self.clip_model else {}),
         }
 
     def write_shard(self, storage: Storage, layout: Layout, shard: str) -> dict[str, Any]:
@@ -72,6 +78,7 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
     captions = {r["key"]: r for r in StageOutput(layout, "caption", storage).read_table(shard).to_pylist()}
     rows: dict[str, dict[str, Any]] = {}
     n_samples = 0
+    clip = _ClipBatch(stage) if stage.clip_model else None
     with storage.staged(layout.tar(shard)) as tmp_tar, tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
         for sample in ShardReader(layout.images, shard, max_image_bytes=stage.max_image_bytes, storage=storage):
             f = fused.get(sample.key)
@@ -103,6 +110,10 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
             sample_json = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
             _add(tar, f"{sample.key}.json", json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode())
             n_samples += 1
+            if clip is not None:
+                clip.add(row, sample.image, alt)
+    if clip is not None:
+        clip.flush()
     # The reader yields every key of the input (failed downloads too); a fused key it did not
     # yield means the input changed since: keep the row, say the image is gone.
     for key, f in fused.items():
@@ -124,6 +135,47 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
     }
     StageOutput(layout, STAGE, storage).commit(shard, schemas.table(ordered, schemas.VECAP), stats)
     return stats
+
+
+class _ClipBatch:
+    """Rows written to the tar, with their image decoded small, scored by CLIP a batch at a time.
+
+    The image is decoded under the caption stage's byte and pixel limits (``prepare_image``),
+    no larger than the CLIP processor's input; one that fails to decode gets null scores.
+    Texts: the cleaned alt-text (what the tar's alt text is), the VLM caption, the VeC caption.
+    """
+
+    def __init__(self, stage: WriteStage) -> None:
+        from vecap import clipscore
+
+        self.stage = stage
+        self.scorer = clipscore.get_scorer(stage.clip_model)  # type: ignore[arg-type]
+        self.scorer.batch_size = stage.clip_batch_size
+        self.pending: list[tuple[dict[str, Any], Any, str | None]] = []
+
+    def add(self, row: dict[str, Any], data: bytes, alt: str | None) -> None:
+        try:
+            image = prepare_image(data, self.scorer.image_size, self.stage.max_image_pixels, self.stage.max_image_bytes)
+        except ImageRejected:
+            return  # the scores stay null
+        self.pending.append((row, image.to_pil(), alt))
+        if len(self.pending) >= self.stage.clip_batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = [r for r, _, _ in self.pending]
+        texts = {
+            "clip_score_alt": [a for _, _, a in self.pending],
+            "clip_score_vlm": [r["vlm_caption"] for r in rows],
+            "clip_score_vec": [r["vec_caption"] for r in rows],
+        }
+        scored = self.scorer.scores([im for _, im, _ in self.pending], texts)
+        for column, values in scored.items():
+            for row, value in zip(rows, values):
+                row[column] = value
+        self.pending = []
 
 
 def _row(shard: str, key: str, f: dict, c: dict, url: str | None) -> dict[str, Any]:
