@@ -51,10 +51,14 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
         if rows.num_rows:
             name = _part_name(rows["key"].to_pylist())
             from_captions = "captions" in pc.unique(rows["source"]).to_pylist()
+            # Duplicates read from the images wait for their caption: they are fused in a second pass.
+            waiting = pc.fill_null(pc.and_(pc.equal(rows["source"], "images"), pc.equal(rows["caption_source"], "duplicate")), False)
             for stage in stages:
                 if stage.name == "caption" and from_captions:
                     continue  # the captions of this shard are committed already
-                storage.write_table(f"{layout.parts(stage.name, shard)}/{name}", stage.output_table(rows))
+                mine = rows if stage.name == "caption" else rows.filter(pc.invert(waiting))
+                if mine.num_rows:
+                    storage.write_table(f"{layout.parts(stage.name, shard)}/{name}", stage.output_table(mine))
         out.append(
             {"shard": shard, "n_rows": rows.num_rows, "report": reports[0] if reports else None, "timings": json.dumps(timings)}
         )
@@ -71,6 +75,7 @@ class ShardJob:
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     retry_keys: set[str] | None = None  # --retry-failed: only these keys were recomputed
+    rest_in_parts: bool = False  # a second pass: the parts of the shard's other rows are there already
 
 
 def merge_parts(storage: Storage, layout: Layout, step: str, shard: str) -> pa.Table | None:
@@ -92,6 +97,8 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
         out = StageOutput(layout, stage.name, storage)
         table = merge_parts(storage, layout, stage.name, job.shard) or stage.schema.empty_table()
         expected = int(job.report.get("n_rows", table.num_rows))
+        if job.rest_in_parts:  # every row of the shard, as its committed captions count them
+            expected = int(StageOutput(layout, "caption", storage).read_stats(job.shard)["n_rows"])
         if job.retry_keys is not None:
             committed = out.read_table(job.shard)
             keep = committed.filter(pc.invert(pc.is_in(committed["key"], value_set=table["key"])))

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vecap import metrics
@@ -34,7 +34,7 @@ from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
 from vecap.outputs import StageOutput, check_layout, write_sizes
 from vecap.reader import list_shards
-from vecap.reuse import Reuse, ShardReuse, resolve
+from vecap.reuse import DUPLICATE, Reuse, ShardReuse, resolve
 from vecap.runlog import driver_log, file_only, worker_runtime_env
 from vecap.stages.base import Stage
 from vecap.storage import Storage, is_uri
@@ -239,7 +239,7 @@ def invalidate_stale(
             # Any committed shard made differently refuses the run, selected or not: adding a
             # shard with other settings would mix them in one stage folder.
             old = prints[stale[0]] or {}
-            diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
+            diff = {k: (old.get(k), fp.get(k)) for k in sorted(set(fp) | set(old)) if old.get(k) != fp.get(k)}
             raise ConfigMismatch(
                 f"{len(stale)} committed shard(s) in {layout.stage(step)} were made with other settings "
                 f"(committed → now: {diff}). Use a new root, or pass --overwrite to recompute them "
@@ -262,6 +262,15 @@ class ShardPlan:
     stream: list[str]  # stages computed in the stream
     write: bool
     retry_keys: set[str] | None = None
+    # Duplicate images (vecap.reuse): stages whose commit waits for a second pass (the first pass
+    # leaves their parts), and the second pass itself, which fuses the shard's duplicates alone.
+    deferred: tuple[str, ...] = ()
+    duplicates_only: bool = False
+    n_rows: int | None = None  # rows streamed when known in advance (the progress bar)
+
+    @property
+    def commits(self) -> list[str]:
+        return [s for s in self.stream if s not in self.deferred]
 
 
 def failed_keys(step: str, table: Any) -> set[str]:
@@ -316,9 +325,12 @@ def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage |
     columns = ("source", "shard", "keys", "reuse")
     for source, shard, keys, reused in zip(*(batch.column(c).to_pylist() for c in columns)):
         only = set(json.loads(keys)) if keys else None
+        again = read_shard_reuse(storage, reused)
         if source == "images":
-            again = read_shard_reuse(storage, reused)
             yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only, again)
+        elif again:  # the second pass: the shard's duplicates, whose captions are committed now
+            only = {k for k, r in again.items() if r["caption_source"] == DUPLICATE}
+            yield from read_caption_rows(storage, layout, shard, only_keys=only)
         else:
             yield from read_caption_rows(storage, layout, shard, only_keys=only)
 
@@ -336,7 +348,7 @@ def build_stream(
             "source": p.source,
             "shard": p.shard,
             "keys": json.dumps(sorted(p.retry_keys)) if p.retry_keys else "",
-            "reuse": (again.file(p.shard) or "") if p.source == "images" else "",
+            "reuse": (again.file(p.shard) or "") if p.source == "images" or p.duplicates_only else "",
         }
         for p in plans
         if p.stream
@@ -367,7 +379,8 @@ def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan], sam
 
     streamed = [p for p in plans if p.stream]
     retried = sum(len(p.retry_keys) for p in streamed if p.retry_keys is not None)
-    whole = [p.shard for p in streamed if p.retry_keys is None]
+    retried += sum(p.n_rows for p in streamed if p.n_rows is not None and p.retry_keys is None)
+    whole = [p.shard for p in streamed if p.retry_keys is None and p.n_rows is None]
     if not whole:
         return retried
 
@@ -452,17 +465,22 @@ def run(
                 sum(p.source is None for p in plans), len(input_shards) - len(plans),
             )
             again = resolve_reuse(stages, plans, storage, layout, run_id)
-            if again.n_duplicate and any(len(p.stream) > 1 for p in plans):
-                # A duplicate's caption arrives when its first copy's shard commits, after the stream
-                # has passed it: caption every shard first, then fuse (and write) from the captions.
-                log.info("duplicate images: captioning first, then fusing")
-                first = [ShardPlan(p.shard, p.source, ["caption"], False) for p in plans if "caption" in p.stream]
-                failed = _execute(cfg, stages, first, storage, layout, tallies, progress, registry, again)
-                later = {k: v for k, v in stages.items() if k != "caption"}
-                plans, later_tallies = plan(later, layout, storage, [s for s in input_shards if s not in failed], False)
-                tallies.update(later_tallies)
-                again = Reuse("")
-            failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again))
+            with_dups = {p.shard for p in plans if "fuse" in p.stream and again.shards.get(p.shard, ShardReuse()).n_duplicate}
+            if with_dups:
+                # A duplicate's caption arrives when its first copy's shard commits, after the stream has
+                # passed it: the first pass fuses every other row (its fused rows wait as parts), and a
+                # second pass fuses the duplicates from the committed captions, then commits those shards.
+                first = [replace(p, write=False, deferred=("fuse",)) if p.shard in with_dups else p for p in plans]
+                failed.update(_execute(cfg, stages, first, storage, layout, tallies, progress, registry, again))
+                second = [
+                    ShardPlan(p.shard, "captions", ["fuse"], p.write, duplicates_only=True, n_rows=again.shards[p.shard].n_duplicate)
+                    for p in plans
+                    if p.shard in with_dups and p.shard not in failed
+                ]
+                log.info("second pass: fusing the duplicates of %d shard(s)", len(second))
+                failed.update(_execute(cfg, stages, second, storage, layout, tallies, progress, registry, again))
+            else:
+                failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again))
             storage.remove(layout.reuse(run_id), recursive=True)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
@@ -526,8 +544,13 @@ def _execute(
     n_fused = 0
 
     def submit(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
+        if p.deferred:  # the deferred stages' marker gets this pass's timings and engine counters too
+            again.held[p.shard] = dict(timings)
+        if p.duplicates_only:
+            timings = dict(Counter(again.held.pop(p.shard, {})) + Counter(timings))
         job = ShardJob(
-            p.shard, [stages[s] for s in p.stream], stages["write"] if p.write else None, report, timings, p.retry_keys
+            p.shard, [stages[s] for s in p.commits], stages["write"] if p.write else None, report, timings, p.retry_keys,
+            rest_in_parts=p.duplicates_only,
         )
         pending[finalize.remote(storage, layout, job)] = p.shard
         submitted.add(p.shard)
@@ -555,7 +578,7 @@ def _execute(
                 _fault_point(n_fused)
 
     def complete(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
-        if again.shards.get(p.shard, ShardReuse()).waits_for <= captioned:
+        if "caption" not in p.commits or again.shards.get(p.shard, ShardReuse()).waits_for <= captioned:
             submit(p, report, timings)
         else:
             waiting[p.shard] = (p, report, timings)

@@ -113,6 +113,8 @@ class Reuse:
 
     folder: str
     shards: dict[str, ShardReuse] = field(default_factory=dict)
+    # The first pass's timings and engine counters of shards whose fusion commits in the second pass.
+    held: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def n_duplicate(self) -> int:

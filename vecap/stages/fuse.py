@@ -89,6 +89,8 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
         if r["status"] in schemas.IMAGE_FAILURES:
             r["fused_status"] = r["status"]
             continue
+        if r.get("caption_source") == "duplicate" and r["source"] == "images":
+            continue  # its caption comes when its first copy's shard commits: fused in a second pass
         r["fuse_seed"] = seed_for(run_seed, STAGE, r["key"])
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
         if r["status"] in schemas.RETRYABLE:  # the caption engine failed: an infrastructure fallback
