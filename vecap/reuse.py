@@ -156,7 +156,7 @@ def _cache_entries(batch: pa.Table, cache: CaptionCache) -> Iterator[pa.Table]:
         yield t.add_column(0, "role", pa.array(["cache"] * t.num_rows, pa.string()))
 
 
-def _assign(group: pa.Table) -> pa.Table:
+def _assign(group: pa.Table, dedup: bool) -> pa.Table:
     """Ray Data UDF, one image (sha256): which copy is captioned, which reuse what."""
     rows = group.to_pylist()
     inputs = sorted((r for r in rows if r["role"] == "input"), key=lambda r: (r["shard"], r["key"]))
@@ -169,7 +169,7 @@ def _assign(group: pa.Table) -> pa.Table:
              "caption_from_shard": c["shard"], "entry": c["entry"]}
             for r in inputs
         ]
-    elif len(inputs) > 1:
+    elif dedup and len(inputs) > 1:
         first = inputs[0]
         out = [
             {"shard": r["shard"], "key": r["key"], "caption_source": DUPLICATE, "caption_from": first["key"],
@@ -220,7 +220,7 @@ def resolve(
     # starts its aggregator actors (half a minute on a small machine).
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        reused = ds.groupby("sha256", num_partitions=partitions).map_groups(_assign, batch_format="pyarrow")
+        reused = ds.groupby("sha256", num_partitions=partitions).map_groups(_assign, fn_kwargs={"dedup": dedup}, batch_format="pyarrow")
         summary = reused.groupby("shard", num_partitions=partitions).map_groups(
             _write_shard, fn_kwargs={"storage": storage, "folder": folder}, batch_format="pyarrow"
         )
