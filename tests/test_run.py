@@ -307,3 +307,5 @@ def test_a_missing_or_empty_root_is_an_error(tmp_path, demo_config, monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(ConfigError, match="relative"):
         run(demo_config("relative/root"), progress=False)
+    with pytest.raises(ConfigError, match="caption.cache 'relative/cache' is relative"):
+        run(demo_config(tmp_path / "empty", "caption.cache=relative/cache"), progress=False)

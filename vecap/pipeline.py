@@ -402,12 +402,13 @@ def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan], sam
 # --- the run --------------------------------------------------------------------------------
 def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[str]:
     """The input shards of the root; a clear error for an unusable root."""
-    if ray_address(cfg) and not is_uri(cfg.root) and not os.path.isabs(cfg.root):
-        raise ConfigError(
-            f"root {cfg.root!r} is relative, but the run connects to a Ray cluster ({ray_address(cfg)}): "
-            "each node would resolve it in its own working directory. Give an absolute path on a shared "
-            "file system or an object-store URI (s3://..., gs://...)."
-        )
+    for name, path in (("root", cfg.root), ("caption.cache", cfg.caption.cache)):
+        if path and ray_address(cfg) and not is_uri(path) and not os.path.isabs(path):
+            raise ConfigError(
+                f"{name} {path!r} is relative, but the run connects to a Ray cluster ({ray_address(cfg)}): "
+                "each node would resolve it in its own working directory. Give an absolute path on a shared "
+                "file system or an object-store URI (s3://..., gs://...)."
+            )
     shards = list_shards(layout.images, storage=storage)
     if not shards:
         raise ConfigError(f"no input shards (NNNNN.tar) found in {layout.images}: check `root` (is it the folder holding images/?)")
