@@ -200,26 +200,27 @@ def resolve(
     """Run the resolution job over ``shards``; its per-shard files go to ``folder``."""
     import ray.data
 
-    if not shards or not (dedup or cache):
-        return Reuse(folder)
-    n = len(shards)
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(n, 64)).map_batches(
-        _input_hashes, fn_kwargs={"storage": storage, "images_dir": images_dir}, batch_format="pyarrow", batch_size=1
-    )
     cache_files = cache.files() if cache is not None else []
-    if cache_files:
-        cached = ray.data.from_items([{"path": p} for p in cache_files], override_num_blocks=min(len(cache_files), 64))
-        ds = ds.union(cached.map_batches(_cache_entries, fn_kwargs={"cache": cache}, batch_format="pyarrow", batch_size=1))
-    elif not dedup:
+    if not shards or not (dedup or cache_files):
         return Reuse(folder)
-    partitions = max(1, min(64, n))
     ctx = ray.data.DataContext.get_current()
     strategy = ctx.shuffle_strategy
-    # The sort-based shuffle runs as plain tasks: seconds here, where the hash shuffle first
-    # starts its aggregator actors (half a minute on a small machine).
+    # Set before any dataset is made (each keeps the context it was made with): the sort-based
+    # shuffle runs as plain tasks, seconds here, where the hash shuffle first starts its
+    # aggregator actors (half a minute on a small machine).
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        reused = ds.groupby("sha256", num_partitions=partitions).map_groups(_assign, fn_kwargs={"dedup": dedup}, batch_format="pyarrow")
+        n = len(shards)
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(n, 64)).map_batches(
+            _input_hashes, fn_kwargs={"storage": storage, "images_dir": images_dir}, batch_format="pyarrow", batch_size=1
+        )
+        if cache_files:
+            entries = ray.data.from_items([{"path": p} for p in cache_files], override_num_blocks=min(len(cache_files), 64))
+            ds = ds.union(entries.map_batches(_cache_entries, fn_kwargs={"cache": cache}, batch_format="pyarrow", batch_size=1))
+        partitions = max(1, min(64, n))
+        reused = ds.groupby("sha256", num_partitions=partitions).map_groups(
+            _assign, fn_kwargs={"dedup": dedup}, batch_format="pyarrow"
+        )
         summary = reused.groupby("shard", num_partitions=partitions).map_groups(
             _write_shard, fn_kwargs={"storage": storage, "folder": folder}, batch_format="pyarrow"
         )
