@@ -362,10 +362,6 @@ class ReportData:
         return entity_retention(self.ok_rows)
 
     @cached_property
-    def quality(self) -> list[QualityColumn]:
-        return quality_columns(self.rows)
-
-    @cached_property
     def n_with_alt_entities(self) -> int:
         from vecap.fusion import entities
 
