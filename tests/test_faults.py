@@ -4,7 +4,8 @@
   uninterrupted run's.
 - SIGKILL of the vLLM engine-core child process (multiprocessing on) of the caption and of the
   fuse actor: the actor exits, Ray restarts it, the output equals an uninterrupted run's.
-- An input that makes the engine process exit every time: only that key is ``engine_crash``.
+- An input that makes the engine process exit every time: only that key is ``engine_crash``
+  (calls holding keys of a crashed call run alone, so other batches in flight are not blamed).
 - A flaky storage layer (OSError on a share of reads and writes): the same output as a clean run.
 """
 
@@ -40,6 +41,27 @@ def test_plan_groups_bisects_keys_that_crashed_twice():
     assert plan_groups(keys, mixed) == (["k5"], [["k0", "k3", "k4", "k6", "k7"], ["k1"], ["k2"]])
     once_alone = {"k5": (1, True)}  # one crash of a call of one sample: not yet blamed on it
     assert plan_groups(keys, once_alone) == ([], [keys])
+    # the first half crashed again, the second never ran: the next split narrows to the first
+    first_half_again = {**{k: (3, False) for k in keys[:4]}, **{k: (2, False) for k in keys[4:]}}
+    assert plan_groups(keys, first_half_again) == ([], [keys[4:], keys[:2], keys[2:4]])
+
+
+def test_bisection_isolates_a_poison_key_wherever_it_is_in_the_batch():
+    for poison in range(8):
+        reg, keys = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)]
+        reg.end(["other"])  # the engine works for other batches
+        for attempt in range(1, 20):
+            crashed, groups = plan_groups(keys, reg.counts(keys))
+            reg.isolate(crashed)
+            keys = [k for k in keys if k not in crashed]
+            for group in groups:
+                reg.begin(group)
+                if f"k{poison}" in group:
+                    break  # the engine process dies: the call never ends
+                reg.end(group)
+            else:
+                break
+        assert reg.isolated == [f"k{poison}"] and attempt <= 7, (poison, attempt)
 
 
 def test_registry_counts_open_calls_and_trips_the_breaker():
@@ -58,6 +80,31 @@ def test_registry_counts_open_calls_and_trips_the_breaker():
     reg.isolate(["a"])  # isolating a sample is not a success of the engine
     assert reg.fatal("y") is None
     assert "3 fatal engine errors in a row" in reg.fatal("boom")
+
+
+def test_a_suspect_call_waits_for_the_calls_in_flight_and_runs_alone():
+    import asyncio
+
+    from vecap.faults import SuspectGate
+
+    async def scenario() -> list[str]:
+        gate, events = SuspectGate(), []
+
+        async def call(name: str, suspect: bool, start: float) -> None:
+            await asyncio.sleep(start)
+            async with gate.call(suspect):
+                events.append(f"+{name}")
+                await asyncio.sleep(0.05)
+                events.append(f"-{name}")
+
+        await asyncio.gather(call("a", False, 0), call("b", False, 0.01), call("s", True, 0.02), call("c", False, 0.03))
+        return events
+
+    events = asyncio.run(scenario())
+    # a and b overlap; the suspect s starts after both ended and ends before c (which came after it) starts
+    assert events.index("+b") < events.index("-a")
+    assert events.index("+s") > max(events.index("-a"), events.index("-b"))
+    assert events.index("+c") == events.index("-s") + 1
 
 
 class _Scripted(ChatEngine):
@@ -260,6 +307,32 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
     assert len(rows) == sum(stage_output(pipeline_root, "fuse").read_stats(s)["n_rows"] for s in stage_output(root, "fuse").done())
     assert not [r for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))]
     assert not sum(result.tallies["fuse"].fallbacks.get(k, 0) for k in ("model_error", "engine_crash"))
+
+
+def test_a_finalize_task_rerun_after_its_commit_returns_that_commit(pipeline_root, tmp_path, demo_config):
+    """Ray reruns a finalize task whose node died after it had committed a stage and removed
+    the stage's parts: the rerun returns that commit instead of failing on missing parts."""
+    from dataclasses import replace
+
+    from vecap.finalize import ShardJob, finalize_shard
+    from vecap.outputs import StageOutput
+    from vecap.pipeline import build_stages, layout_of
+    from vecap.storage import Storage
+
+    root = tmp_path / "root"
+    shutil.copytree(pipeline_root, root)
+    cfg = demo_config(root)
+    layout, storage = layout_of(cfg), Storage.for_path(str(root))
+    out = StageOutput(layout, "caption", storage)
+    table = out.read_table("00000")
+    out.invalidate("00000")
+    storage.write_table(f"{layout.parts('caption', '00000')}/part.parquet", table)
+    job = ShardJob("00000", [build_stages(cfg, ["caption"])["caption"]], report={"n_rows": table.num_rows}, run_id="run-a")
+    first = finalize_shard(storage, layout, job)
+    assert not storage.names(layout.parts("caption", "00000")) and out.read_table("00000").equals(table)
+    assert finalize_shard(storage, layout, job) == first  # the rerun of the same task
+    with pytest.raises(RuntimeError, match="0 caption rows assembled"):  # another run's commit is not taken for ours
+        finalize_shard(storage, layout, replace(job, run_id="run-b"))
 
 
 def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_images, tiny_models, tmp_path):

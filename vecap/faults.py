@@ -8,7 +8,9 @@ restarts, kept by one small Ray actor per run (:class:`FaultRegistry`):
   after it returns, closes them. Keys still open when their batch comes back belong to a
   call that killed its actor. A batch that killed its actor twice is split in halves,
   then halves of the half that kills again, until one sample alone kills it: that sample
-  gets the status ``engine_crash`` and the run goes on.
+  gets the status ``engine_crash`` and the run goes on. A call holding a key that was in a
+  crashed call runs alone on its actor (:class:`SuspectGate`): the other batches' calls finish
+  first, and the next crash blames only that call's keys.
 - **Circuit breaker.** After ``max_consecutive_fatal`` fatal errors with no successful call
   between them, the registry trips: engine actors stop with an error that fails the run
   with a clear message (committed shards are kept) instead of restarting forever.
@@ -16,7 +18,10 @@ restarts, kept by one small Ray actor per run (:class:`FaultRegistry`):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,18 +117,57 @@ class FaultRegistry:
 def plan_groups(keys: list[str], counts: dict[str, tuple[int, bool]]) -> tuple[list[str], list[list[str]]]:
     """Split one batch's keys into engine calls, given the open counts of earlier attempts.
 
-    Returns (keys that killed the engine alone → ``engine_crash``, groups to call in order):
-    keys never in a crashed call go together; keys in two or more crashed calls are split
-    in halves, so each retry halves the group that holds the poison.
+    Returns (keys that killed the engine alone → ``engine_crash``, groups to call in order).
+    The poison is in every crashed call, so it is among the suspects (keys in two or more
+    crashed calls) with the most crashes: those are split in halves and called last, after
+    the keys never in a crashed call and the other suspects (which may succeed and be cleared).
+    Each crash then halves the set that holds the poison.
     """
-    crashed_alone = [k for k in keys if counts.get(k, (0, False))[1] and counts[k][0] >= 2]
-    suspects = [k for k in keys if counts.get(k, (0, False))[0] >= 2 and k not in crashed_alone]
+    crashes = {k: counts.get(k, (0, False))[0] for k in keys}
+    crashed_alone = [k for k in keys if counts.get(k, (0, False))[1] and crashes[k] >= 2]
+    suspects = [k for k in keys if crashes[k] >= 2 and k not in crashed_alone]
     clean = [k for k in keys if k not in set(crashed_alone) | set(suspects)]
-    groups = [clean] if clean else []
-    if suspects:
-        half = (len(suspects) + 1) // 2
-        groups += [suspects[:half], suspects[half:]] if len(suspects) > 1 else [suspects]
-    return crashed_alone, [g for g in groups if g]
+    top = max((crashes[k] for k in suspects), default=0)
+    hot = [k for k in suspects if crashes[k] == top]
+    cooler = [k for k in suspects if crashes[k] < top]
+    half = (len(hot) + 1) // 2
+    return crashed_alone, [g for g in (clean, cooler, hot[:half], hot[half:]) if g]
+
+
+class SuspectGate:
+    """Engine calls of one actor: shared, except calls of suspects, which run alone.
+
+    An actor has several batches in flight; when its process dies, every key of every call in
+    flight looks guilty, and a poison input that kills the process at once would keep killing
+    the other calls before any of them succeeds. A suspect call waits for the calls in flight
+    to finish (new ones wait behind it), then runs alone.
+    """
+
+    def __init__(self) -> None:
+        self._cond: asyncio.Condition | None = None  # made on the actor's event loop, at first use
+        self._calls = 0
+        self._alone = False
+        self._suspects_waiting = 0
+
+    @asynccontextmanager
+    async def call(self, suspect: bool) -> AsyncIterator[None]:
+        cond = self._cond = self._cond or asyncio.Condition()
+        async with cond:
+            if suspect:
+                self._suspects_waiting += 1
+                await cond.wait_for(lambda: self._calls == 0)
+                self._suspects_waiting -= 1
+                self._alone = True
+            else:
+                await cond.wait_for(lambda: not self._alone and not self._suspects_waiting)
+            self._calls += 1
+        try:
+            yield
+        finally:
+            async with cond:
+                self._calls -= 1
+                self._alone = self._alone and not suspect
+                cond.notify_all()
 
 
 def registry_name(run_id: str) -> str:

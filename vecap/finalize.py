@@ -76,6 +76,7 @@ class ShardJob:
     timings: dict[str, float] = field(default_factory=dict)
     retry_keys: set[str] | None = None  # --retry-failed: only these keys were recomputed
     rest_in_parts: bool = False  # a second pass: the parts of the shard's other rows are there already
+    run_id: str = ""  # the run committing it: a retried task knows what its first attempt committed
 
 
 def merge_parts(storage: Storage, layout: Layout, step: str, shard: str) -> pa.Table | None:
@@ -95,6 +96,9 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
     done: dict[str, dict[str, Any]] = {}
     for stage in job.stages:
         out = StageOutput(layout, stage.name, storage)
+        if _committed_by_earlier_attempt(out, storage, layout, stage.name, job):
+            done[stage.name] = out.read_stats(job.shard)
+            continue
         table = merge_parts(storage, layout, stage.name, job.shard) or stage.schema.empty_table()
         expected = int(job.report.get("n_rows", table.num_rows))
         if job.rest_in_parts:  # every row of the shard, as its committed captions count them
@@ -116,6 +120,7 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
             timings={k: round(float(v), 4) for k, v in job.timings.items() if v and _is_timing(k)},
             engine={k: round(float(v), 4) for k, v in job.timings.items() if v and not _is_timing(k)},
             committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            run_id=job.run_id,
         )
         if job.retry_keys is not None:
             stats["retried_keys"] = len(job.retry_keys)
@@ -130,6 +135,14 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
         done["write"] = job.write.write_shard(storage, layout, job.shard)  # type: ignore[attr-defined]
     metrics.record_commit(done)  # counted once the shard is committed: the counters equal the Parquet rows
     return done
+
+
+def _committed_by_earlier_attempt(out: StageOutput, storage: Storage, layout: Layout, step: str, job: ShardJob) -> bool:
+    """Ray reruns a finalize task whose node died after it committed a stage and removed its
+    parts: that stage is done (by this run), and its rows are no longer in parts to assemble."""
+    if not job.run_id or not out.is_done(job.shard) or storage.names(layout.parts(step, job.shard)):
+        return False
+    return out.read_stats(job.shard).get("run_id") == job.run_id
 
 
 def _is_timing(name: str) -> bool:

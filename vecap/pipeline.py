@@ -472,16 +472,16 @@ def run(
                 # passed it: the first pass fuses every other row (its fused rows wait as parts), and a
                 # second pass fuses the duplicates from the committed captions, then commits those shards.
                 first = [replace(p, write=False, deferred=("fuse",)) if p.shard in with_dups else p for p in plans]
-                failed.update(_execute(cfg, stages, first, storage, layout, tallies, progress, registry, again))
+                failed.update(_execute(cfg, stages, first, storage, layout, tallies, progress, registry, again, run_id))
                 second = [
                     ShardPlan(p.shard, "captions", ["fuse"], p.write, duplicates_only=True, n_rows=again.shards[p.shard].n_duplicate)
                     for p in plans
                     if p.shard in with_dups and p.shard not in failed
                 ]
                 log.info("second pass: fusing the duplicates of %d shard(s)", len(second))
-                failed.update(_execute(cfg, stages, second, storage, layout, tallies, progress, registry, again))
+                failed.update(_execute(cfg, stages, second, storage, layout, tallies, progress, registry, again, run_id))
             else:
-                failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again))
+                failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again, run_id))
             storage.remove(layout.reuse(run_id), recursive=True)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
@@ -524,6 +524,7 @@ def _execute(
     progress: bool,
     registry: Any,
     again: Reuse,
+    run_id: str,
 ) -> dict[str, str]:
     """Stream the planned shards, submit each shard's finalize task when complete; returns failed shards.
 
@@ -551,7 +552,7 @@ def _execute(
             timings = dict(Counter(again.held.pop(p.shard, {})) + Counter(timings))
         job = ShardJob(
             p.shard, [stages[s] for s in p.commits], stages["write"] if p.write else None, report, timings, p.retry_keys,
-            rest_in_parts=p.duplicates_only,
+            rest_in_parts=p.duplicates_only, run_id=run_id,
         )
         pending[finalize.remote(storage, layout, job)] = p.shard
         submitted.add(p.shard)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
 from vecap.backends.base import EngineFatal
-from vecap.faults import CircuitOpen, FaultPolicy, plan_groups
+from vecap.faults import CircuitOpen, FaultPolicy, SuspectGate, plan_groups
 from vecap.config import ModelConfig, stable_hash
 from vecap.metrics import EngineMetrics
 
@@ -300,6 +300,7 @@ class EngineWorker:
         # Engine counters not yet reported: start-up first, then requests and engine steps.
         self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
         self._reported: dict[str, float] = {}
+        self._gate = SuspectGate()  # calls holding keys of a crashed call run alone
         self._span_until: float | None = None  # span_s: this actor's first engine call to its last return
         self._metrics = EngineMetrics.for_worker(self, spec.backend, self._pending["engine_start_s"])  # starts, restarts
 
@@ -359,27 +360,28 @@ class EngineWorker:
         import asyncio
 
         keys = list(ready)
-        counts = await self._ask("counts", keys) if self._registry is not None else {}
+        counts = (await self._ask("counts", keys) if self._registry is not None else None) or {}
         if self._registry is not None and (state := await self._ask("state")) and state["tripped"]:
             raise CircuitOpen(state["tripped"])
-        crashed, groups = plan_groups(keys, counts or {})
+        crashed, groups = plan_groups(keys, counts)
         for k in crashed:
             self.apply(ready[k][0], Generation(text=None, error="engine_crash: this sample made the engine process exit"))
             ready[k][0]["status"] = schemas.ENGINE_CRASH
         if crashed:
             await self._ask("isolate", crashed)
         for group in groups:
-            await self._ask("begin", group)
-            poisoned = {ready[k][0]["key"] for k in group} & set(self.faults.exit_keys)
-            if poisoned:
-                log.error("fault injection: engine process exits on %s", sorted(poisoned))
-                os._exit(1)
-            try:
-                future = self.engine.submit([ready[k][1] for k in group])
-                gens = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.faults.call_timeout_s)
-            except (EngineFatal, asyncio.TimeoutError) as err:
-                await self._fatal(f"{type(err).__name__}: {err}"[:300] or type(err).__name__)
-                raise  # not reached: the actor has exited
+            async with self._gate.call(suspect=any(k in counts for k in group)):
+                await self._ask("begin", group)
+                poisoned = {ready[k][0]["key"] for k in group} & set(self.faults.exit_keys)
+                if poisoned:
+                    log.error("fault injection: engine process exits on %s", sorted(poisoned))
+                    os._exit(1)
+                try:
+                    future = self.engine.submit([ready[k][1] for k in group])
+                    gens = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.faults.call_timeout_s)
+                except (EngineFatal, asyncio.TimeoutError) as err:
+                    await self._fatal(f"{type(err).__name__}: {err}"[:300] or type(err).__name__)
+                    raise  # not reached: the actor has exited
             for k, gen in zip(group, gens):
                 self.apply(ready[k][0], gen)
             await self._ask("end", group)
