@@ -79,6 +79,9 @@ def _recipe(tmp_path: Path, root: Path, tiny_models) -> Path:
     data["root"] = str(root)
     data["caption"]["model"] = str(tiny_models["llava"])
     data["fuse"]["model"] = str(tiny_models["llama"])
+    # Engine gauges exist only while their actor lives: small batches one at a time keep the caption
+    # actor calling its engine for many seconds, long enough to be scraped live.
+    data["caption"].update(batch_size=2, max_batches_in_flight=1)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -111,7 +114,7 @@ def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root
                 live |= {n for n, _, _ in scrape(url)}
             except OSError:
                 pass  # Ray is not up yet
-            time.sleep(2)
+            time.sleep(0.5)
         assert "VECAP-DONE 0" in (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()[-3000:]
         expected = parquet_counts(root)
         # Counters are reported every second here: poll until the last shard's counts arrive.
