@@ -146,7 +146,7 @@ class SuspectGate:
     def __init__(self) -> None:
         self._cond: asyncio.Condition | None = None  # made on the actor's event loop, at first use
         self._calls = 0
-        self._alone = False
+        self._suspect_running = False
         self._suspects_waiting = 0
 
     @asynccontextmanager
@@ -157,16 +157,17 @@ class SuspectGate:
                 self._suspects_waiting += 1
                 await cond.wait_for(lambda: self._calls == 0)
                 self._suspects_waiting -= 1
-                self._alone = True
+                self._suspect_running = True
             else:
-                await cond.wait_for(lambda: not self._alone and not self._suspects_waiting)
+                await cond.wait_for(lambda: not self._suspect_running and not self._suspects_waiting)
             self._calls += 1
         try:
             yield
         finally:
             async with cond:
                 self._calls -= 1
-                self._alone = self._alone and not suspect
+                if suspect:
+                    self._suspect_running = False
                 cond.notify_all()
 
 

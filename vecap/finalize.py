@@ -96,10 +96,11 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
     done: dict[str, dict[str, Any]] = {}
     for stage in job.stages:
         out = StageOutput(layout, stage.name, storage)
-        if _committed_by_earlier_attempt(out, storage, layout, stage.name, job):
-            done[stage.name] = out.read_stats(job.shard)
+        table = merge_parts(storage, layout, stage.name, job.shard)
+        if table is None and (earlier := _committed_by_earlier_attempt(out, job)) is not None:
+            done[stage.name] = earlier
             continue
-        table = merge_parts(storage, layout, stage.name, job.shard) or stage.schema.empty_table()
+        table = table if table is not None else stage.schema.empty_table()
         expected = int(job.report.get("n_rows", table.num_rows))
         if job.rest_in_parts:  # every row of the shard, as its committed captions count them
             expected = int(StageOutput(layout, "caption", storage).read_stats(job.shard)["n_rows"])
@@ -137,12 +138,13 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
     return done
 
 
-def _committed_by_earlier_attempt(out: StageOutput, storage: Storage, layout: Layout, step: str, job: ShardJob) -> bool:
+def _committed_by_earlier_attempt(out: StageOutput, job: ShardJob) -> dict[str, Any] | None:
     """Ray reruns a finalize task whose node died after it committed a stage and removed its
-    parts: that stage is done (by this run), and its rows are no longer in parts to assemble."""
-    if not job.run_id or not out.is_done(job.shard) or storage.names(layout.parts(step, job.shard)):
-        return False
-    return out.read_stats(job.shard).get("run_id") == job.run_id
+    parts: with no parts left, a marker of this run means the stage is done; its stats, else None."""
+    if not job.run_id or not out.is_done(job.shard):
+        return None
+    stats = out.read_stats(job.shard)
+    return stats if stats.get("run_id") == job.run_id else None
 
 
 def _is_timing(name: str) -> bool:

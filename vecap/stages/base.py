@@ -360,7 +360,7 @@ class EngineWorker:
         import asyncio
 
         keys = list(ready)
-        counts = (await self._ask("counts", keys) if self._registry is not None else None) or {}
+        counts = await self._ask("counts", keys) or {}  # {} without a registry: isolation off
         if self._registry is not None and (state := await self._ask("state")) and state["tripped"]:
             raise CircuitOpen(state["tripped"])
         crashed, groups = plan_groups(keys, counts)
