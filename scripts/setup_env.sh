@@ -11,11 +11,11 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
 [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
-$VENV/bin/python -m pip install -q --upgrade "pip>=24"
-# pip (not uv): torch 2.13.0+cpu is found through this machine's pip configuration.
 # (the machine's pip configuration lists local indexes; their "is ignored" warnings are noise)
-$VENV/bin/python -m pip install -q -c requirements/cpu.lock -e ".[cpu,test]" 2>&1 \
-  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+quiet() { { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+$VENV/bin/python -m pip install -q --upgrade "pip>=24" 2>&1 | quiet
+# pip (not uv): torch 2.13.0+cpu is found through this machine's pip configuration.
+$VENV/bin/python -m pip install -q -c requirements/cpu.lock -e ".[cpu,test]" 2>&1 | quiet
 $VENV/bin/python scripts/repair_cpu_wheels.py
 echo "$want" > "$STAMP"
 echo "environment ready: $VENV"

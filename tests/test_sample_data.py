@@ -166,8 +166,9 @@ def test_refuses_foreign_images_dir(tmp_path: Path) -> None:
         make_sample_data(tmp_path, n_images=2, shard_size=2)
 
 
-def test_download_csv(sample: Path, tmp_path: Path) -> None:
-    """A user's csv with an extra column, through `download` against a loopback server."""
+def test_download_csv(sample: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A user's csv with an extra column, through `download` against a loopback server;
+    img2dataset's own output (its main and worker processes) lands in a log beside the folder."""
     src = sample.parent / "sample_src"
     files = ["cmyk.jpg", "rgba.png", "rgba.webp"]
     with serve_folder(src) as base:
@@ -186,6 +187,12 @@ def test_download_csv(sample: Path, tmp_path: Path) -> None:
         )
     assert out == tmp_path / "images"
     assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    terminal = capfd.readouterr()
+    library_log = (tmp_path / "images.img2dataset.log").read_text()
+    for line in ("Starting the downloading", "worker  - success"):  # printed by img2dataset's main and worker processes
+        assert line in library_log
+        assert line not in terminal.out + terminal.err
+    assert "download: 4sample" in terminal.err  # our bar: 4 URLs in one shard (a csv: no total known up front)
     rows = {r["source_id"]: r for r in pq.read_table(out / "00000.parquet").to_pylist()}
     assert rows["id9"]["status"] == "failed_to_download"
     with tarfile.open(out / "00000.tar") as tar:

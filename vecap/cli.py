@@ -124,7 +124,7 @@ def _download_cmd(args: argparse.Namespace) -> int:
         extra[".".join(path)] = value
     out = download(
         args.url_list, args.output, input_format=args.input_format, url_col=args.url_col,
-        caption_col=args.caption_col, number_sample_per_shard=args.shard_size, **extra,
+        caption_col=args.caption_col, number_sample_per_shard=args.shard_size, quiet=not args.verbose, **extra,
     )
     print(f"img2dataset shards → {out}")
     return 0

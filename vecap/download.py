@@ -15,6 +15,10 @@ import json
 import logging
 import math
 import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +139,7 @@ def download(
     processes_count: int | None = None,
     thread_count: int = 32,
     number_sample_per_shard: int = 10000,
+    quiet: bool = True,
     **img2dataset_options: Any,
 ) -> Path:
     """Download a URL list into ``output_folder`` as the pipeline's ``images/`` input.
@@ -142,6 +147,10 @@ def download(
     `url_list` is a local file (parquet/csv/tsv/json/jsonl/txt, optionally .gz) or a folder
     of such files; any other img2dataset option (``save_additional_columns``, ``timeout``,
     ``retries``, ``distributor``...) is passed through. Returns the output folder.
+
+    img2dataset prints its own progress and per-worker lines; with ``quiet`` they go to
+    ``<output_folder>.img2dataset.log`` (beside the folder, which stays as img2dataset writes
+    it) and the terminal gets a progress bar of committed shards and our summary.
 
     img2dataset starts spawned worker processes and installs a SIGINT handler: call this
     from the main thread, and from scripts under ``if __name__ == "__main__":``.
@@ -174,21 +183,115 @@ def download(
 
     from img2dataset import download as i2d_download
 
-    i2d_download(**options)
     out = Path(output_folder)
+    if not quiet:
+        i2d_download(**options)
+    else:
+        library_log = out.parent / f"{out.name}.img2dataset.log"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with _shard_progress(out, _count_urls(path, input_format)), _output_to(library_log):
+                i2d_download(**options)
+        except BaseException:
+            log.error("img2dataset failed; its own output is in %s:\n%s", library_log, _tail(library_log))
+            raise
+        log.info("img2dataset's own output: %s", library_log)
     _log_summary(out)
     return out
 
 
-def _log_summary(output_folder: Path) -> None:
-    """img2dataset only prints; put the totals into our log."""
-    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr, and those of the processes it starts, to ``path``.
+
+    img2dataset prints from its main process and from the worker processes it spawns, so both
+    file descriptors 1 and 2 (inherited by the workers) and ``sys.stdout``/``sys.stderr`` (which
+    need not write to them, e.g. under pytest) are redirected.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as f, open(path, "a", buffering=1, encoding="utf-8", errors="replace") as text:
+        try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            with redirect_stdout(text), redirect_stderr(text):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+@contextmanager
+def _shard_progress(output_folder: Path, total: int | None) -> Iterator[None]:
+    """A progress bar of the samples in committed shards (img2dataset writes ``NNNNN_stats.json``
+    last) on the caller's terminal: it writes to a duplicate of descriptor 2 taken on entry, so
+    enter it before :func:`_output_to`."""
+    from tqdm import tqdm
+
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    stop = threading.Event()
+    bar = tqdm(total=total, unit="sample", desc="download", file=terminal, mininterval=1.0, smoothing=0.1)
+
+    def poll() -> None:
+        while True:
+            stopping = stop.wait(2.0)
+            bar.update(_summary(output_folder)["count"] - bar.n)
+            if stopping:
+                return
+
+    thread = threading.Thread(target=poll, name="vecap-download-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+        terminal.close()
+
+
+def _count_urls(url_list: Path, input_format: str) -> int | None:
+    """Rows of a Parquet URL list from its footer (free); None for other formats (unknown total)."""
+    if input_format != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    files = sorted(url_list.glob("*.parquet")) if url_list.is_dir() else [url_list]
+    try:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _summary(output_folder: Path) -> dict[str, int]:
+    """Totals over img2dataset's ``NNNNN_stats.json`` files (one per committed shard)."""
+    totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     stats = sorted(output_folder.glob("*_stats.json")) if output_folder.is_dir() else []
     for f in stats:
         try:
             d = json.loads(f.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # being written
             continue
-        for k in totals:
+        totals["shards"] += 1
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[k] += int(d.get(k) or 0)
-    log.info("img2dataset wrote %d shard(s) to %s: %s", len(stats), output_folder, totals)
+    return totals
+
+
+def _log_summary(output_folder: Path) -> None:
+    """img2dataset only prints; put the totals into our log."""
+    totals = _summary(output_folder)
+    shards = totals.pop("shards")
+    log.info("img2dataset wrote %d shard(s) to %s: %s", shards, output_folder, totals)

@@ -147,8 +147,12 @@ def _spec(kind: str, scale: str) -> dict[str, Any]:
 
 def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None:
     """Build into a temporary sibling folder, write the marker last, then rename into place."""
+    from transformers.utils import logging as hf_logging
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar: a tiny model writes one file
     try:
         if spec["kind"] == "llava":
             _build_llava(tmp, spec["scale"])
@@ -173,6 +177,9 @@ def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- tokenizer
