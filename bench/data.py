@@ -65,10 +65,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def repack(source: Path, out: Path, n_samples: int, shard_size: int) -> Path:
-    """``out``/images/ with ``n_samples`` samples in shards of ``shard_size``, cycled from ``source``; reused when built."""
+def repack(source: Path, out: Path, n_samples: int, shard_size: int, failed_only: bool = False) -> Path:
+    """``out``/images/ with ``n_samples`` samples in shards of ``shard_size``, cycled from ``source``; reused when built.
+
+    ``failed_only``: only the source's failed downloads (a Parquet row, no image), which the
+    data path settles without decoding: rows at the highest rate a small machine can stream.
+    """
     images = out / "images"
-    spec = {"source": str(source.resolve()), "n_samples": n_samples, "shard_size": shard_size}
+    spec = {"source": str(source.resolve()), "n_samples": n_samples, "shard_size": shard_size, "failed_only": failed_only}
     done = images / DONE
     if done.exists() and json.loads(done.read_text()) == spec:
         return images
@@ -76,8 +80,10 @@ def repack(source: Path, out: Path, n_samples: int, shard_size: int) -> Path:
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     sources = _read_sources(source)
+    if failed_only:
+        sources = [s for s in sources if s.row.get("status") != "success" and not s.members]
     if not sources:
-        raise RuntimeError(f"no samples in {source}")
+        raise RuntimeError(f"no {'failed ' if failed_only else ''}samples in {source}")
     for s in range(math.ceil(n_samples / shard_size)):
         shard = f"{s:05d}"
         rows = []
