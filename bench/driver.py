@@ -473,11 +473,11 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
               if with_d and with_d.get("r2") is not None else "")
            + (f"Slope over the one-shard runs, all extra wall time's cost charged to rows: {1000 * slope['coef']['per_row']:.4f}"
               f" ± {1000 * slope['se']['per_row']:.4f} ms per row. " if slope and "coef" in slope else "")
-           + f"Wall time grows with rows ({1000 * wall_per_row:.0f} ms of wall per row here), so a and b are nearly "
-           f"collinear: an error of 0.001 cores in a moves b by {wall_per_row:.3f} ms per row, about the size of the "
-           f"target ({BEFORE_MS_PER_ROW / 20:.3f} ms); the other two models in the table (a constant per run, d; a fixed at the "
-           "idle probe's) show how much b depends on that. On a GPU node rows arrive hundreds of times faster, and a's "
-           "share per row shrinks by as much. "
+           + f"In the real-image runs wall time grows with rows ({1000 * wall_per_row:.0f} ms of wall per row, median "
+           f"over all runs), so alone they cannot tell a from b (an error of 0.001 cores in a moves b by "
+           f"{wall_per_row:.3f} ms per row); the failed-downloads runs stream an order of magnitude more rows per second, "
+           "which is what separates them. The other two models in the table (a constant per run, d; a fixed at the idle "
+           "probe's) show how much b depends on the model. "
            + "Each run is one dry run in the same driver process; the idle probe is a vecap-shaped Ray Data stream with "
            "one sleeping task. Ray Data's executor thread loops every 0.1 s (ray.wait timeout) and the consumer polls every "
            "0.01 s whatever the rows: that is a. DataContext switches tried against the probe (issue detectors off, auto "

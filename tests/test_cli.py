@@ -90,6 +90,10 @@ def test_download_csv_tsv_parquet_from_a_loopback_server(tmp_path, fmt):
                      "-o", "thread_count=2", "-o", "timeout=5", "--option", "save_additional_columns=[source_id]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(out) in proc.stdout
+    # img2dataset's own lines (main and worker processes) in its log beside the folder, not on the terminal
+    library_log = (out.parent / "images.img2dataset.log").read_text()
+    for line in ("Starting the downloading", "worker  - success"):
+        assert line in library_log and line not in proc.stdout + proc.stderr
     shards = sorted(p.stem for p in out.glob("*.tar"))
     assert shards == ["00000", "00001", "00002"]  # 6 URLs, --shard-size 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
