@@ -15,7 +15,8 @@ fi
 quiet() { { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 $VENV/bin/python -m pip install -q --upgrade "pip>=24" 2>&1 | quiet
 # pip (not uv): torch 2.13.0+cpu is found through this machine's pip configuration.
-$VENV/bin/python -m pip install -q -c requirements/cpu.lock -e ".[cpu,test]" 2>&1 | quiet
+# PYTHONWARNINGS: setuptools' "Editable installation" notice (a UserWarning) on every install.
+PYTHONWARNINGS=ignore::UserWarning $VENV/bin/python -m pip install -q -c requirements/cpu.lock -e ".[cpu,test]" 2>&1 | quiet
 $VENV/bin/python scripts/repair_cpu_wheels.py
 echo "$want" > "$STAMP"
 echo "environment ready: $VENV"
