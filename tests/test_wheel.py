@@ -25,4 +25,4 @@ def test_wheel_holds_the_library_and_its_package_data(tmp_path):
     tops = {n.split("/", 1)[0] for n in names}
     assert all(t == "vecap" or t.endswith(".dist-info") for t in tops), tops  # no bench/, tests/, docs/
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "vecap = vecap.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "vecap = vecap.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()

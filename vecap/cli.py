@@ -340,5 +340,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then an exit that skips C++ static destructors when Ray
+    is not running in this process.
+
+    pyarrow's thread pool can abort the interpreter's teardown ("terminate called without an
+    active exception", exit -6) after the command's work is done (apache/arrow#34314; seen
+    under load with ``vecap inspect``). Flushing and ``os._exit`` avoid that teardown. A process
+    that started Ray exits normally: Ray's exit handler stops the local instance it started.
+    """
+    import os
+
+    rc = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        sys.exit(rc)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe (`vecap inspect ... | head`)
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -237,10 +237,15 @@ def _shard_progress(output_folder: Path, total: int | None) -> Iterator[None]:
     stop = threading.Event()
     bar = tqdm(total=total, unit="sample", desc="download", file=terminal, mininterval=1.0, smoothing=0.1)
 
+    counted: dict[str, int] = {}  # each shard's stats file is read once: a download can have 30,000
+
     def poll() -> None:
         while True:
             stopping = stop.wait(2.0)
-            bar.update(_summary(output_folder)["count"] - bar.n)
+            for f in output_folder.glob("*_stats.json") if output_folder.is_dir() else []:
+                if f.name not in counted and (d := _read_stats(f)) is not None:
+                    counted[f.name] = int(d.get("count") or 0)
+            bar.update(sum(counted.values()) - bar.n)
             if stopping:
                 return
 
@@ -280,14 +285,21 @@ def _summary(output_folder: Path) -> dict[str, int]:
     totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     stats = sorted(output_folder.glob("*_stats.json")) if output_folder.is_dir() else []
     for f in stats:
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):  # being written
+        if (d := _read_stats(f)) is None:
             continue
         totals["shards"] += 1
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[k] += int(d.get(k) or 0)
     return totals
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    """One img2dataset ``NNNNN_stats.json``; None while it is being written."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def _log_summary(output_folder: Path) -> None:
