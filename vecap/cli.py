@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("vecap")
@@ -349,8 +350,6 @@ def entry() -> None:
     under load with ``vecap inspect``). Flushing and ``os._exit`` avoid that teardown. A process
     that started Ray exits normally: Ray's exit handler stops the local instance it started.
     """
-    import os
-
     rc = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

@@ -190,7 +190,7 @@ def download(
         library_log = out.parent / f"{out.name}.img2dataset.log"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with _shard_progress(out, _count_urls(path, input_format)), _output_to(library_log):
+            with _shard_progress(_ShardStats(out), _count_urls(path, input_format)), _output_to(library_log):
                 i2d_download(**options)
         except BaseException:
             log.error("img2dataset failed; its own output is in %s:\n%s", library_log, _tail(library_log))
@@ -227,7 +227,7 @@ def _output_to(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _shard_progress(output_folder: Path, total: int | None) -> Iterator[None]:
+def _shard_progress(stats: _ShardStats, total: int | None) -> Iterator[None]:
     """A progress bar of the samples in committed shards (img2dataset writes ``NNNNN_stats.json``
     last) on the caller's terminal: it writes to a duplicate of descriptor 2 taken on entry, so
     enter it before :func:`_output_to`."""
@@ -237,15 +237,10 @@ def _shard_progress(output_folder: Path, total: int | None) -> Iterator[None]:
     stop = threading.Event()
     bar = tqdm(total=total, unit="sample", desc="download", file=terminal, mininterval=1.0, smoothing=0.1)
 
-    counted: dict[str, int] = {}  # each shard's stats file is read once: a download can have 30,000
-
     def poll() -> None:
         while True:
             stopping = stop.wait(2.0)
-            for f in output_folder.glob("*_stats.json") if output_folder.is_dir() else []:
-                if f.name not in counted and (d := _read_stats(f)) is not None:
-                    counted[f.name] = int(d.get("count") or 0)
-            bar.update(sum(counted.values()) - bar.n)
+            bar.update(stats.totals()["count"] - bar.n)
             if stopping:
                 return
 
@@ -280,30 +275,32 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def _summary(output_folder: Path) -> dict[str, int]:
-    """Totals over img2dataset's ``NNNNN_stats.json`` files (one per committed shard)."""
-    totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    stats = sorted(output_folder.glob("*_stats.json")) if output_folder.is_dir() else []
-    for f in stats:
-        if (d := _read_stats(f)) is None:
-            continue
-        totals["shards"] += 1
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            totals[k] += int(d.get(k) or 0)
-    return totals
+class _ShardStats:
+    """Totals over img2dataset's ``NNNNN_stats.json`` files (written last, one per committed shard),
+    each file read once however often the totals are asked for (a download can have 30,000)."""
 
+    FIELDS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
-def _read_stats(path: Path) -> dict[str, Any] | None:
-    """One img2dataset ``NNNNN_stats.json``; None while it is being written."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.by_shard: dict[str, dict[str, int]] = {}
+
+    def totals(self) -> dict[str, int]:
+        for f in self.folder.glob("*_stats.json") if self.folder.is_dir() else []:
+            if f.name in self.by_shard:
+                continue
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):  # being written: read at the next call
+                continue
+            if isinstance(d, dict):
+                self.by_shard[f.name] = {k: int(d.get(k) or 0) for k in self.FIELDS}
+        return {k: sum(s[k] for s in self.by_shard.values()) for k in self.FIELDS}
 
 
 def _log_summary(output_folder: Path) -> None:
-    """img2dataset only prints; put the totals into our log."""
-    totals = _summary(output_folder)
-    shards = totals.pop("shards")
-    log.info("img2dataset wrote %d shard(s) to %s: %s", shards, output_folder, totals)
+    """img2dataset only prints; put the totals into our log (a fresh read: the progress bar's tally
+    may hold files that img2dataset's overwrite mode deleted)."""
+    stats = _ShardStats(output_folder)
+    totals = stats.totals()
+    log.info("img2dataset wrote %d shard(s) to %s: %s", len(stats.by_shard), output_folder, totals)
