@@ -30,8 +30,12 @@ from vecap.validation import (
     tidy_fused,
 )
 
-DATA = yaml.safe_load((Path(__file__).parent / "data" / "validation_cases.yaml").read_text())
-INSTRUCTIONS = DATA["instructions"]
+ALL = yaml.safe_load((Path(__file__).parent / "data" / "validation_cases.yaml").read_text())
+INSTRUCTIONS = ALL["instructions"]
+# The development part (cases without ``split``) is asserted; the held-out part (``split: heldout``,
+# written before the rules of issue 23) is only reported, by test_heldout_part_is_reported and bench.validation.
+DATA = {**ALL, **{stage: [c for c in ALL[stage] if c.get("split", "dev") == "dev"] for stage in ("fuse", "caption")}}
+HELDOUT = {stage: [c for c in ALL[stage] if c.get("split") == "heldout"] for stage in ("fuse", "caption")}
 GG_ALT = "Golden Gate Bridge, San Francisco"
 GG_VLM = "A red suspension bridge over a bay covered in fog."
 
@@ -87,6 +91,17 @@ def test_labelled_set_targets(stage):
             misses.append(f"{case['id']}: expected {case['expect']}, got {got} ({verdict.detail}) {verdict.text!r}")
     assert bad_right >= 0.95 * bad and good_ok >= 0.95 * good, "\n".join(misses)
     assert not misses, "\n".join(misses)  # the set is met in full today: keep it so
+
+
+def test_heldout_part_is_reported(capsys):
+    """The held-out part is large and well formed; its score is printed, never asserted."""
+    from bench import validation as bench
+
+    assert len(HELDOUT["fuse"]) + len(HELDOUT["caption"]) >= 120
+    for stage in ("fuse", "caption"):
+        ids = [c["id"] for c in ALL[stage]]
+        assert len(ids) == len(set(ids)), stage
+        print(stage, "held out:", bench.overall(bench.judge(ALL, stage, "heldout")))
 
 
 def test_accepted_captions_carry_no_markdown():
