@@ -288,7 +288,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
                       sampling=Sampling(max_new_tokens=hi, temperature=0.0, top_p=1.0, synthetic_lengths=(lo, hi)),
                       dtype="bfloat16" if gpu else "float32", engine_kwargs=engine_kwargs)
     if caption:
-        from vecap.prompts import load_prompt
+        from vecap.prompting import load_prompt
         from vecap.stages.caption import CaptionWorker
 
         startup, worker = timed(lambda: CaptionWorker(spec, load_prompt("caption", "concise")))

@@ -16,7 +16,7 @@ from conftest import bad_images
 
 from vecap.backends import EngineSpec, Request, Sampling, load_engine
 from vecap.images import prepare_image
-from vecap.prompts import load_prompt
+from vecap.prompting import load_prompt
 
 pytestmark = pytest.mark.slow
 VLLM_ENGINE = {"max_model_len": 2048, "enforce_eager": True}

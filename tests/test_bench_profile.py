@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from vecap.backends import EngineSpec, Request, Sampling, load_engine
-from vecap.prompts import load_prompt
+from vecap.prompting import load_prompt
 
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(REPO))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from vecap.config import RECIPES_DIR, ConfigError, load_config, resolve_recipe
+from vecap.config import PIPELINES_DIR, ConfigError, load_config, resolve_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted(REPO.joinpath("pipelines").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
     cfg = load_config(recipe)
     assert cfg.caption.model and cfg.fuse.model
@@ -59,7 +59,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_recipes_resolve_by_name_or_path(tmp_path):
-    assert resolve_recipe("gpu") == RECIPES_DIR / "gpu.yaml"
+    assert resolve_recipe("gpu") == PIPELINES_DIR / "gpu.yaml"
     mine = tmp_path / "mine.yaml"
     mine.write_text("seed: 3\n")
     assert load_config(mine).seed == 3

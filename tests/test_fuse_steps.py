@@ -6,7 +6,7 @@ import json
 
 from vecap import schemas
 from vecap.config import FuseChecks
-from vecap.prompts import load_prompt
+from vecap.prompting import load_prompt
 from vecap.stages.base import work_table
 from vecap.stages.fuse import instructions_of, prepare_fuse_requests, validate_fused
 

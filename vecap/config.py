@@ -11,10 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vecap.resources import package_data
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class ConfigError(ValueError):
@@ -236,21 +241,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data
+PIPELINES_DIR = package_data("pipelines")  # the packaged recipes: the repository's pipelines/NAME.yaml
 
 
 def packaged_recipes() -> list[str]:
     """Names of the recipes shipped with the package (``--config NAME``)."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in PIPELINES_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
-def resolve_recipe(path: str | Path) -> Path:
+def resolve_recipe(path: str | Path) -> Path | Traversable:
     """A recipe file path, or the name of a packaged recipe (``demo``, ``gpu``)."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    if candidate.suffix == "" and (RECIPES_DIR / f"{candidate.name}.yaml").is_file() and candidate.name == str(path):
-        return RECIPES_DIR / f"{candidate.name}.yaml"
+    if candidate.suffix == "" and candidate.name == str(path) and (PIPELINES_DIR / f"{path}.yaml").is_file():
+        return PIPELINES_DIR / f"{path}.yaml"
     raise ConfigError(f"config file not found: {path} (packaged recipes: {', '.join(packaged_recipes())})")
 
 

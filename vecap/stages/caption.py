@@ -20,7 +20,7 @@ from vecap.backends import EngineSpec, Generation, Request
 from vecap.config import CaptionChecks, CaptionConfig, stable_hash
 from vecap.faults import FaultPolicy
 from vecap.images import ImageRejected, prepare_image
-from vecap.prompts import Prompt, load_prompt
+from vecap.prompting import Prompt, load_prompt
 from vecap.reader import ShardReader
 from vecap.stages.base import (
     Clock,

@@ -20,7 +20,7 @@ from vecap.backends import Generation, Request
 from vecap.config import FuseChecks, FuseConfig, stable_hash
 from vecap.faults import FaultPolicy
 from vecap.layout import Layout
-from vecap.prompts import Prompt, load_prompt
+from vecap.prompting import Prompt, load_prompt
 from vecap.reader import read_alt_texts
 from vecap.stages.base import (
     Clock,

@@ -1,4 +1,4 @@
-"""Prompt templates from ``prompts/<stage>/<id>.yaml``.
+"""Prompt templates from ``prompts/<stage>/<id>.yaml`` (package data ``vecap.prompts``, see ``vecap.resources``).
 
 A prompt file holds a one-line ``description``, an optional ``system`` instruction,
 a ``template`` with named placeholders (``{alt_text}``, ``{vlm_caption}``) and optional
@@ -15,11 +15,16 @@ import hashlib
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-PROMPTS_DIR = Path(__file__).resolve().parent  # shipped as package data: prompts/<stage>/<id>.yaml
+from vecap.resources import package_data
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+PROMPTS_DIR = package_data("prompts")  # the repository's prompts/<stage>/<id>.yaml
 _ALLOWED_KEYS = {"description", "system", "template", "examples"}
 
 
@@ -62,16 +67,21 @@ class Prompt:
         return msgs
 
 
-def load_prompt(stage: str, prompt_id: str, prompts_dir: str | Path | None = None) -> Prompt:
+def _stage_dir(stage: str, prompts_dir: str | Path | Traversable | None) -> Traversable:
+    base = PROMPTS_DIR if prompts_dir is None else prompts_dir
+    return (Path(base) if isinstance(base, str) else base) / stage
+
+
+def load_prompt(stage: str, prompt_id: str, prompts_dir: str | Path | Traversable | None = None) -> Prompt:
     """Load ``prompts/<stage>/<prompt_id>.yaml``; ``prompt_id`` may also be a path to a YAML file."""
     candidate = Path(prompt_id)
+    path: Path | Traversable
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
         path = candidate
     else:
-        path = Path(prompts_dir or PROMPTS_DIR) / stage / f"{prompt_id}.yaml"
-    if not path.exists():
-        available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
-        raise PromptError(f"no prompt '{prompt_id}' for stage {stage} (available: {available})")
+        path = _stage_dir(stage, prompts_dir) / f"{prompt_id}.yaml"
+    if not path.is_file():
+        raise PromptError(f"no prompt '{prompt_id}' for stage {stage} (available: {list_prompts(stage, prompts_dir)})")
     raw = path.read_bytes()
     data = yaml.safe_load(raw) or {}
     unknown = set(data) - _ALLOWED_KEYS
@@ -81,7 +91,7 @@ def load_prompt(stage: str, prompt_id: str, prompts_dir: str | Path | None = Non
         raise PromptError(f"{path}: 'template' (a string) is required")
     examples = tuple(dict(ex) for ex in data.get("examples") or ())
     prompt = Prompt(
-        id=path.stem,
+        id=path.name.rsplit(".", 1)[0],
         stage=stage,
         description=str(data.get("description", "")).strip(),
         template=data["template"].strip(),
@@ -96,5 +106,8 @@ def load_prompt(stage: str, prompt_id: str, prompts_dir: str | Path | None = Non
     return prompt
 
 
-def list_prompts(stage: str, prompts_dir: str | Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (Path(prompts_dir or PROMPTS_DIR) / stage).glob("*.yaml"))
+def list_prompts(stage: str, prompts_dir: str | Path | Traversable | None = None) -> list[str]:
+    folder = _stage_dir(stage, prompts_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
