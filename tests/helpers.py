@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -68,3 +70,23 @@ def marker_path(root, step: str, shard: str) -> Path:
     from vecap.layout import Layout
 
     return Path(Layout(str(root)).marker(step, shard))
+
+
+def in_ci() -> bool:
+    """``$CI`` is set (and not 0/false): every test a feature depends on must run, none may skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+MOTO_WHY = "the S3 tests' loopback server, moto[server], comes with the test extra (make setup installs it)"
+
+
+def import_or_skip(module: str, why: str):
+    """``module``, imported; without it the test skips, except in CI, where it fails (``why``: who installs it)."""
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if in_ci():
+            pytest.fail(f"{module} cannot be imported in CI ({err}); {why}")
+        pytest.skip(f"{module} not importable ({err}); {why}")

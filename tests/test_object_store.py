@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import MOTO_WHY, import_or_skip
 
 from vecap.layout import Layout
 from vecap.outputs import StageOutput
@@ -30,7 +31,7 @@ SHARDS = ["00000", "00099"]  # a shard of the sample and the shard of bad images
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on a free loopback port; yields the s3fs storage options that reach it."""
-    moto_server = pytest.importorskip("moto.server")
+    moto_server = import_or_skip("moto.server", MOTO_WHY)
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

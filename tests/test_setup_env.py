@@ -127,3 +127,18 @@ def test_the_supported_python_passes_and_a_bad_option_is_a_usage_error(tmp_path)
     assert proc.stdout.startswith(f"setup: Python {sys.version.split()[0]} is supported")
     proc = run_script("--no-such-option", env=hidden_pip_env(tmp_path))
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_a_missing_test_dependency_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    """What the S3 tests use instead of importorskip: under ``CI=true`` no feature's test may skip."""
+    from helpers import MOTO_WHY, import_or_skip
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="vecap_no_such_module cannot be imported in CI"):
+        import_or_skip("vecap_no_such_module", MOTO_WHY)
+    for value in ("", "false", "0"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception):
+            import_or_skip("vecap_no_such_module", MOTO_WHY)
+    monkeypatch.setenv("CI", "true")
+    assert import_or_skip("moto.server", MOTO_WHY).ThreadedMotoServer  # the test extra, as make setup installs it

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import MOTO_WHY, import_or_skip
 
 from vecap.status import load_status, render_status
 
@@ -143,7 +144,7 @@ def test_vecap_status_command_text_and_json(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free loopback port; yields the s3fs storage options that reach it."""
-    moto_server = pytest.importorskip("moto.server")
+    moto_server = import_or_skip("moto.server", MOTO_WHY)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
