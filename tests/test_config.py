@@ -53,6 +53,19 @@ def test_set_overrides_are_typed_and_validated():
         load_config(None, ["caption.batch_size"])
 
 
+def test_set_takes_text_as_typed_where_the_schema_wants_a_string():
+    cfg = load_config("demo", ["ray.env.VLLM_ENABLE_V1_MULTIPROCESSING=1", "caption.env.VERSION=1.10",
+                               "fuse.env.FLAG=true", "caption.model=7", "ray.address=null"])
+    assert cfg.ray.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert cfg.caption.env == {"VERSION": "1.10"} and cfg.fuse.env["FLAG"] == "true"
+    assert cfg.caption.model == "7" and cfg.ray.address is None
+    # elsewhere values stay YAML: numbers where the schema wants numbers, any type in free-form sections
+    cfg = load_config("demo", ["seed=5", "caption.engine.max_model_len=2048", "storage_options.anon=true"])
+    assert cfg.seed == 5 and cfg.caption.engine["max_model_len"] == 2048 and cfg.storage_options["anon"] is True
+    with pytest.raises(ConfigError, match=r"bad value for 'seed'"):
+        load_config("demo", ["seed=many"])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -3,7 +3,8 @@
 Every section is a pydantic model that forbids unknown keys, so a typo such as
 ``caption.batch_sise`` fails at load time with the key's dotted name instead of
 being silently ignored on a thousand-GPU run. ``--set a.b=value`` overrides are
-parsed as YAML scalars and validated the same way.
+parsed as YAML scalars (taken as typed where the schema wants a string, such as
+``ray.env.VLLM_ENABLE_V1_MULTIPROCESSING=1``) and validated the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -228,9 +230,37 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _members(annotation: Any) -> set[Any]:
+    return set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+
+
+def _takes_text(path: list[str]) -> bool:
+    """Whether the recipe's schema wants a string at ``path`` (a ``str`` field, or a value of a
+    ``dict[str, str]`` such as ``ray.env``) and no number or boolean there."""
+    annotation: Any = PipelineConfig
+    for part in path:
+        models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+        if models:
+            field = models[0].model_fields.get(part)
+            if field is None:
+                return False  # an unknown key: validation names it
+            annotation = field.annotation
+        elif get_origin(annotation) is dict and len(get_args(annotation)) == 2:
+            annotation = get_args(annotation)[1]
+        else:
+            return False
+    members = _members(annotation)
+    return str in members and not members & {int, float, bool, Any}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key=value`` in the recipe's data. Values are YAML scalars, except where the schema
+    wants a string: there the text is taken as typed (``ray.env.X=1`` is ``"1"``, ``1.10`` stays
+    ``"1.10"``; ``null`` is still None)."""
     for item in overrides:
         path, value = parse_override(item)
+        if value is not None and not isinstance(value, (str, list, dict)) and _takes_text(path):
+            value = item.split("=", 1)[1].strip()
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
