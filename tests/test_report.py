@@ -442,16 +442,25 @@ def test_inspect_reuses_the_report_data(tmp_path):
         inspect_path(root / "nothing")
 
 
-def test_report_of_the_sample_root_if_built(tmp_path):
-    """The repository's demo root, when ``make demo`` has been run (skipped otherwise)."""
-    root = Path(__file__).resolve().parent.parent / "data" / "sample"
-    if not list((root / "vecap" / "_done").glob("*.json")):
-        pytest.skip("data/sample/vecap not built in the current layout (make demo)")
-    out = build_report(root, tmp_path / "sample.html", n_samples=12)
-    page = assert_no_live_markup(out.read_text())
-    assert len(page.cards) == 12 and all(page.cards.values())
-    sizes = json.loads((root / "clip" / "sizes.json").read_text())
-    assert page.counts["status:ok"] == sum(sizes.values())
+@pytest.mark.slow
+def test_report_of_a_whole_demo_run(pipeline_root, tmp_path):
+    """The report of a real ``vecap run`` of the demo recipe (the session's shared run, conftest's
+    ``pipeline_root``): its counts are the Parquet's, its sample count is clip/sizes.json's, every card
+    shows a decodable thumbnail, and nothing in the run's own values becomes markup."""
+    out = build_report(pipeline_root, tmp_path / "run.html", n_samples=12)
+    html = out.read_text(encoding="utf-8")
+    page = assert_no_live_markup(html)
+    table = pq.read_table(pipeline_root / "vecap").to_pylist()
+    ok = sorted(r["key"] for r in table if r["status"] == "ok")
+    sizes = json.loads((pipeline_root / "clip" / "sizes.json").read_text())
+    assert ok and len(ok) == sum(sizes.values())
+    assert list(page.cards) == ok[:12] and all(len(srcs) == 1 and max(decodes(srcs[0])) <= 160 for srcs in page.cards.values())
+    assert page.totals["rows"] == len(table) and page.totals["ok"] == len(ok) == page.counts["status:ok"]
+    for column in ("status", "vec_source", "txt_source"):
+        expected = Counter("null" if r[column] is None else r[column] for r in table)
+        shown = {k.split(":", 1)[1]: v for k, v in page.counts.items() if k.startswith(column + ":")}
+        assert shown == dict(expected), column
+    assert f"{sum(sizes.values())} in {len(sizes)} tar(s) (clip/sizes.json)" in html
 
 
 def test_report_of_a_uri_root(tmp_path):
