@@ -37,8 +37,7 @@ class FaultPolicy:
     """How an engine actor handles faults; from the recipe's ``faults`` section and stage section."""
 
     registry: str | None = None  # name of the run's FaultRegistry actor (None: no isolation)
-    call_timeout_s: float = 600.0  # one engine call longer than this is a hung engine
-    exit_keys: tuple[str, ...] = ()  # fault injection (tests): the engine process exits on these keys
+    call_timeout_s: float = 600.0  # an engine call with no engine progress for this long: a hung engine
     max_restarts: int = 20  # restarts of one engine actor
     max_task_retries: int = 12  # retries of one batch on restarted actors (poison isolation needs ~log2(batch)+3)
 

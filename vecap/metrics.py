@@ -137,7 +137,7 @@ class EngineMetrics:
         self.backend = backend
         self.in_flight = 0
         self._last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # vLLM counters already exported
-        self._vllm = backend == "vllm"
+        self._vllm = True  # until the engine turns out to hold no vLLM ``LLM`` with statistics
         self._exported_at = 0.0
 
     @classmethod

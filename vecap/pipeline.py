@@ -189,8 +189,7 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
 
     def faults(section: Any) -> FaultPolicy:
         return FaultPolicy(
-            registry, section.call_timeout_s, tuple(section.fault_exit_keys),
-            cfg.faults.max_actor_restarts, cfg.faults.max_task_retries,
+            registry, section.call_timeout_s, cfg.faults.max_actor_restarts, cfg.faults.max_task_retries,
         )
 
     built: dict[str, Stage] = {}

@@ -23,7 +23,17 @@ _BACKENDS = {
 
 
 def load_engine(spec: EngineSpec) -> ChatEngine:
-    """Start the engine a spec names; a missing library gives an install hint, not a traceback."""
+    """Start the engine a spec names; a missing library gives an install hint, not a traceback.
+
+    ``backend`` is one of the names above or ``package.module:Class``, a :class:`ChatEngine` of
+    one's own (vecap.demo.faulty wraps the vLLM engine this way to inject engine faults in tests).
+    """
+    if ":" in spec.backend:
+        module_name, class_name = spec.backend.split(":", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if not (isinstance(cls, type) and issubclass(cls, ChatEngine)):
+            raise ValueError(f"backend {spec.backend!r} is not a vecap.backends.ChatEngine")
+        return cls(spec)
     try:
         module_name, class_name, dist, hint = _BACKENDS[spec.backend]
     except KeyError:

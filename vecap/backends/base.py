@@ -63,6 +63,7 @@ class Request:
     messages: list[dict[str, Any]]
     seed: int
     image: Any = None  # a PIL.Image for captioning, None for text generation
+    key: str | None = None  # the sample's key (logs; wrapper backends such as vecap.demo.faulty)
 
 
 @dataclass
@@ -77,6 +78,20 @@ class Generation:
 class EngineFatal(RuntimeError):
     """The engine itself failed (dead engine process, device error, out of memory, unreachable
     server): no later request can succeed on it. The actor exits so that Ray restarts it."""
+
+
+class EngineHung(EngineFatal):
+    """The engine is alive but makes no progress: no step and no token for the watchdog's limit."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far an engine has got, for the hung-call watchdog: the engine's steps and output tokens
+    so far (any change means it is alive and working), and the tokens of one call's requests."""
+
+    steps: int
+    tokens: int
+    call_tokens: int
 
 
 _FATAL_NAMES = {"EngineDeadError", "OutOfMemoryError", "APIConnectionError", "APITimeoutError", "ConnectionError"}
@@ -136,6 +151,15 @@ class ChatEngine(ABC):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent_calls, thread_name_prefix="engine")
         return self._pool.submit(self.generate, list(requests))
+
+    def progress(self, future: Future) -> Progress | None:
+        """The engine's progress while ``future`` (from :meth:`submit`) is pending; None where the
+        backend cannot tell, and then the watchdog's limit is on the call's wall time."""
+        return None
+
+    def kill(self) -> None:
+        """Stop the engine's own processes at once, before the actor exits after a fatal error
+        (nothing to do where the engine lives in the actor's process)."""
 
     def stats(self) -> dict[str, float]:
         """Cumulative engine counters (e.g. steps, busy seconds) where the backend has them."""

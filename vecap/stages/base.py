@@ -19,6 +19,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
-from vecap.backends.base import EngineFatal
+from vecap.backends.base import EngineFatal, EngineHung
 from vecap.faults import CircuitOpen, FaultPolicy, SuspectGate, plan_groups
 from vecap.config import ModelConfig, stable_hash
 from vecap.metrics import EngineMetrics
@@ -272,6 +273,16 @@ def params_hash(spec: EngineSpec) -> str:
     )
 
 
+def _restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (after its earlier process exited)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    ctx = ray.get_runtime_context()
+    return ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
+
+
 class EngineWorker:
     """A Ray Data actor UDF that holds one engine for its lifetime, several batches in flight.
 
@@ -297,8 +308,11 @@ class EngineWorker:
             self._registry = ray.get_actor(self.faults.registry)
         t0 = time.perf_counter()
         self.engine = load_engine(spec)
-        # Engine counters not yet reported: start-up first, then requests and engine steps.
-        self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
+        # Engine counters not yet reported: start-up first (a start in an actor that Ray restarted
+        # after a fatal error counts as a restart), then requests and engine steps.
+        self._pending: Counter = Counter(
+            {"engine_starts": 1, "engine_restarts": int(_restarted_actor()), "engine_start_s": time.perf_counter() - t0}
+        )
         self._reported: dict[str, float] = {}
         self._gate = SuspectGate()  # calls holding keys of a crashed call run alone
         self._span_until: float | None = None  # span_s: this actor's first engine call to its last return
@@ -372,19 +386,41 @@ class EngineWorker:
         for group in groups:
             async with self._gate.call(suspect=any(k in counts for k in group)):
                 await self._ask("begin", group)
-                poisoned = {ready[k][0]["key"] for k in group} & set(self.faults.exit_keys)
-                if poisoned:
-                    log.error("fault injection: engine process exits on %s", sorted(poisoned))
-                    os._exit(1)
                 try:
-                    future = self.engine.submit([ready[k][1] for k in group])
-                    gens = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.faults.call_timeout_s)
-                except (EngineFatal, asyncio.TimeoutError) as err:
-                    await self._fatal(f"{type(err).__name__}: {err}"[:300] or type(err).__name__)
+                    gens = await self._call(self.engine.submit([ready[k][1] for k in group]), len(group))
+                except EngineFatal as err:
+                    await self._fatal(f"{type(err).__name__}: {err}"[:300])
                     raise  # not reached: the actor has exited
             for k, gen in zip(group, gens):
                 self.apply(ready[k][0], gen)
             await self._ask("end", group)
+
+    async def _call(self, future: Future, n_requests: int) -> list[Generation]:
+        """Wait for an engine call; a call during which the engine makes no progress (no step, no
+        token) for ``call_timeout_s`` is a hung engine (:class:`EngineHung`). A backend that cannot
+        report progress gets that limit on the call's wall time. An engine that dies fails the
+        call itself (:class:`EngineFatal`), in seconds."""
+        import asyncio
+
+        waiting = asyncio.wrap_future(future)
+        limit = self.faults.call_timeout_s
+        start = last_change = time.monotonic()
+        seen = None
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=min(5.0, limit))
+            if done:
+                return waiting.result()
+            now, progress = time.monotonic(), self.engine.progress(future)
+            if progress is not None and (progress.steps, progress.tokens) != seen:
+                seen, last_change = (progress.steps, progress.tokens), now
+            if now - last_change >= limit:
+                tokens = f"{progress.call_tokens} tokens" if progress is not None else "no token count"
+                message = (
+                    f"engine call hung: waited {now - start:.0f} s, no engine progress for {now - last_change:.0f} s "
+                    f"(limit call_timeout_s={limit:g}); {tokens} came back for its {n_requests} requests"
+                )
+                log.error("%s", message)
+                raise EngineHung(message)
 
     async def _ask(self, method: str, *args: Any) -> Any:
         """Call the run's fault registry; without one (or while it is unreachable) isolation is off."""
@@ -400,6 +436,7 @@ class EngineWorker:
 
     async def _fatal(self, message: str) -> None:
         """The engine failed: stop the run if the breaker trips, else exit for a restart."""
+        self.engine.kill()
         tripped = await self._ask("fatal", message)
         if tripped:
             raise CircuitOpen(tripped)

@@ -147,7 +147,7 @@ class CaptionWorker(EngineWorker):
         from PIL import Image
 
         image = Image.frombytes("RGB", (row["pixels_w"], row["pixels_h"]), row["pixels"])
-        return Request(messages=self.messages, seed=row["caption_seed"], image=image)
+        return Request(messages=self.messages, seed=row["caption_seed"], image=image, key=row["key"])
 
     def apply(self, row: dict[str, Any], gen: Generation) -> None:
         row["pixels"] = None  # pixels are not needed downstream: do not carry them

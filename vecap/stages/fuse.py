@@ -114,7 +114,7 @@ class FuseWorker(EngineWorker):
     stage = "fuse"
 
     def request(self, row: dict[str, Any]) -> Request:
-        return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"])
+        return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"], key=row["key"])
 
     def apply(self, row: dict[str, Any], gen: Generation) -> None:
         row.update(
