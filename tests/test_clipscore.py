@@ -26,6 +26,64 @@ def _images():
     return [red, noise, grad]
 
 
+def reference_scores(model_dir: Path, images: list, texts: list[str], negate_text: bool = False) -> list[float]:
+    """100 * max(cos, 0) of CLIPModel's own ``image_embeds`` and ``text_embeds`` (its forward pass, one
+    pair at a time, no padding), computed here with transformers alone; ``negate_text`` flips the text
+    embedding (every cosine changes sign, to reach the clamp)."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for image, text in zip(images, texts):
+            inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", truncation=True,
+                               max_length=model.config.text_config.max_position_embeddings)
+            res = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        pixel_values=inputs["pixel_values"])
+            text_embeds = -res.text_embeds if negate_text else res.text_embeds
+            cos = torch.nn.functional.cosine_similarity(res.image_embeds, text_embeds).item()
+            out.append(100.0 * max(cos, 0.0))
+    return out
+
+
+def _negated_text_tower(tiny_clip: Path, out: Path) -> Path:
+    """A copy of the model whose text projection is negated: each cosine of the original, sign flipped."""
+    import shutil
+
+    import torch
+    from transformers import CLIPModel
+
+    shutil.copytree(tiny_clip, out)
+    model = CLIPModel.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        model.text_projection.weight.neg_()
+    model.save_pretrained(out)
+    return out
+
+
+TEXTS = ["a red car parked on a city street", "Tower Bridge in London, 2019", "a cat " * 200]  # the last: truncated
+
+
+def test_scores_are_100_max_cos_of_the_models_own_embeddings(tiny_clip: Path, tmp_path: Path) -> None:
+    from vecap.clipscore import ClipScorer
+
+    images = _images()
+    pairs = [(im, t) for im in images for t in TEXTS]  # every image with every text: 9 rows
+    expect = reference_scores(tiny_clip, [im for im, _ in pairs], [t for _, t in pairs])
+    got = ClipScorer(str(tiny_clip), batch_size=4).scores([im for im, _ in pairs], {"t": [t for _, t in pairs]})["t"]
+    assert got == pytest.approx(expect, abs=1e-3)
+    assert len({round(v, 3) for v in expect}) > 4  # the rows really differ
+    # The clamp: with the text tower negated every cosine changes sign; what was positive scores 0,
+    # what was clamped to 0 now scores its |cos|.
+    flipped = _negated_text_tower(tiny_clip, tmp_path / "negated")
+    negative = ClipScorer(str(flipped)).scores([im for im, _ in pairs], {"t": [t for _, t in pairs]})["t"]
+    assert negative == pytest.approx(
+        reference_scores(tiny_clip, [im for im, _ in pairs], [t for _, t in pairs], negate_text=True), abs=1e-3)
+    assert all(n == 0.0 for n, e in zip(negative, expect) if e > 1e-3) and 0.0 in negative
+
+
 def test_tiny_clip_build_is_reused(tiny_clip: Path) -> None:
     from transformers import CLIPModel
 
@@ -73,11 +131,18 @@ def test_scores(tiny_clip: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path) -> None:
+def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypatch) -> None:
+    import tarfile
+
     from conftest import BAD_SHARD
 
+    from vecap.clipscore import ClipScorer, get_scorer
     from vecap.fusion import light_clean
-    from vecap.pipeline import ConfigMismatch, run
+    from vecap.images import prepare_image
+    from vecap.layout import Layout
+    from vecap.pipeline import ConfigMismatch, build_stages, run
+    from vecap.stages.write import write_shard
+    from vecap.storage import Storage
 
     root = make_root()
     shards = ["00000", BAD_SHARD]
@@ -98,6 +163,48 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path) -> None:
     assert all(str(schema.field(c).type) == "float" for c in CLIP_COLUMNS)
     marker = (root / "vecap" / "_done" / "00000.json").read_text()
     assert str(tiny_clip) in marker  # the model is in the write fingerprint
+
+    # Each score is 100 * max(cos, 0) of the model's own embeddings, computed here with transformers
+    # alone, of the row's image as the write stage scores it (decoded no larger than the CLIP input)
+    # and each of its texts: a few ok rows of each shard (the bad-images shard has CMYK, 16-bit, EXIF...).
+    stage = build_stages(demo_config(root, f"write.clip_model={tiny_clip}"), ["write"])["write"]
+    images, texts, got = [], [], []
+    for shard in shards:
+        with tarfile.open(root / "clip" / f"{shard}.tar") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for row in table[(table.status == "ok") & (table.shard == shard)].head(3).itertuples():
+            data = members[f"{row.key}.{row.image_ext}"]
+            image = prepare_image(data, get_scorer(str(tiny_clip)).image_size, stage.max_image_pixels,
+                                  stage.max_image_bytes).to_pil()
+            row_texts = {"clip_score_alt": light_clean(row.alt_text), "clip_score_vlm": row.vlm_caption,
+                         "clip_score_vec": row.vec_caption}
+            for column, text in row_texts.items():
+                if isinstance(text, str) and text.strip():
+                    images.append(image), texts.append(text), got.append(getattr(row, column))
+    assert len(got) >= 6
+    assert got == pytest.approx(reference_scores(tiny_clip, images, texts), abs=1e-3)
+
+    # write.clip_batch_size: the scorer is called with batches of that size (and the remainder),
+    # and the scores do not depend on it.
+    seen: list[tuple[int, int]] = []
+    scores = ClipScorer.scores
+    monkeypatch.setattr(ClipScorer, "scores", lambda self, ims, txt: seen.append((len(ims), self.batch_size))
+                        or scores(self, ims, txt))
+    by_key = table.set_index("key")
+    n_scored = int(table[list(CLIP_COLUMNS)].notna().any(axis=1).sum())
+    for size in (1, 3):
+        stage = build_stages(demo_config(root, f"write.clip_model={tiny_clip}", f"write.clip_batch_size={size}"),
+                             ["write"])["write"]
+        assert stage.clip_batch_size == size
+        seen.clear()
+        for shard in shards:
+            write_shard(Storage.for_path(str(root)), Layout(str(root)), shard, stage)
+        assert seen and all(n <= size and batch == size for n, batch in seen), (size, seen)
+        assert sum(n for n, _ in seen) == n_scored and max(n for n, _ in seen) == size
+        again = pq.read_table(root / "vecap").to_pandas().set_index("key").loc[by_key.index]
+        for column in CLIP_COLUMNS:
+            assert again[column].tolist() == pytest.approx(by_key[column].tolist(), abs=1e-3, nan_ok=True), (size, column)
+    monkeypatch.undo()
 
     # The same root without clip_model: another write fingerprint, so the committed shards refuse
     # a plain rerun; --overwrite redoes them, with the columns null.
