@@ -14,11 +14,12 @@ export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup sample-data models download caption fuse write run dry-run report inspect status demo test bench clean
+.PHONY: help setup sample-data models download caption fuse write run dry-run report inspect status demo test lint bench clean
 
 help:
 	@echo "make demo        whole pipeline on the bundled sample data with tiny local models (sets itself up)"
 	@echo "make test        the test suite (sets itself up)"
+	@echo "make lint        ruff (lint and format check) and mypy, configured in pyproject.toml"
 	@echo "make caption|fuse|write|run|dry-run CONFIG=gpu|path/to/recipe.yaml SET='caption.batch_size=32 ...'"
 	@echo "make download URLS=list.parquet OUT=data/mine/images"
 	@echo "make report | make inspect P=data/sample/fused/00000.parquet | make status ROOT=data/sample | make bench"
@@ -60,6 +61,14 @@ demo: setup sample-data models
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# All three run, and the target fails if any of them does.
+lint: setup
+	@rc=0; \
+	$(PY) -m ruff check . || rc=1; \
+	$(PY) -m ruff format --check . || rc=1; \
+	$(PY) -m mypy || rc=1; \
+	exit $$rc
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -202,6 +202,7 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
         built["write"] = WriteStage(
             w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes,
             clip_model=w.clip_model, clip_batch_size=w.clip_batch_size, max_image_pixels=cfg.caption.max_image_pixels,
+            max_alt_text_words=cfg.fuse.max_alt_text_words,
         )
     return built
 

@@ -44,9 +44,10 @@ IMAGE_FAILURES = frozenset(
 CAPTION_FAILURES = frozenset({MODEL_ERROR, ENGINE_CRASH, CAPTION_REJECTED})
 RETRYABLE = frozenset({MODEL_ERROR, ENGINE_CRASH})
 
-# Where the VeC caption came from, and which caption a vecap sample's .txt holds.
+# Where the VeC caption came from, and which caption a vecap sample's .txt holds ("vlm": the VLM caption,
+# when the alt-text has nothing usable and the VeC caption is the VLM's fallback).
 VEC_SOURCES = ("fused", "vlm", "alt")
-TXT_SOURCES = ("alt", "vec")
+TXT_SOURCES = ("alt", "vec", "vlm")
 
 _PROVENANCE = [
     ("finish_reason", pa.string()),

@@ -37,6 +37,7 @@ from vecap.stages.base import (
 )
 from vecap.storage import Storage
 from vecap.validation import check_caption
+from vecap.validation import fingerprint as checks_fingerprint
 
 STAGE = "caption"
 
@@ -211,7 +212,8 @@ class CaptionStage(Stage):
         o = self.read_options
         return {
             **self.provenance.columns(),
-            "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json")),
+            # the recipe's thresholds, and the checks and text libraries (with versions) that apply them
+            "checks_sha256": stable_hash({**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}),
             "image": {"size": o.image_size, "max_pixels": o.max_pixels, "max_bytes": o.max_bytes},
             "seed": o.run_seed if self.cfg.temperature > 0 else None,
         }

@@ -37,6 +37,7 @@ from vecap.stages.base import (
 )
 from vecap.storage import Storage
 from vecap.validation import check_fused
+from vecap.validation import fingerprint as checks_fingerprint
 
 STAGE = "fuse"
 INFRA_REASONS = frozenset({"model_error", "engine_crash", "caption_failed"})
@@ -176,7 +177,8 @@ class FuseStage(Stage):
         # the validation thresholds, and the per-sample seeds when decoding samples.
         return {
             **self.provenance.columns(),
-            "checks_sha256": stable_hash(self.cfg.validation.model_dump(mode="json")),
+            # the recipe's thresholds, and the checks and text libraries (with versions) that apply them
+            "checks_sha256": stable_hash({**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}),
             "max_alt_text_words": self.cfg.max_alt_text_words,
             "seed": self.run_seed if self.cfg.temperature > 0 else None,
         }

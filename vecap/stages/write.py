@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from vecap import schemas
-from vecap.fusion import light_clean
+from vecap.validation import clean_alt_text
 from vecap.images import ImageRejected, image_size, prepare_image, sniff_image_format
 from vecap.layout import Layout
 from vecap.mixing import choose_txt
@@ -47,13 +47,15 @@ class WriteStage(Stage):
     clip_model: str | None = None
     clip_batch_size: int = 32
     max_image_pixels: int = 64_000_000  # the caption stage's decode limit, reused for CLIP's decode
+    # The fusion's alt-text cap: the alt-text side is the same cleaned text the fusion saw.
+    max_alt_text_words: int = 64
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.VECAP
 
     def fingerprint(self) -> dict[str, Any]:
         return {
             "mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts),
-            "max_image_bytes": self.max_image_bytes,
+            "max_image_bytes": self.max_image_bytes, "alt_text": {"clean": "vecap.validation", "max_words": self.max_alt_text_words},
             # only when set: the fingerprints of runs without CLIPScore stay what they were
             **({"clip_model": self.clip_model} if self.clip_model else {}),
         }
@@ -93,8 +95,11 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
             if ext not in image_exts:
                 row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{ext} images are not read by CLIP loaders")
                 continue
-            alt = light_clean(f["alt_text"])
+            # the cleaned alt-text the fusion saw; "" when nothing usable is left (a camera file name …)
+            alt = clean_alt_text(f["alt_text"], stage.max_alt_text_words)
             choice = choose_txt(mix, p_vec, seed, sample.key, alt, f["vec_caption"])
+            if choice is not None and choice[1] == "vec" and not alt and f.get("vec_source") == "vlm":
+                choice = (choice[0], "vlm")  # no usable alt-text: the text is the VLM caption
             if choice is None:
                 row.update(status=schemas.NO_TEXT, error="neither alt-text nor VeC caption has text")
                 continue
