@@ -12,7 +12,8 @@ from bench.context import RESULTS, SECTIONS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="vecap's CPU benchmarks, side by side on the same inputs; results to bench/results/results.{json,md}. "
+        description="vecap's CPU benchmarks, side by side on the same "
+                    "inputs; results to bench/results/results.{json,md}. "
         "The GPU script is separate: python -m bench.gpu",
     )
     p.add_argument("--quick", action="store_true", help="small sizes, one repetition (~12 min on 2 cores; the full run ~30)")

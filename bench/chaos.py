@@ -37,9 +37,10 @@ DRIVER = textwrap.dedent(
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "object_store_memory": 250_000_000})
     worker = cluster.add_node(num_cpus=6, object_store_memory=250_000_000)
     ray.init(address=cluster.address, log_to_driver=False)
-    cfg = load_config("demo", [f"root={root}", f"caption.model={models / 'tiny-llava'}", f"fuse.model={models / 'tiny-llama'}",
-                               "caption.cpus_per_actor=1", "fuse.cpus_per_actor=1", "caption.batch_size=4",
-                               "fuse.batch_size=4", "max_inflight_shards=2"])
+    cfg = load_config("demo", [f"root={root}", f"caption.model={models / 'tiny-llava'}",
+                               f"fuse.model={models / 'tiny-llama'}", "caption.cpus_per_actor=1",
+                               "fuse.cpus_per_actor=1", "caption.batch_size=4", "fuse.batch_size=4",
+                               "max_inflight_shards=2"])
     events = []
 
     def chaos():

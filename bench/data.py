@@ -66,7 +66,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def repack(source: Path, out: Path, n_samples: int, shard_size: int, failed_only: bool = False) -> Path:
-    """``out``/images/ with ``n_samples`` samples in shards of ``shard_size``, cycled from ``source``; reused when built.
+    """``out``/images/ with ``n_samples`` samples in shards of ``shard_size``, cycled from ``source``; reused when
+    built.
 
     ``failed_only``: only the source's failed downloads (a Parquet row, no image), which the
     data path settles without decoding: rows at the highest rate a small machine can stream.

@@ -310,7 +310,8 @@ def _fit_section(ctx: Ctx, one_node: dict[str, Any], warm: Path) -> dict[str, An
 
 
 def _report_fast(h: Harness, fit_runs: dict[str, list[dict[str, Any]]], main_runs: dict[str, list[dict[str, Any]]]) -> None:
-    """Driver CPU per sample measured as the issue does (over a whole run), at the highest row rate this machine streams."""
+    """Driver CPU per sample measured as the issue does (over a whole run), at the highest row rate this machine
+    streams."""
     fast = [m for label, runs in fit_runs.items() if label.endswith(FAST) for m in runs]
     real = [m for runs in main_runs.values() for m in runs]
     if not fast:
@@ -326,16 +327,21 @@ def _report_fast(h: Harness, fit_runs: dict[str, list[dict[str, Any]]], main_run
               f"{m['samples_per_s']:,.0f} rows/s / at {r['samples_per_s']:,.0f} rows/s (real images, shards of "
               f"{r['samples'] // r['shards']:,}): flat means the driver's cost is per second, not per row",
               m["driver_cores"], r["driver_cores"], FLAT)
-        h.note(f"Driver at high row rates: {m['samples']:,} failed downloads (rows without an image, settled by every stage "
+        h.note(f"Driver at high row rates: {m['samples']:,} failed "
+               "downloads (rows without an image, settled by every stage "
                f"without decoding) stream at {m['samples_per_s']:,.0f} rows/s on this machine against "
                f"{r['samples_per_s']:,.0f} rows/s for real images, and the driver's CPU per wall second stays "
-               f"{m['driver_cores']:.3f} vs {r['driver_cores']:.3f} cores: what the driver spends follows the run's length "
-               f"(Ray Data's executor loop and the iterator's polling), not its rows. Its CPU per sample is therefore about "
-               f"(cores per second) / (rows per second): {m['driver_cpu_ms_per_sample']:.3f} ms at {m['samples_per_s']:,.0f} "
+               f"{m['driver_cores']:.3f} vs {r['driver_cores']:.3f} "
+               "cores: what the driver spends follows the run's length "
+               "(Ray Data's executor loop and the iterator's polling), "
+               "not its rows. Its CPU per sample is therefore about "
+               "(cores per second) / (rows per second): "
+               f"{m['driver_cpu_ms_per_sample']:.3f} ms at {m['samples_per_s']:,.0f} "
                f"rows/s, {BEFORE_MS_PER_ROW / 20:.3f} ms (20x below {BEFORE_MS_PER_ROW} ms) from about "
                f"{20 * m['driver_cores'] / BEFORE_MS_PER_ROW * 1000:,.0f} rows/s, i.e. about "
                f"{20 * m['driver_cores'] / BEFORE_MS_PER_ROW * 1000 / GPU_IMAGES_PER_S:,.0f} captioning GPUs at "
-               f"{GPU_IMAGES_PER_S:.0f} images/s; a real image costs the data path ~4 ms of CPU, so the 2 cores here cannot "
+               f"{GPU_IMAGES_PER_S:.0f} images/s; a real image costs the "
+               "data path ~4 ms of CPU, so the 2 cores here cannot "
                "stream real images at that rate.")
 
 
@@ -359,14 +365,15 @@ def _lstsq(x: Any, y: Any, names: list[str]) -> dict[str, Any]:
     except np.linalg.LinAlgError:
         se = np.full(k, float("nan"))
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"coef": dict(zip(names, map(float, coef))), "se": dict(zip(names, map(float, se))), "runs": n, "dof": dof,
+    return {"coef": dict(zip(names, map(float, coef), strict=True)), "se": dict(zip(names, map(float, se), strict=True)), "runs": n, "dof": dof,
             "r2": 1 - float(resid @ resid) / ss_tot if ss_tot > 0 else None, "residuals_s": [float(r) for r in resid],
             "cond": float(np.linalg.cond(x))}
 
 
 def fit_driver_cpu(points: list[dict[str, Any]], probes: list[dict[str, Any]]) -> dict[str, Any]:
-    """driver CPU = a·wall + b·rows + c·shards, by least squares over the runs; also with a constant per run (d), and
-    with ``a`` fixed at the idle probe's (so that b, c, d need not be told apart from wall time, which grows with rows)."""
+    """driver CPU = a·wall + b·rows + c·shards, by least squares over the runs; also with a constant per run (d),
+    and with ``a`` fixed at the idle probe's (so that b, c, d need not be told apart from wall time, which grows with
+    rows)."""
     import numpy as np
 
     if not points:
@@ -411,7 +418,7 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
             ["run (samples x shard size)", "from", "samples", "shards", "wall s", "driver CPU s", "driver cores",
              "driver CPU ms/sample", "residual of a·wall + b·rows + c·shards (s)"],
             [[p["run"], p["from"], p["samples"], p["shards"], p["wall_s"], p["driver_cpu_s"], p["driver_cpu_s"] / p["wall_s"],
-              1000 * p["driver_cpu_s"] / p["samples"], r] for p, r in zip(points, resid)]
+              1000 * p["driver_cpu_s"] / p["samples"], r] for p, r in zip(points, resid, strict=True)]
             + [["idle probe", "fit", 0, 0, q["wall_s"], q["driver_cpu_s"], q["driver_cores"], None, None] for q in probes])
     if not main:
         h.note("Driver fit: not enough runs for the least-squares split (" + "; ".join(
@@ -420,7 +427,8 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
     a, b, c = main["coef"]["a"], main["coef"]["b"], main["coef"]["c"]
     sb = main["se"]["b"]
     h.add("driver", "driver CPU per wall second, fit (a) / idle probe", "cores: a of a·wall + b·rows + c·shards / driver "
-          f"CPU per second of a stream whose only task sleeps {IDLE_PROBE_S:.0f} s (Ray Data's executor and iterator polling)",
+          "CPU per second of a stream whose only task sleeps "
+          f"{IDLE_PROBE_S:.0f} s (Ray Data's executor and iterator polling)",
           a, median(q["driver_cores"] for q in probes) if probes else None)
     # The verdict is on the conservative bound b + 2σ: a b near zero with a small σ is a result, not noise.
     noisy = sb > abs(b) / 2 or main["r2"] is None or main["r2"] < 0.9
@@ -435,7 +443,8 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
     if slope and "coef" in slope:
         m, sm = slope["coef"]["per_row"], slope["se"]["per_row"]
         h.add("driver", "driver CPU per extra row, one-shard runs / before", f"ms per row: slope of driver CPU over rows "
-              f"across the {slope['runs']} one-shard runs (±{1000 * sm:.4f} ms), every extra second's cost charged to the "
+              f"across the {slope['runs']} one-shard runs (±{1000 * sm:.4f} "
+              "ms), every extra second's cost charged to the "
               f"rows (an upper bound on b that needs no a) / the row-holding driver's {BEFORE_MS_PER_ROW} ms",
               1000 * m, BEFORE_MS_PER_ROW, TWENTY_TIMES_LOWER)
     h.add("driver", "driver CPU per shard, fit (c) / before", f"ms per shard (±{1000 * main['se']['c']:.1f}) / the "
@@ -446,7 +455,8 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
               f"c·shards + d (±{1000 * with_d['se']['b']:.4f} ms; d = {1000 * with_d['coef']['d']:.0f} ms per run) / "
               f"{BEFORE_MS_PER_ROW} ms", 1000 * with_d["coef"]["b"], BEFORE_MS_PER_ROW)
     # Flat: a driver that held rows would cost more per wall second with larger shards (the same rows, fewer of them
-    # at once); the driver's share of a core, large shards against shards of the smallest size, does not depend on the fit.
+    # at once); the driver's share of a core, large shards against shards of the smallest size, does not depend on
+    # the fit.
     cores: dict[float, list[float]] = {}
     for p in points:
         if not p["run"].endswith(FAST):  # real images only: the shard size is what varies
@@ -468,10 +478,12 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
               "for each finished task, and on a shared machine the polling threads wait for a core)" if b <= 0 else "")
               + ". " if noisy else "")
            + (f"With a constant per run (d = {1000 * with_d['coef']['d']:.0f} ms: planning, lease, Ray Data's plan and "
-              f"start; R² {with_d['r2']:.3f}): b = {1000 * with_d['coef']['b']:.4f} ± {1000 * with_d['se']['b']:.4f} ms per "
+              f"start; R² {with_d['r2']:.3f}): b = {1000 * with_d['coef']['b']:.4f} "
+              f"± {1000 * with_d['se']['b']:.4f} ms per "
               f"row, c = {1000 * with_d['coef']['c']:.0f} ± {1000 * with_d['se']['c']:.0f} ms per shard. "
               if with_d and with_d.get("r2") is not None else "")
-           + (f"Slope over the one-shard runs, all extra wall time's cost charged to rows: {1000 * slope['coef']['per_row']:.4f}"
+           + ("Slope over the one-shard runs, all extra wall time's cost "
+              f"charged to rows: {1000 * slope['coef']['per_row']:.4f}"
               f" ± {1000 * slope['se']['per_row']:.4f} ms per row. " if slope and "coef" in slope else "")
            + f"In the real-image runs wall time grows with rows ({1000 * wall_per_row:.0f} ms of wall per row, median "
            f"over all runs), so alone they cannot tell a from b (an error of 0.001 cores in a moves b by "
@@ -479,9 +491,11 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
            "which is what separates them. The other two models in the table (a constant per run, d; a fixed at the idle "
            "probe's) show how much b depends on the model. "
            + "Each run is one dry run in the same driver process; the idle probe is a vecap-shaped Ray Data stream with "
-           "one sleeping task. Ray Data's executor thread loops every 0.1 s (ray.wait timeout) and the consumer polls every "
+           "one sleeping task. Ray Data's executor thread loops every "
+           "0.1 s (ray.wait timeout) and the consumer polls every "
            "0.01 s whatever the rows: that is a. DataContext switches tried against the probe (issue detectors off, auto "
-           "log stats off, operator progress bars off, op resource reservation off; progress bars are already off) did not "
+           "log stats off, operator progress bars off, op resource "
+           "reservation off; progress bars are already off) did not "
            "lower it beyond noise (0.066–0.093 cores each, on this 2-core machine), so vecap keeps Ray Data's defaults.")
 
 
@@ -518,7 +532,8 @@ def _report(h: Harness, summary: dict[str, dict[str, dict[str, Any]]], n: int, s
     for size in (small, large):
         before = BEFORE_MS_PER_ROW + BEFORE_MS_PER_SHARD / int(size)
         h.add("driver", f"driver CPU per sample, shards of {int(size):,} / before", f"ms of driver-process CPU per sample "
-              f"over a whole dry run of {n:,} samples, one node / the row-holding driver's {BEFORE_MS_PER_ROW} ms per row "
+              f"over a whole dry run of {n:,} samples, one node / the "
+              f"row-holding driver's {BEFORE_MS_PER_ROW} ms per row "
               f"+ {BEFORE_MS_PER_SHARD:.0f} ms per shard", get(one, size, "driver_cpu_ms_per_sample"), before, TWENTY_TIMES_LOWER)
     h.add("driver", f"driver main thread CPU per sample, shards of {int(small):,}", "ms per sample: the driver's main "
           "thread only (vecap's loop, Ray Data's planning and iterator; not its executor thread nor Ray's core threads)",
@@ -595,14 +610,19 @@ def _report(h: Harness, summary: dict[str, dict[str, dict[str, Any]]], n: int, s
               big["cpu_ms_per_sample"])
         h.add("driver", f"CPU cores per GPU at {GPU_IMAGES_PER_S:.0f} images/s", "the steps' CPU / the whole tree's",
               GPU_IMAGES_PER_S * big["cpu_s_per_sample"], big["cores_per_gpu_at_50"])
-    h.note(f"Data path: each configuration runs in its own driver process (one Ray instance, {NUM_CPUS} logical CPUs split "
-           f"between its nodes, one warm-up run first); `vecap.pipeline.run(cfg, dry_run=True)` with the packaged `{RECIPE}` "
-           f"recipe and {', '.join(OVERRIDES)}. Inputs: the generated sample repacked into {n:,} samples (each image repeated)"
+    h.note("Data path: each configuration runs in its own driver "
+           f"process (one Ray instance, {NUM_CPUS} logical CPUs split "
+           "between its nodes, one warm-up run first); `vecap.pipeline.run(cfg, "
+           f"dry_run=True)` with the packaged `{RECIPE}` "
+           f"recipe and {', '.join(OVERRIDES)}. Inputs: the generated "
+           f"sample repacked into {n:,} samples (each image repeated)"
            + (" — quick sizes: the issue's figures are for 10,000 samples (`python -m bench`)." if quick else "."))
-    h.note("Driver CPU is the driver process's getrusage(RUSAGE_SELF) over the run (every thread: vecap's loop, Ray Data's "
+    h.note("Driver CPU is the driver process's getrusage(RUSAGE_SELF) "
+           "over the run (every thread: vecap's loop, Ray Data's "
            "executor, Ray's core worker), less the bench's sampler thread; 'driver cores' is that per wall second. The "
            "before-figure is issue 10's fit of the row-holding driver: 0.7 ms per row plus 34 ms per shard.")
-    h.note("Cores per GPU: CPU seconds of the whole Ray process tree (driver, GCS, raylets, workers, actors) per sample × 50 "
+    h.note("Cores per GPU: CPU seconds of the whole Ray process tree "
+           "(driver, GCS, raylets, workers, actors) per sample × 50 "
            "images/s; it includes Ray's fixed overheads, which weigh more on a small, slow machine. Step timings are wall "
            "time inside each step: on a shared 2-core machine they include waiting for a core.")
 

@@ -322,8 +322,8 @@ def _same_captions(root: Path, keys: list[str], outs: list) -> str:
 
     from vecap.layout import Layout
 
-    committed = dict(zip(*pq.read_table(Layout(str(root)).stage("caption"), columns=["key", "vlm_caption"]).to_pydict().values()))
-    same = sum(committed.get(k) == ((g.text or "").strip() or None) for k, g in zip(keys, outs))
+    committed = dict(zip(*pq.read_table(Layout(str(root)).stage("caption"), columns=["key", "vlm_caption"]).to_pydict().values(), strict=True))
+    same = sum(committed.get(k) == ((g.text or "").strip() or None) for k, g in zip(keys, outs, strict=True))
     return f"{same}/{len(keys)}"
 
 
@@ -490,10 +490,10 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
         hf_startup, hf_engine = timed(lambda sp=spec: load_engine(replace(sp, backend="hf", engine_kwargs={})))
         for e in (vllm_engine, hf_engine):
             e.generate(requests[: min(2, n)])  # warm-up
-        reps = h.compare("backends", {"vllm": lambda: single_rep(vllm_engine, requests),
-                                      "hf": lambda: single_rep(hf_engine, requests)})
+        reps = h.compare("backends", {"vllm": lambda e=vllm_engine, r=requests: single_rep(e, r),
+                                      "hf": lambda e=hf_engine, r=requests: single_rep(e, r)})
         v, f = reps["vllm"], reps["hf"]
-        same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], f[0]["_out"]))
+        same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], f[0]["_out"], strict=True))
         profiles = {"vllm": profile_call(vllm_engine, requests), "hf": profile_call(hf_engine, requests)}
         out[kind] = {"requests": len(requests), "model": str(section.model), "max_new_tokens": section.max_new_tokens,
                      "vllm_startup_s": vllm_startup, "hf_startup_s": hf_startup, "vllm": summarise(v), "hf": summarise(f),
@@ -550,7 +550,9 @@ def explain_profiles(kind: str, profiles: dict[str, dict[str, Any]]) -> str:
         f"{f['phases_s']['prefill']:.2f} s, of {v['prompt_tokens']} prompt tokens ({per_token(v):.2f} vs "
         f"{per_token(f):.2f} ms per prefilled token); decode {per_step(v):.0f} vs "
         f"{per_step(f):.0f} ms per step over {v['phase_calls']['decode']} steps; vision tower + projector "
-        f"{v['phases_s']['vision']:.2f} s vs {f['phases_s']['vision']:.2f} s; outside the forward {v['outside_model_s']:.2f} s "
-        f"(vLLM's scheduler, input preparation, sampling, detokenising; request intake — chat template, tokenising, vecap's request building — {intake:.3f} s) vs "
+        f"{v['phases_s']['vision']:.2f} s vs {f['phases_s']['vision']:.2f} "
+        f"s; outside the forward {v['outside_model_s']:.2f} s "
+        "(vLLM's scheduler, input preparation, sampling, detokenising; request intake "
+        f"— chat template, tokenising, vecap's request building — {intake:.3f} s) vs "
         f"{f['outside_model_s']:.2f} s; torch threads {v['torch_threads']}."
     )

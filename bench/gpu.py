@@ -431,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                         r["stage_per_s"], r["ceiling_per_s"])
             print(f"{stage}: stage {r['stage_per_s']:.2f} {r['unit']} per GPU, single call {r['per_s']:.2f} "
                   f"(stage/single {r['stage_vs_single']:.3f}), busy fraction stage {r['busy_fraction_stage']} vs single "
-                  f"{r['busy_fraction_single']}; ceiling {r['ceiling_per_s']:.1f} ({r['tflop_per_request']:.2f} TFLOP/request "
-                  f"at {r['peak_tflops']:.0f} TFLOP/s); {r['prompt_tokens_mean']:.0f} prompt + {r['output_tokens_mean']:.0f} "
+                  f"{r['busy_fraction_single']}; ceiling {r['ceiling_per_s']:.1f} "
+                  f"({r['tflop_per_request']:.2f} TFLOP/request "
+                  f"at {r['peak_tflops']:.0f} TFLOP/s); {r['prompt_tokens_mean']:.0f} "
+                  f"prompt + {r['output_tokens_mean']:.0f} "
                   f"output tokens, engine start {r['engine_startup_s']:.0f}s", file=sys.stderr)
         harness.results["seconds"] = time.time() - harness.t_start
     if args.reduced:

@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # A stack sample goes to the first category of this list that any of its frames matches

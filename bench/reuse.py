@@ -87,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"corpus: {args.images} images, {args.duplicates:.0%} duplicates, shards of {args.shard_size}; "
           f"models: {args.scale}; {args.reps} repetition(s), medians")
-    print(f"{'side':<10} {'wall s':>8} {'caption calls':>14} {'fuse calls':>11} {'caption step s':>15} {'fuse step s':>12}")
+    print(f"{'side':<10} {'wall s':>8} {'caption calls':>14} "
+          f"{'fuse calls':>11} {'caption step s':>15} {'fuse step s':>12}")
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
     for name, m in med.items():
         print(f"{name:<10} {m['wall_s']:>8.1f} {m['caption_calls']:>14.0f} {m['fuse_calls']:>11.0f} "
               f"{m['caption_step_s']:>15.1f} {m['fuse_step_s']:>12.1f}")
     d, n = med["dedup"], med["no dedup"]
-    print(f"dedup vs no dedup: caption calls x{d['caption_calls'] / n['caption_calls']:.2f}, wall x{d['wall_s'] / n['wall_s']:.2f}")
-    print(f"cached rerun vs no dedup: caption calls {med['cached']['caption_calls']:.0f}, wall x{med['cached']['wall_s'] / n['wall_s']:.2f}")
+    print(f"dedup vs no dedup: caption calls x{d['caption_calls'] / n['caption_calls']:.2f}, "
+          f"wall x{d['wall_s'] / n['wall_s']:.2f}")
+    print(f"cached rerun vs no dedup: caption calls {med['cached']['caption_calls']:.0f}, "
+          f"wall x{med['cached']['wall_s'] / n['wall_s']:.2f}")
     return 0
 
 

@@ -52,8 +52,8 @@ engine actor class driven in the bench process with max_batches_in_flight batche
 last return). Single-call side: that actor's engine given all requests in one `generate` call (what a user's own \
 script does); batch-by-batch: the same engine fed one batch after the other (the old baseline). Busy fraction: \
 1 − underfull_steps / steps (steps running fewer than max_num_seqs sequences), from the engine counters; on a GPU it \
-is the share of the engine's time doing full work, on a CPU step time grows with the batch. Engines' prefix, encoder and \
-multimodal caches are emptied before each side.
+is the share of the engine's time doing full work, on a CPU step time grows with the batch. Engines' prefix, encoder \
+and multimodal caches are emptied before each side.
 Fuse input: captions committed through `vecap.outputs.StageOutput`, made of in-domain sentences (the random VLM's \
 captions are mostly empty or byte soup, which the stage settles without the LLM). The bench tokenizer is a small BPE: \
 the fuse prompt is ~3x longer in tokens than with Llama-3's tokenizer, which favours prefix caching.

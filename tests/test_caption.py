@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_SHARD, BAD_STATUSES, bad_images

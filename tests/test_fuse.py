@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers import marker_path, stage_output
 
 from vecap import schemas
 from vecap.pipeline import run
-from helpers import marker_path, stage_output
 
 pytestmark = pytest.mark.slow
 

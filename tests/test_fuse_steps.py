@@ -44,7 +44,9 @@ def test_prepare_decides_which_rows_need_the_llm_and_fences_the_data():
 def test_validate_accepts_a_good_fusion_tidied_and_falls_back_on_a_bad_one():
     rows = prepare_fuse_requests(work_table(_rows()[:1] * 2), PROMPT, 64, 0).to_pylist()
     rows[0].update(key="good", fuse_output='**Caption:** "White Nike Air Max 90 sneakers on a grey floor."', fuse_finish_reason="stop")
-    rows[1].update(key="bad", fuse_output="Here are two options:\n1. White Nike Air Max 90 sneakers on a grey floor.\n2. A pair of Nike Air Max 90 shoes on concrete.", fuse_finish_reason="stop")
+    two_options = ("Here are two options:\n1. White Nike Air Max 90 sneakers on a grey floor.\n"
+                   "2. A pair of Nike Air Max 90 shoes on concrete.")
+    rows[1].update(key="bad", fuse_output=two_options, fuse_finish_reason="stop")
     out = {r["key"]: r for r in validate_fused(work_table(rows), instructions_of(PROMPT), 64, FuseChecks()).to_pylist()}
     assert out["good"]["vec_source"] == "fused" and "**" not in out["good"]["vec_caption"]
     assert not out["good"]["vec_caption"].startswith(("Caption", '"'))

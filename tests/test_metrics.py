@@ -89,7 +89,10 @@ def _recipe(tmp_path: Path, root: Path, tiny_models) -> Path:
 
 # The CLI in a process of its own (its own local Ray), kept alive after the run until the test has
 # scraped its node's endpoint: Ray's metrics go when its processes go.
-_DRIVER = "import sys; from vecap.cli import main; rc = main(sys.argv[1:]); print('VECAP-DONE', rc, flush=True); sys.stdin.readline()"
+_DRIVER = (
+    "import sys; from vecap.cli import main; rc = main(sys.argv[1:]); "
+    "print('VECAP-DONE', rc, flush=True); sys.stdin.readline()"
+)
 
 
 def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root(make_root, tiny_models, tmp_path):

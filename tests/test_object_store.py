@@ -1,6 +1,6 @@
 """An ``s3://`` root against a real S3 endpoint on loopback (moto's server mode), with s3fs as the client:
-same rows and tar members as a local run, pandas reads a stage from the bucket, a caption cache in the bucket, a real SIGKILL of
-the driver then a resume loses and duplicates nothing, and a second run on the same root is refused."""
+same rows and tar members as a local run, pandas reads a stage from the bucket, a caption cache in the bucket, a real
+SIGKILL of the driver then a resume loses and duplicates nothing, and a second run on the same root is refused."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Every ```python block runs (the README's paths say data/sample: the test runs them in a
 folder where data/sample is a pipeline root), and every `vecap inspect|report|status|plan`
-line of its ```bash blocks exits 0 with output (a plan from a GPU benchmark's file excepted). A snippet that does not run fails here.
+line of its ```bash blocks exits 0 with output (a plan from a GPU benchmark's file excepted). A snippet that does
+not run fails here.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
 
     ``alt_of(s, i)`` / ``key_of(s, i)`` override the alt-text / key of a row (hostile values).
     """
-    images = [("jpg", jpeg_bytes(size=(400, 300))), ("png", png_bytes(size=(64, 200), mode="RGBA", color=(0, 0, 255, 90))),
+    images = [("jpg", jpeg_bytes(size=(400, 300))),
+              ("png", png_bytes(size=(64, 200), mode="RGBA", color=(0, 0, 255, 90))),
               ("webp", _webp_bytes())]  # fmt: skip
     vec_sources = ["fused", "fused", "vlm", "alt"]
     layout = Layout(str(root))
@@ -101,7 +102,7 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
                          "fuse": {"model": "models/tiny-llama", "prompt_id": "vecap"}},
         "finished_at": "2025-01-01T00:00:00Z", "versions": {"vecap": "0.1.0"}}))  # fmt: skip
     # The fuse stage's markers carry the fallback reasons the report shows beside the rows'.
-    for s, shard in enumerate(("00000", "00001")):
+    for shard in ("00000", "00001"):
         write_stage(root, "fuse", shard, [], schemas.FUSED, {"n_rows": 0, "fallbacks": {"lost_entities": 1, "no_vlm": 1}})
     return all_rows
 
@@ -348,7 +349,8 @@ def test_report_of_captions_and_of_images_only(tmp_path):
     assert [r["error"] for r in data.failed_rows] == ["HTTP 500"]
 
     caps = [{"key": k, "shard": "00000", "status": "ok", "vlm_caption": "a clock tower", "model": "m", "prompt_id": "p"}
-            for k in keys[:2]] + [{"key": "a3", "shard": "00000", "status": "download_failed", "error": "HTTP 500"}]  # fmt: skip
+            for k in keys[:2]]
+    caps += [{"key": "a3", "shard": "00000", "status": "download_failed", "error": "HTTP 500"}]
     write_stage(root, "caption", "00000", caps, schemas.CAPTIONS, {"n_rows": 3, "statuses": {"ok": 2, "download_failed": 1}})
     data = load_report_data(str(root), n_samples=5)
     assert data.stage == "caption" and [r["alt_text"] for r in data.rows] == ["Big Ben a1", "Big Ben a2", "Big Ben a3"]
@@ -409,7 +411,7 @@ def test_hostile_values_never_become_markup(tmp_path):
     assert page.counts[f"status:{SCRIPT_TAG}"] == 2 and page.stats_counts[f"status:{SCRIPT_TAG}"] == 2
     assert page.stats_counts[f"fallback:{IMG_TAG}"] == 3 and page.counts[f"vecap/q_note:{IMG_TAG}"] == 8
     assert page.counts["vecap/q_note:null"] == 8  # shard 00000 has no q_note column: null there
-    assert ("tr", "data-model-step", "caption") in page.attrs and f"VeCap report: root" in html
+    assert ("tr", "data-model-step", "caption") in page.attrs and "VeCap report: root" in html
 
 
 def test_inspect_reuses_the_report_data(tmp_path):
@@ -498,7 +500,7 @@ def rejected_in_parquet(step: str, df) -> dict[str, list[tuple[str, str]]]:
     else:
         mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == schemas.NO_TEXT)) & reason.isin(validation.FUSE_REASONS)
     out: dict[str, list[tuple[str, str]]] = {}
-    for r, shard, key in zip(reason[mask], df["shard"][mask], df["key"][mask]):
+    for r, shard, key in zip(reason[mask], df["shard"][mask], df["key"][mask], strict=True):
         out.setdefault(r, []).append((shard, key))
     return out
 
@@ -544,7 +546,8 @@ def assert_quality_is_the_parquets(root: Path, page: Page, data: ReportData, ste
 
 
 def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
-    """Hand-built captions/ and fused/ shards: quantiles, nulls, a column missing from one shard, every kind of fallback."""
+    """Hand-built captions/ and fused/ shards: quantiles, nulls, a column missing from one shard, every kind of
+    fallback."""
     import pandas as pd
 
     root = tmp_path / "root"
@@ -558,10 +561,12 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
             alts[key] = IMG_TAG if i == 1 else f"Golden Gate Bridge {i}"
             rejected = i % 2 == 1
             caps.append({
-                "key": key, "shard": shard, "status": "download_failed" if i == 8 else "caption_rejected" if rejected else "ok",
+                "key": key, "shard": shard,
+                "status": "download_failed" if i == 8 else "caption_rejected" if rejected else "ok",
                 "error": "HTTP 404" if i == 8 else reasons[(i + s) % 5] if rejected else None,
                 "vlm_caption": None if i == 8 else (SCRIPT_TAG if i == 3 else f"a red bridge {i} " * (i + 1)),
-                "q_repetition": None if i == 8 else round(0.11 * i * (s + 1), 3), "q_words": None if i == 8 else 3 * i + s,
+                "q_repetition": None if i == 8 else round(0.11 * i * (s + 1), 3),
+                "q_words": None if i == 8 else 3 * i + s,
                 "q_lang_out": None if i == 8 else ["en", "fr", "ja"][i % 3],
                 **({"q_only_here": 0.5 * i} if s == 1 else {}),
             })  # fmt: skip
@@ -572,7 +577,8 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
             key = f"{s}{i:06d}"
             error, source = [(None, "fused"), ("lost_entities: kept 0 of 3", "vlm"), ("invented: 1999", "alt"),
                              ("no_vlm_caption", "alt"), ("model_error: boom", "vlm"), ("lost_entities", "vlm"),
-                             ("caption_failed: model_error", "alt"), ("empty", None), ("HTTP 404", None)][i]  # fmt: skip
+                             ("caption_failed: model_error", "alt"), ("empty", None),
+                             ("HTTP 404", None)][i]  # fmt: skip
             fused.append({
                 "key": key, "shard": shard, "status": {7: "no_text", 8: "download_failed"}.get(i, "ok"), "error": error,
                 "alt_text": alts[key], "vlm_caption": "a red bridge", "vec_source": source,
@@ -596,8 +602,11 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
     html = render_html(data)
     page = assert_no_live_markup(html)
     assert_quality_is_the_parquets(root, page, data)
-    assert render_html(load_report_data(str(root), thumbnails=False)).split("<h2>Samples")[0].split("<h2>Quality")[1] == (
-        html.split("<h2>Samples")[0].split("<h2>Quality")[1])  # same examples on every report  # fmt: skip
+    def quality_section(page_html: str) -> str:
+        return page_html.split("<h2>Samples")[0].split("<h2>Quality")[1]
+
+    # the same examples on every report
+    assert quality_section(render_html(load_report_data(str(root), thumbnails=False))) == quality_section(html)
     text = inspect_path(root)
     assert "captions/ q_* columns (18 rows):" in text
     assert "rejected by reason: refusal=3, empty=2, repetition=2, boilerplate=1" in text

@@ -9,6 +9,7 @@ where ``.ci/run`` installs it and its absence is a failure.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -110,18 +111,20 @@ def _hostile_root(root: Path) -> int:
         if row["status"] != "ok":
             row["status"], row["error"] = "image_undecodable_" + "z" * 120, SCRIPT_TAG * 8
     write_stage(root, "write", "00001", shard, schemas.VECAP, {"n_rows": len(shard), "statuses": {"ok": 6, "x" * 150: 2}})
-    (Path(layout.marker("fuse", "00001"))).write_text('{"fallbacks": {"%s": 2}}' % long_reason)
+    (Path(layout.marker("fuse", "00001"))).write_text(json.dumps({"fallbacks": {long_reason: 2}}))
     # captions/ and fused/ with q_* columns and rejected rows whose texts are long unbroken words
     caps, fused = [], []
     for i, row in enumerate(shard):
         rejected = i % 2 == 0
         caps.append({"key": row["key"], "shard": "00001", "status": "caption_rejected" if rejected else "ok",
                      "error": f"repetition: {'w' * 250}" if rejected else None, "vlm_caption": ("v" * 400 + " ") * 2,
-                     "q_repetition": 0.1 * i, "q_words": 3 * i, "q_lang_out": "l" * 150 if i == 1 else "en"})  # fmt: skip
+                     "q_repetition": 0.1 * i, "q_words": 3 * i,
+                     "q_lang_out": "l" * 150 if i == 1 else "en"})  # fmt: skip
         fused.append({"key": row["key"], "shard": "00001", "status": "ok", "alt_text": IMG_TAG + "a" * 300,
                       "vlm_caption": "a bus", "vec_caption": "b" * 400 if rejected else "a bus, London",
                       "vec_source": "vlm" if rejected else "fused", "error": long_reason if rejected else None,
-                      "q_entity_recall": i / 8, "q_novel_terms": "|".join(["n" * 60] * 4), "q_words": 2 * i})  # fmt: skip
+                      "q_entity_recall": i / 8, "q_novel_terms": "|".join(["n" * 60] * 4),
+                      "q_words": 2 * i})  # fmt: skip
     write_stage(root, "caption", "00001", caps, schemas.CAPTIONS, {"n_rows": len(caps)})
     write_stage(root, "fuse", "00001", fused, schemas.FUSED, {"n_rows": len(fused), "fallbacks": {long_reason: 4}})
     return len(rows)

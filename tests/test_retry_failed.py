@@ -34,7 +34,7 @@ def _fail_rows(root) -> dict[str, set[str]]:
         rows = fused.read_table(shard).to_pylist()
         called = [r for r in rows if r["n_output_tokens"] is not None][: len(errors)]
         assert len(called) == len(errors)
-        for r, error in zip(called, errors):
+        for r, error in zip(called, errors, strict=True):
             r.update(vec_caption=r["vlm_caption"], vec_source="vlm", error=error, finish_reason=None,
                      n_prompt_tokens=None, n_output_tokens=None)
         fused.commit(shard, schemas.table(rows, schemas.FUSED), fused.read_stats(shard))

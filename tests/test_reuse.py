@@ -163,8 +163,8 @@ _WRITER = """
 import sys, pyarrow as pa
 from vecap.reuse import CaptionCache
 cache = CaptionCache(sys.argv[1], {"model": "m"})
-rows = [{"key": f"{i:09d}", "status": "ok", "sha256": f"{i:064x}", "vlm_caption": "x" * 400, "caption_source": "computed"}
-        for i in range(20000)]
+rows = [{"key": f"{i:09d}", "status": "ok", "sha256": f"{i:064x}", "vlm_caption": "x" * 400,
+         "caption_source": "computed"} for i in range(20000)]
 table = pa.Table.from_pylist(rows)
 print("ready", flush=True)
 n = 0

@@ -7,9 +7,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tarfile

@@ -15,9 +15,9 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from vecap.demo.sample_data import N_MISSING, NOT_AN_IMAGE_FILE, make_sample_data, serve_folder  # noqa: E402
 from vecap.download import download, resolve_img2dataset_options  # noqa: E402
 from vecap.images import sniff_image_format  # noqa: E402
-from vecap.demo.sample_data import N_MISSING, NOT_AN_IMAGE_FILE, make_sample_data, serve_folder  # noqa: E402
 
 N_IMAGES, SHARD_SIZE = 24, 8
 N_ROWS = N_IMAGES + 1 + N_MISSING  # images, the HTML page, the 404s

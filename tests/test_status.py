@@ -96,7 +96,10 @@ def test_status_of_a_running_run_with_shards_done_in_progress_and_failed(tmp_pat
     assert st.log_dir == f"{root}/logs/{RUN}"
 
     text = render_status(st)
-    assert f"run      {RUN} on host {socket.gethostname()}, pid {os.getpid()} (this host), started 1m40s ago; heartbeat 5s ago — running" in text
+    assert (
+        f"run      {RUN} on host {socket.gethostname()}, pid {os.getpid()} "
+        "(this host), started 1m40s ago; heartbeat 5s ago — running"
+    ) in text
     assert row(text, "caption") == "3/5 24 0.16 1m40s 1 1 ok=21, image_undecodable=3"
     assert row(text, "fuse") == "1/5 8 0.00 - 1 0 ok=7, image_undecodable=1 | truncated=3, no_alt_text=2"
     assert row(text, "write") == "0/5 0 0.00 - 0 0 -"

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("caption", "fuse"):
             p.add_argument(
                 "--retry-failed", action="store_true",
-                help="redo only the rows whose model call failed in committed shards (later stages of those shards are invalidated)",
+                help="redo only the rows whose model call failed in committed "
+                     "shards (later stages of those shards are invalidated)",
             )
         p.set_defaults(func=_stage_cmd)
 

@@ -99,7 +99,7 @@ class ClipScorer:
             txt = self._text_embeds([texts[name][i] for name, i in pairs])
             idx = self.torch.tensor([row_of[i] for _, i in pairs], device=img.device)
             cos = (img[idx] * txt).sum(-1).float().clamp_min(0).mul(100).cpu().tolist()
-        for (name, i), value in zip(pairs, cos):
+        for (name, i), value in zip(pairs, cos, strict=True):
             out[name][i] = float(value)
         return out
 

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from vecap.layout import CLIP_DIR, DONE_DIR, IMAGES_DIR, LEGACY_STATS_SUFFIX, SIZES_FILE, STAGE_DIRS, STAGES, Layout
+from vecap.outputs import check_layout
 from vecap.report.data import (
     QualityColumn,
     ReportData,
@@ -26,7 +27,6 @@ from vecap.report.data import (
     read_stage_quality,
     sum_markers,
 )
-from vecap.outputs import check_layout
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)

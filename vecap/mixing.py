@@ -64,9 +64,9 @@ def pick_caption(
             meta = sample.get(json_key)
             if isinstance(meta, (bytes, str)):
                 meta = json.loads(meta)
-            options = [(f, w) for f, w in zip(fields, weights) if meta and (meta.get(f) or "").strip()]
+            options = [(f, w) for f, w in zip(fields, weights, strict=True) if meta and (meta.get(f) or "").strip()]
             if options:
-                names, ws = zip(*options)
+                names, ws = zip(*options, strict=True)
                 sample["txt"] = meta[rng.choices(names, weights=ws)[0]].strip()
             yield sample
 

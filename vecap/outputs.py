@@ -64,7 +64,7 @@ class StageOutput:
             return stats if isinstance(stats, dict) else None
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            return {s: m for s, m in zip(names, pool.map(read, names)) if m is not None}
+            return {s: m for s, m in zip(names, pool.map(read, names), strict=True) if m is not None}
 
     def read_table(self, shard: str) -> pa.Table:
         return self.storage.read_table(self.layout.parquet(self.step, shard))

@@ -97,7 +97,8 @@ class RunResult:
 
     def summary(self) -> str:
         """A plain-text table per stage: shards, samples, statuses, fallbacks, samples/s, tokens."""
-        lines = [f"{'stage':<8} {'shards':>6} {'skipped':>7} {'samples':>7} {'samples/s':>9} {'tokens in/out':>15}  statuses / fallbacks"]
+        lines = [f"{'stage':<8} {'shards':>6} {'skipped':>7} {'samples':>7} "
+                 f"{'samples/s':>9} {'tokens in/out':>15}  statuses / fallbacks"]
         for name, t in self.tallies.items():
             rate = t.rows / self.seconds if self.seconds > 0 else 0.0
             statuses = ", ".join(f"{k}={v}" for k, v in sorted(t.statuses.items()))
@@ -323,7 +324,7 @@ def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage |
     from vecap.stages.fuse import read_caption_rows
 
     columns = ("source", "shard", "keys", "reuse")
-    for source, shard, keys, reused in zip(*(batch.column(c).to_pylist() for c in columns)):
+    for source, shard, keys, reused in zip(*(batch.column(c).to_pylist() for c in columns), strict=True):
         only = set(json.loads(keys)) if keys else None
         again = read_shard_reuse(storage, reused)
         if source == "images":
@@ -610,7 +611,7 @@ def _execute(
         stream_error = None
         try:
             for batch in build_stream(cfg, stages, streamed, storage, layout, again).iter_batches(batch_size=None, batch_format="pyarrow"):
-                for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings"))):
+                for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings")), strict=True):
                     got[shard] += n
                     bar.update(n)
                     sum_timings(timings.setdefault(shard, Counter()), t)

@@ -140,7 +140,7 @@ def _input_hashes(batch: pa.Table, storage: Storage, images_dir: str) -> Iterato
             continue
         ok = pc.and_(pc.equal(table["status"], "success"), pc.invert(pc.is_null(table["sha256"])))
         rows, seen = [], set()
-        for key, sha in zip(table.filter(ok)["key"].to_pylist(), table.filter(ok)["sha256"].to_pylist()):
+        for key, sha in zip(table.filter(ok)["key"].to_pylist(), table.filter(ok)["sha256"].to_pylist(), strict=True):
             if key not in seen:  # a key listed twice: its first row, as the reader keeps
                 seen.add(key)
                 rows.append({"role": "input", "shard": shard, "key": str(key), "sha256": sha, "entry": None})
@@ -183,7 +183,7 @@ def _write_shard(group: pa.Table, storage: Storage, folder: str) -> pa.Table:
     shard = group["shard"][0].as_py()
     storage.write_table(f"{folder}/{shard}.parquet", group.sort_by("key"))
     sources = group["caption_source"].to_pylist()
-    waits = {s for s, src in zip(group["caption_from_shard"].to_pylist(), sources) if src == DUPLICATE and s != shard}
+    waits = {s for s, src in zip(group["caption_from_shard"].to_pylist(), sources, strict=True) if src == DUPLICATE and s != shard}
     return pa.table(
         {
             "shard": [shard],

@@ -206,7 +206,8 @@ def render_status(st: RunStatus) -> str:
         lines.append(f"logs     {st.log_dir}/")
     rate_label = "samples/s" + ("" if st.running else "*")
     lines.append("")
-    lines.append(f"{'stage':<8} {'done':>9} {'samples':>8} {rate_label:>10} {'ETA':>7} {'in progress':>11} {'failed':>6}  statuses | fallbacks")
+    lines.append(f"{'stage':<8} {'done':>9} {'samples':>8} {rate_label:>10} "
+                 f"{'ETA':>7} {'in progress':>11} {'failed':>6}  statuses | fallbacks")
     for p in st.stages:
         rate = f"{p.samples_per_s:.2f}" if p.samples_per_s is not None else "-"
         eta = _duration(p.eta_s) if p.eta_s is not None else ("done" if p.done >= st.input_shards > 0 else "-")

@@ -271,7 +271,7 @@ def _write_sources(src: Path, n_images: int, seed: int, duplicates: float = 0.0)
     rows.append({"file": NOT_AN_IMAGE_FILE, "format": "html", "mode": None, "width": None, "height": None})
     for i in range(N_MISSING):
         rows.append({"file": f"missing_{i}.jpg", "format": None, "mode": None, "width": None, "height": None})
-    for row, alt in zip(rows, _alt_texts(rng, len(rows))):
+    for row, alt in zip(rows, _alt_texts(rng, len(rows)), strict=True):
         row["caption"] = alt
     order = rng.permutation(len(rows))  # spread the special rows over the shards
     return [rows[i] for i in order]
@@ -289,7 +289,8 @@ def make_sample_data(
     overwrite: bool = False,
     duplicates: float = 0.0,
 ) -> Path:
-    """Builds <root>/images/ in img2dataset's webdataset format from generated images served on loopback; returns the images dir.
+    """Builds <root>/images/ in img2dataset's webdataset format from generated images served on loopback; returns the
+    images dir.
 
     ``duplicates`` (0 to 1): the share of the images that repeat another's bytes under another URL and alt-text.
 

@@ -93,7 +93,7 @@ class LengthHistograms:
 
 @dataclass(frozen=True)
 class Retention:
-    """Alt-text entities (``vecap.fusion.entities``) found in ``column`` over ``rows_with_entities`` rows."""
+    """Alt-text entities (``vecap.validation.entities``) found in ``column`` over ``rows_with_entities`` rows."""
 
     ident: str
     label: str
@@ -182,7 +182,10 @@ def sum_markers(markers: dict[str, dict[str, Any]], name: str) -> Counter:
 
 
 def words(text: str | None) -> int:
-    return len(text.split()) if text else 0
+    """Words of a caption, as the validator counts them (CJK and Thai by characters): ``vecap.validation.word_count``."""
+    from vecap.validation import word_count
+
+    return word_count(text)
 
 
 def quality_columns(rows: list[dict[str, Any]]) -> list[QualityColumn]:
@@ -275,7 +278,7 @@ def length_histograms(rows: list[dict[str, Any]], columns: Iterable[str] = CAPTI
 
 def entity_retention(rows: list[dict[str, Any]]) -> list[Retention]:
     """Alt-text entity retention of the VeC and VLM captions, over all rows and over fused ones."""
-    from vecap.fusion import kept_entities
+    from vecap.validation import entity_counts
 
     fused = [r for r in rows if r.get("vec_source") == "fused"]
     lines = [
@@ -288,7 +291,7 @@ def entity_retention(rows: list[dict[str, Any]]) -> list[Retention]:
     for ident, label, subset, column in lines:
         kept = total = n = 0
         for r in subset:
-            k, t = kept_entities(r.get("alt_text") or "", r.get(column) or "")
+            k, t = entity_counts(r.get("alt_text") or "", r.get(column) or "")
             if t:
                 kept, total, n = kept + k, total + t, n + 1
         out.append(Retention(ident, label, column, n, kept, total))
@@ -363,7 +366,7 @@ class ReportData:
 
     @cached_property
     def n_with_alt_entities(self) -> int:
-        from vecap.fusion import entities
+        from vecap.validation import entities
 
         return sum(1 for r in self.ok_rows if entities(r.get("alt_text") or ""))
 
@@ -460,13 +463,13 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
         for name in q_names:
             values.setdefault(name, [None] * n_rows).extend(table[name].to_pylist())
         n_rows += table.num_rows
-        for name, column in values.items():
+        for column in values.values():
             column.extend([None] * (n_rows - len(column)))
         if step not in ("caption", "fuse"):
             continue
         cols = {c: table[c].to_pylist() if c in base else [None] * table.num_rows for c in ("key", "status", "error", "vec_source")}
         shard_picks: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        for i, (key, status, error, source) in enumerate(zip(cols["key"], cols["status"], cols["error"], cols["vec_source"])):
+        for i, (key, status, error, source) in enumerate(zip(cols["key"], cols["status"], cols["error"], cols["vec_source"], strict=True)):
             reason = rejection_reason(step, status, error, source)
             if reason is not None:
                 counts[reason] += 1
@@ -481,7 +484,7 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
             alts = {}
             if step == "caption":
                 alts = {str(r["key"]): r.get("caption") for r in read_parquet_rows(layout.images, shard, storage)}
-            for i, row in zip(sorted(wanted), rows):
+            for i, row in zip(sorted(wanted), rows, strict=True):
                 row.setdefault("alt_text", alts.get(str(row["key"])))
                 examples[(shard, i)] = row
     rejections = []

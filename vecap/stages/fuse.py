@@ -209,7 +209,7 @@ class FuseStage(Stage):
         # An image failure keeps its own error; otherwise the error column holds the fallback reason.
         error = [
             e if s in schemas.IMAGE_FAILURES else fe
-            for s, e, fe in zip(*(work[c].to_pylist() for c in ("fused_status", "error", "fuse_error")))
+            for s, e, fe in zip(*(work[c].to_pylist() for c in ("fused_status", "error", "fuse_error")), strict=True)
         ]
         work = work.append_column("fused_error", pa.array(error, pa.string()))
         work = with_json_fields(work, "fuse_quality", schemas.QUALITY_FUSE)
@@ -238,7 +238,7 @@ class FuseStage(Stage):
 def fallback_counts(table: pa.Table) -> dict[str, int]:
     """Per-reason counts of fused rows whose VeC caption is not the LLM's (the shard stats' fallbacks)."""
     counts: Counter = Counter()
-    for source, status, error in zip(*(table[c].to_pylist() for c in ("vec_source", "status", "error"))):
+    for source, status, error in zip(*(table[c].to_pylist() for c in ("vec_source", "status", "error")), strict=True):
         if source in ("vlm", "alt") or status == schemas.NO_TEXT:
             counts[(error or "unknown").split(":", 1)[0]] += 1
     return dict(counts)

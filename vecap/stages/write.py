@@ -178,7 +178,7 @@ class _ClipBatch:
         }
         scored = self.scorer.scores([im for _, im, _ in self.pending], texts)
         for column, values in scored.items():
-            for row, value in zip(rows, values):
+            for row, value in zip(rows, values, strict=True):
                 row[column] = value
         self.pending = []
 
