@@ -81,7 +81,8 @@ def _clear_caches() -> None:
 
     for mod in [v, *(getattr(v, name) for name in ("text", "measures", "tidy", "checks") if hasattr(v, name))]:
         for obj in vars(mod).values():
-            if hasattr(obj, "cache_clear"):
+            # analysed texts are cleared; objects built once per process (the language identifier) stay
+            if hasattr(obj, "cache_clear") and (obj.cache_info().maxsize or 2) > 1:
                 obj.cache_clear()
 
 

@@ -16,7 +16,7 @@ from types import UnionType
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vecap.resources import package_data
 
@@ -101,14 +101,15 @@ class ModelConfig(_Section):
         return self
 
 
-# Checks of vecap.validation, in the order they run (the first that fails names the row's reason).
-CaptionCheck = Literal[
-    "empty", "truncated", "refusal", "garbage", "echo", "commentary", "boilerplate", "repetition", "too_long", "too_short"
-]
-FuseCheck = Literal[
-    "empty", "truncated", "refusal", "garbage", "alternatives", "echo", "commentary", "repetition", "too_long",
-    "injection", "wrong_language", "too_short", "lost_entities", "invented", "alt_echo", "ungrounded",
-]
+def _known_checks(stage: str, names: list[str]) -> list[str]:
+    """``skip`` names must be checks of the stage: the registry of vecap.validation.checks says which."""
+    from vecap.validation.checks import CAPTION_REASONS, FUSE_REASONS  # imported late: it imports this module
+
+    known = CAPTION_REASONS if stage == "caption" else FUSE_REASONS
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown check(s) {', '.join(unknown)}; the {stage} stage's checks: {', '.join(known)}")
+    return names
 
 
 class CaptionChecks(_Section):
@@ -120,7 +121,15 @@ class CaptionChecks(_Section):
     max_repeats: int = Field(3, ge=2)
     # Share of repeated word trigrams (character 4-grams for CJK) from which the text is a loop.
     max_repetition: float = Field(0.25, gt=0, le=1)
-    skip: list[CaptionCheck] = Field(default_factory=list)
+    # The language captions must be in (ISO 639-1, e.g. "de"); None: the prompt's language; "any": not checked.
+    language: str | None = None
+    # Checks not run, by name (vecap.validation.checks.CAPTION_CHECKS, in the order they run).
+    skip: list[str] = Field(default_factory=list)
+
+    @field_validator("skip")
+    @classmethod
+    def _skip(cls, names: list[str]) -> list[str]:
+        return _known_checks("caption", names)
 
 
 class FuseChecks(_Section):
@@ -137,7 +146,13 @@ class FuseChecks(_Section):
     min_visual_overlap: float = Field(0.2, ge=0, le=1)
     # Names, numbers or URLs found in neither source that a caption may hold.
     max_novel: int = Field(0, ge=0)
-    skip: list[FuseCheck] = Field(default_factory=list)
+    # Checks not run, by name (vecap.validation.checks.FUSE_CHECKS, in the order they run).
+    skip: list[str] = Field(default_factory=list)
+
+    @field_validator("skip")
+    @classmethod
+    def _skip(cls, names: list[str]) -> list[str]:
+        return _known_checks("fuse", names)
 
 
 class CaptionConfig(ModelConfig):

@@ -25,7 +25,9 @@ the middle of it, or outweighs the caption is rejected as ``commentary``.
 from __future__ import annotations
 
 from vecap.validation.checks import (
+    CAPTION_CHECKS,
     CAPTION_REASONS,
+    FUSE_CHECKS,
     FUSE_REASONS,
     OTHER_REASONS,
     REASON_DOCS,
@@ -33,13 +35,23 @@ from vecap.validation.checks import (
     Verdict,
     check_caption,
     check_fused,
+    checks_table,
+    fingerprint,
 )
-from vecap.validation.measures import caption_quality, fuse_quality, repetition_score
+from vecap.validation.measures import (
+    caption_quality,
+    entities,
+    entity_counts,
+    entity_recall,
+    fuse_quality,
+    repetition_score,
+    word_count,
+)
 from vecap.validation.text import language_of, script_of
-from vecap.validation.tidy import tidy_caption, tidy_fused
+from vecap.validation.tidy import clean_alt_text, light_clean, tidy_caption, tidy_fused
 
 __all__ = [
-    "CAPTION_REASONS", "FUSE_REASONS", "OTHER_REASONS", "REASONS", "REASON_DOCS", "Verdict",
-    "caption_quality", "check_caption", "check_fused", "fuse_quality", "language_of", "repetition_score",
-    "script_of", "tidy_caption", "tidy_fused",
+    "CAPTION_CHECKS", "CAPTION_REASONS", "FUSE_CHECKS", "FUSE_REASONS", "OTHER_REASONS", "REASONS", "REASON_DOCS", "Verdict",
+    "caption_quality", "check_caption", "checks_table", "clean_alt_text", "entities", "entity_counts", "entity_recall", "fingerprint", "light_clean", "check_fused", "fuse_quality", "language_of", "repetition_score",
+    "script_of", "tidy_caption", "tidy_fused", "word_count",
 ]

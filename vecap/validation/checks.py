@@ -8,28 +8,44 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
-from dataclasses import field
-from typing import Any
-from typing import get_args
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
 
-from vecap.config import CaptionCheck, CaptionChecks, FuseCheck, FuseChecks
-from vecap.validation.text import CASED_SCRIPTS, GENERIC, UNSPACED_SCRIPTS, _STOP_BY_LANG, _compatible, _family, _fold, _hints, _latin_scores, _matches, _stem, _text, _tokens, _word_count, script_of
-from vecap.validation.tidy import _INLINE_ALTERNATIVES, _LABEL_ECHO, _SPECIAL_TOKENS, _Tidy, _tidy
+from vecap.config import CaptionChecks, FuseChecks
+from vecap.validation.text import (
+    CASED_SCRIPTS,
+    GENERIC,
+    MIN_LETTERS,
+    UNSPACED_SCRIPTS,
+    _compatible,
+    _family,
+    _fold,
+    _guess,
+    _hints,
+    _language,
+    _matches,
+    _stem,
+    _text,
+    _tokens,
+    _word_count,
+    close,
+    is_generic,
+    is_language,
+    langid_library,
+    script_of,
+    script_of_language,
+)
 from vecap.validation.measures import _FuseMeasures, _measure, _quality_of, _repetition, _word_script, caption_quality
+from vecap.validation.tidy import _INLINE_ALTERNATIVES, _LABEL_ECHO, _SPECIAL_TOKENS, _Tidy, _tidy, ftfy_library
 
 # --- reason vocabulary ------------------------------------------------------------------
-# The names and their order live in the recipe types (vecap.config) so that ``skip`` is checked
-# at load time; the first failing check, in this order, names the row's reason.
-CAPTION_REASONS: tuple[str, ...] = get_args(CaptionCheck)
-FUSE_REASONS: tuple[str, ...] = get_args(FuseCheck)
 # Reasons decided outside the validators (engine errors, missing sources).
 OTHER_REASONS = ("model_error", "no_alt_text", "no_vlm_caption")
-REASONS = tuple(dict.fromkeys(CAPTION_REASONS + FUSE_REASONS + OTHER_REASONS))
 REASON_DOCS = {
     "empty": "nothing, or only whitespace, special tokens or a preamble",
     "truncated": "stopped at the token limit (finish_reason == 'length')",
-    "refusal": "\"I'm sorry, I can't …\", \"It is hard to tell …\", in several languages",
+    "refusal": "\"I'm sorry, I can't …\", \"It is hard to tell …\", 'the image is too blurry to describe', in several languages",
     "garbage": "control characters, mojibake, symbol soup, words that are not words, many scripts",
     "echo": "repeats the prompt's instructions or its source labels (Web text:, <visual_description>)",
     "commentary": "talk about the task that is not a trailing note (those are tidied off)",
@@ -37,8 +53,8 @@ REASON_DOCS = {
     "repetition": "a loop: the same word or phrase again and again, or mostly repeated n-grams",
     "too_long": "more words than the recipe allows",
     "too_short": "fewer words than the recipe asks (a one-word caption)",
-    "alternatives": "several captions: numbered or bulleted lists, 'Option 1 … Option 2', 'Alternatively,'",
-    "wrong_language": "in a language neither source is in",
+    "alternatives": "several captions: lists of paraphrases, labelled lines ('Short: … / Long: …'), 'Option 1 … Option 2', 'Alternatively,'",
+    "wrong_language": "VLM: not in the language asked for (caption.validation.language, default the prompt's); fusion: in a language neither source is in",
     "injection": "obeyed an instruction in the alt-text instead of using the sources",
     "lost_entities": "too few of the alt-text's names and numbers kept (weighted recall)",
     "invented": "names, numbers, dates or URLs found in neither source",
@@ -84,6 +100,18 @@ _REFUSAL = re.compile(
     r"|\blo siento\b|\bno puedo\b|\bdésolée?\b|\bje ne (?:peux|suis pas en mesure)\b|\bes tut mir leid\b|\bich kann (?:nicht|keine)\b"
     r"|\bmi dispiace\b|\bnon posso\b|\bdesculp[ea]\b|\bnão posso\b|申し訳|できません|抱歉|对不起|無法|无法|不能提供|죄송|할 수 없"
     r"|извините|не могу|к сожалению|عذرا|عذراً|لا أستطيع|लेकिन मैं|मुझे खेद|माफ़|माफ",
+    re.I,
+)
+# Answers that say the image cannot be described instead of describing it.
+_UNDESCRIBABLE = re.compile(
+    r"\btoo\s+(?:blurry|blurred|dark|bright|small|grainy|pixelated|noisy|low[- ]resolution|out of focus|faint|unclear)\b"
+    r"[^.!?\n]{0,30}?\bto\s+(?:make out|see|tell|identify|describe|discern|determine|recogni[sz]e|read)\b"
+    r"|\bno\s+(?:discernible|visible|identifiable|recogni[sz]able|clear|meaningful|describable)\s+"
+    r"(?:content|objects?|details?|subjects?|features?|elements?|information)\b"
+    r"|\b(?:not|nothing)\s+(?:enough\s+)?(?:information|detail|content)s?\b[^.!?\n]{0,40}?\b(?:to|for)\s+"
+    r"(?:me\s+to\s+)?(?:describe|provide|identify|caption|tell)\b"
+    r"|\b(?:appears|seems)\s+to\s+be\s+(?:blank|empty|corrupted|broken|missing|completely (?:black|white))\b"
+    r"|\b(?:did|does|could)\s+not\s+load\b",
     re.I,
 )
 _MOJIBAKE = re.compile(r"Ã[\u0080-\u00bf\u0100-\u017f]|[ÂÐÑØÙ][\u0080-\u00bf]|â€|\ufffd|ï¿½")
@@ -177,43 +205,231 @@ def _boilerplate(tidy: _Tidy, text: str) -> bool:
         return False
     if t.content() or t.content_grams() or t.numbers:
         return False
-    return any(_stem(tk.low) in GENERIC for tk in t.tokens)
+    return any(is_generic(tk.low) for tk in t.tokens)
 
 
-def _run(order: tuple[str, ...], skip: list[str], tests: dict[str, Any]) -> tuple[str | None, str | None]:
-    for name in order:
-        if name in skip or name not in tests:
+# --- the checks, one function each -------------------------------------------------------
+@dataclass
+class _Case:
+    """What the checks of one output read: the raw and tidied output, the recipe's thresholds,
+    the prompt's fixed wording and, for a fusion, the measures against the sources."""
+
+    raw: str
+    tidy: _Tidy
+    finish_reason: str | None
+    checks: Any
+    instructions: str
+    measures: _FuseMeasures | None = None
+    language: str | None = None  # the language a VLM caption was asked in (None: not judged)
+
+    @property
+    def out(self) -> str:
+        return self.tidy.text
+
+    @cached_property
+    def words(self) -> int:
+        return _word_count(self.out)
+
+
+Check = Callable[[_Case], "str | bool | None"]
+
+
+def _empty(c: _Case) -> str | bool | None:
+    if not c.raw.strip():
+        return True
+    return not c.out and not c.tidy.preamble_only and "empty after tidying"
+
+
+def _empty_fused(c: _Case) -> str | bool | None:
+    return not c.raw.strip() or (not c.out and "empty after tidying")
+
+
+def _truncated(c: _Case) -> str | bool | None:
+    return c.finish_reason == "length" and "stopped at the token limit"
+
+
+def _refusal(c: _Case) -> str | None:
+    m = _REFUSAL.search(c.out) or _REFUSAL.search(c.raw[:300]) or _UNDESCRIBABLE.search(c.out)
+    return repr(m.group(0).strip()) if m else None
+
+
+def _garbage_check(c: _Case) -> str | None:
+    return _garbage(c.out)
+
+
+def _alternatives(c: _Case) -> str | None:
+    if c.tidy.items > 1:
+        return f"{c.tidy.items} captions"
+    m = _INLINE_ALTERNATIVES.search(c.out) or _INLINE_ALTERNATIVES.search(_SPECIAL_TOKENS.sub(" ", c.raw))
+    return repr(m.group(0).strip()[:40]) if m else None
+
+
+def _echo(c: _Case) -> str | None:
+    m = _LABEL_ECHO.search(c.out)
+    return repr(m.group(0)) if m else _echoes(c.out, c.instructions)
+
+
+def _commentary(c: _Case) -> str | bool:
+    return c.tidy.commentary and "talk about the task"
+
+
+def _boilerplate_check(c: _Case) -> str | bool:
+    return _boilerplate(c.tidy, c.out) and "no content after the preamble"
+
+
+def _repetition_check(c: _Case) -> str | None:
+    return _loop(c.out, c.checks)
+
+
+def _too_long(c: _Case) -> str | bool:
+    return c.words > c.checks.max_words and f"{c.words} words > {c.checks.max_words}"
+
+
+def _too_short(c: _Case) -> str | bool:
+    return c.words < c.checks.min_words and f"{c.words} words < {c.checks.min_words}"
+
+
+def _caption_language(c: _Case) -> str | None:
+    """The caption is in another language than the one it was asked in (its script alone can say
+    so: an English prompt answered in Cyrillic; else the identifier, when it is sure)."""
+    if not c.language:
+        return None
+    t = _text(c.out)
+    lang = _language(t)
+    if lang is None or t.families.get(t.main, 0) < MIN_LETTERS:
+        return None
+    if script_of_language(lang) != script_of_language(c.language):
+        return f"answer in {lang}, asked in {c.language}"
+    if is_language(lang) and not close(lang, c.language):
+        return f"answer in {lang}, asked in {c.language}"
+    return None
+
+
+def _fused_language(c: _Case) -> str | None:
+    return _wrong_language(c.measures)
+
+
+def _injection(c: _Case) -> str | None:
+    return _obeyed_injection(c.measures, c.checks)
+
+
+def _lost_entities(c: _Case) -> str | bool:
+    m = c.measures
+    return (
+        m.recall is not None
+        and m.recall < c.checks.min_entity_recall
+        and f"recall {m.recall:.2f}; lost: {', '.join(m.lost)[:120]}"
+    )
+
+
+def _invented(c: _Case) -> str | bool:
+    m = c.measures
+    return len(m.novel) > c.checks.max_novel and "not in the sources: " + ", ".join(m.novel)[:120]
+
+
+def _alt_echo_check(c: _Case) -> str | None:
+    return _alt_echo(c.measures)
+
+
+def _ungrounded_check(c: _Case) -> str | None:
+    return _ungrounded(c.measures)
+
+
+# The registries: every named check of a stage, in the order they run (the first that fails names
+# the row's reason). The recipe's ``skip`` names (vecap.config) and docs/validation.md's table come from here.
+CAPTION_CHECKS: dict[str, Check] = {
+    "empty": _empty,
+    "truncated": _truncated,
+    "refusal": _refusal,
+    "garbage": _garbage_check,
+    "alternatives": _alternatives,
+    "echo": _echo,
+    "commentary": _commentary,
+    "boilerplate": _boilerplate_check,
+    "repetition": _repetition_check,
+    "too_long": _too_long,
+    "wrong_language": _caption_language,
+    "too_short": _too_short,
+}
+FUSE_CHECKS: dict[str, Check] = {
+    "empty": _empty_fused,
+    "truncated": _truncated,
+    "refusal": _refusal,
+    "garbage": _garbage_check,
+    "alternatives": _alternatives,
+    "echo": _echo,
+    "commentary": _commentary,
+    "repetition": _repetition_check,
+    "too_long": _too_long,
+    "injection": _injection,
+    "wrong_language": _fused_language,
+    "too_short": _too_short,
+    "lost_entities": _lost_entities,
+    "invented": _invented,
+    "alt_echo": _alt_echo_check,
+    "ungrounded": _ungrounded_check,
+}
+CAPTION_REASONS: tuple[str, ...] = tuple(CAPTION_CHECKS)
+FUSE_REASONS: tuple[str, ...] = tuple(FUSE_CHECKS)
+REASONS = tuple(dict.fromkeys(CAPTION_REASONS + FUSE_REASONS + OTHER_REASONS))
+
+
+def fingerprint() -> dict[str, Any]:
+    """What the verdicts depend on beyond the recipe's thresholds: the checks and the libraries."""
+    return {"caption": list(CAPTION_REASONS), "fuse": list(FUSE_REASONS), "langid": langid_library(), "ftfy": ftfy_library()}
+
+
+def checks_table() -> str:
+    """The Markdown table of every check, in order, per stage (docs/validation.md holds it)."""
+    lines = ["| check | caption | fuse | rejects |", "| --- | --- | --- | --- |"]
+    names: list[str] = []
+    for name in FUSE_REASONS:  # the fusion's order, the VLM-only checks where the caption's order puts them
+        if name in CAPTION_CHECKS:
+            names += [n for n in CAPTION_REASONS[: CAPTION_REASONS.index(name) + 1] if n not in names]
+        if name not in names:
+            names.append(name)
+    names += [n for n in CAPTION_REASONS if n not in names]
+    for name in names:
+        cap = str(CAPTION_REASONS.index(name) + 1) if name in CAPTION_CHECKS else ""
+        fuse = str(FUSE_REASONS.index(name) + 1) if name in FUSE_CHECKS else ""
+        lines.append(f"| `{name}` | {cap} | {fuse} | {REASON_DOCS[name]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(registry: dict[str, Check], case: _Case) -> tuple[str | None, str | None]:
+    skip = set(case.checks.skip)
+    for name, check in registry.items():
+        if name in skip:
             continue
-        detail = tests[name]()
+        detail = check(case)
         if detail:
             return name, (detail if isinstance(detail, str) else None)
     return None, None
 
 
 # --- entry points -----------------------------------------------------------------------
+def expected_caption_language(checks: CaptionChecks, instructions: str = "") -> str | None:
+    """The language a VLM caption must be in: the recipe's ``caption.validation.language``, by
+    default the prompt's (None when the prompt's language cannot be told, or with ``any``)."""
+    if checks.language == "any":
+        return None
+    if checks.language:
+        return checks.language
+    lang = _language(_text(instructions)) if instructions else None
+    return lang if is_language(lang) else None
+
+
 def check_caption(
     text: str | None, finish_reason: str | None, checks: CaptionChecks | None = None, instructions: str = ""
 ) -> Verdict:
-    """Judge one VLM caption. ``text`` is the raw model output; the verdict carries it tidied."""
+    """Judge one VLM caption. ``text`` is the raw model output; the verdict carries it tidied;
+    ``instructions`` is the prompt's wording (its language is the one the caption must be in)."""
     checks = checks or CaptionChecks()
     raw = text or ""
-    tidy = _tidy(raw, "caption")
-    out = tidy.text
-    words = _word_count(out)
-    tests = {
-        "empty": lambda: not raw.strip() or (not out and not tidy.preamble_only and "empty after tidying"),
-        "truncated": lambda: finish_reason == "length" and "stopped at the token limit",
-        "refusal": lambda: (m := _REFUSAL.search(out) or _REFUSAL.search(raw)) and repr(m.group(0).strip()),
-        "garbage": lambda: _garbage(out),
-        "echo": lambda: (m := _LABEL_ECHO.search(out)) and repr(m.group(0)) or _echoes(out, instructions),
-        "commentary": lambda: tidy.commentary and "talk about the task",
-        "boilerplate": lambda: _boilerplate(tidy, out) and "no content after the preamble",
-        "repetition": lambda: _loop(out, checks),
-        "too_long": lambda: words > checks.max_words and f"{words} words > {checks.max_words}",
-        "too_short": lambda: words < checks.min_words and f"{words} words < {checks.min_words}",
-    }
-    reason, detail = _run(CAPTION_REASONS, checks.skip, tests)
-    return Verdict(out, reason, detail, caption_quality(out))
+    case = _Case(raw, _tidy(raw, "caption"), finish_reason, checks, instructions,
+                 language=expected_caption_language(checks, instructions))
+    reason, detail = _run(CAPTION_CHECKS, case)
+    return Verdict(case.out, reason, detail, caption_quality(case.out))
 
 
 def check_fused(
@@ -229,49 +445,24 @@ def check_fused(
     checks = checks or FuseChecks()
     raw = output or ""
     tidy = _tidy(raw, "fuse")
-    out = tidy.text
-    m = _measure(out if tidy.items == 1 else "", alt_text or "", vlm_caption or "")
-    words = _word_count(out)
-    tests = {
-        "empty": lambda: not raw.strip() or (not out and "empty after tidying"),
-        "truncated": lambda: finish_reason == "length" and "stopped at the token limit",
-        "refusal": lambda: (r := _REFUSAL.search(out) or _REFUSAL.search(raw[:300])) and repr(r.group(0).strip()),
-        "garbage": lambda: _garbage(out),
-        "alternatives": lambda: (tidy.items > 1 and f"{tidy.items} captions")
-        or ((r := _INLINE_ALTERNATIVES.search(out) or _INLINE_ALTERNATIVES.search(_SPECIAL_TOKENS.sub(" ", raw)))
-            and repr(r.group(0).strip()[:40])),
-        "echo": lambda: (r := _LABEL_ECHO.search(out)) and repr(r.group(0)) or _echoes(out, instructions),
-        "commentary": lambda: tidy.commentary and "talk about the task",
-        "repetition": lambda: _loop(out, checks),
-        "too_long": lambda: words > checks.max_words and f"{words} words > {checks.max_words}",
-        "wrong_language": lambda: _wrong_language(m),
-        "injection": lambda: _obeyed_injection(m, checks),
-        "too_short": lambda: words < checks.min_words and f"{words} words < {checks.min_words}",
-        "lost_entities": lambda: m.recall is not None
-        and m.recall < checks.min_entity_recall
-        and f"recall {m.recall:.2f}; lost: {', '.join(m.lost)[:120]}",
-        "invented": lambda: len(m.novel) > checks.max_novel and "not in the sources: " + ", ".join(m.novel)[:120],
-        "alt_echo": lambda: _alt_echo(m),
-        "ungrounded": lambda: _ungrounded(m),
-    }
-    reason, detail = _run(FUSE_REASONS, checks.skip, tests)
-    return Verdict(out, reason, detail, _quality_of(m))
+    m = _measure(tidy.text if tidy.items == 1 else "", alt_text or "", vlm_caption or "")
+    case = _Case(raw, tidy, finish_reason, checks, instructions, measures=m)
+    reason, detail = _run(FUSE_CHECKS, case)
+    return Verdict(case.out, reason, detail, _quality_of(m))
 
 
 def _wrong_language(m: _FuseMeasures) -> str | None:
     """The output's language (or script) is none of the sources'. A Latin output too short for a
-    confident guess still counts when its function words belong to another language than the
-    sources' and it shares almost no word with the (Latin) visual description."""
+    confident answer still counts when the identifier's guess for it is neither source's language
+    and it shares almost no word with the (Latin) visual description."""
     out = m.out
     if m.lang_out is None or sum(out.letters.values()) < 12:
         return None
     alt = _text(m.alt_clean)
-    if m.lang_out == "latn" and m.lang_vlm in _STOP_BY_LANG and m.overlap is not None and m.overlap < 0.15:
-        scores = _latin_scores(out)
-        if scores and _word_count(out.text) >= 4:
-            guess = scores.most_common(1)[0][0]
-            sources = {m.lang_alt, m.lang_vlm}
-            if guess not in sources and not any(scores.get(lang, 0) for lang in sources) and not _hints(alt, guess):
+    if m.lang_out == "latn" and is_language(m.lang_vlm) and m.overlap is not None and m.overlap < 0.15:
+        guess = _guess(out)
+        if guess and _word_count(out.text) >= 4 and not any(close(guess, lang) for lang in (m.lang_alt, m.lang_vlm)):
+            if not _hints(alt, guess) and not _hints(m.vlm, guess):
                 return f"output looks {guess}, sources {m.lang_alt}/{m.lang_vlm}"
     if _compatible(m.lang_out, out, m.lang_alt, alt) or _compatible(m.lang_out, out, m.lang_vlm, m.vlm):
         return None

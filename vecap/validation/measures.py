@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vecap.validation.text import CASED_SCRIPTS, GENERIC, STOP, UNSPACED_SCRIPTS, _CARDINALS, _NAME_CONNECTORS, _Text, _Tok, _fold, _foreign_source, _language, _matches, _text, _tokens, _word_count, script_of
+from vecap.validation.tidy import clean_alt_text
 
 # --- measures ---------------------------------------------------------------------------
 def _repetition(text: str) -> tuple[float, int, str]:
@@ -167,26 +168,68 @@ def _entity_kept(e: _Entity, out: _Text) -> bool:
     return found >= 0.5 * len(e.parts)
 
 
-def _recall(alt: _Text, out: _Text, foreign: bool = False) -> tuple[float | None, list[str]]:
-    """Weighted share of the alt-text's checkable entities kept in the output, and the lost ones.
+def _recall_terms(alt: _Text, out: _Text, foreign: bool = False) -> tuple[float, float, int, int, list[str]]:
+    """(kept weight, total weight, kept count, total count, lost labels) of the alt-text's checkable entities.
 
     An entity in a script the output does not use is not checkable (it may have been
-    translated or transliterated): it counts neither way."""
+    translated or transliterated): it counts neither way. A weak name (one capitalised word opening
+    a sentence: "Wow, what a view!", "Yay! Finally …") counts only beside a name the text plainly
+    has: alone, it is as likely an interjection or a common word as a name."""
     total = kept = 0.0
+    n_total = n_kept = 0
     lost: list[str] = []
-    for e in _alt_entities(alt):
-        if e.kind != "number" and not out.has_family(e.script):
-            continue
-        if foreign and e.weight < 1:
-            continue  # a capitalised first word of another language's sentence is no name
+    ents = [e for e in _alt_entities(alt) if e.kind == "number" or out.has_family(e.script)]
+    plain = any(e.weight >= 1 or e.kind == "term" for e in ents)
+    for e in ents:
+        if e.kind == "name" and e.weight < 1 and (foreign or not plain):
+            continue  # a capitalised first word of another language's sentence, or of a text with no other name
         total += e.weight
+        n_total += 1
         if _entity_kept(e, out):
             kept += e.weight
+            n_kept += 1
         else:
             lost.append(e.label)
+    return kept, total, n_kept, n_total, lost
+
+
+def _recall(alt: _Text, out: _Text, foreign: bool = False) -> tuple[float | None, list[str]]:
+    """Weighted share of the alt-text's checkable entities kept in the output, and the lost ones."""
+    kept, total, _, _, lost = _recall_terms(alt, out, foreign)
     if total == 0:
         return None, []
     return kept / total, lost
+
+
+# --- the one definition, for every reader (checks, quality columns, report, inspect, fuse stage) ---
+def word_count(text: str | None) -> int:
+    """Words of a caption: spaced scripts by word, unspaced ones (CJK, Thai …) by characters (2 or 3 a word)."""
+    return _word_count(text) if text else 0
+
+
+def _alt(alt_text: str | None) -> _Text:
+    """The alt-text as the fusion saw it (cleaning is idempotent: raw or cleaned alt-text alike), less its instructions."""
+    return _text(_injection_span(clean_alt_text(alt_text))[0])
+
+
+def entities(alt_text: str | None) -> list[str]:
+    """The names and numbers of an alt-text, as written (what entity recall counts)."""
+    return [e.label for e in _alt_entities(_alt(alt_text))]
+
+
+def entity_counts(alt_text: str | None, text: str | None) -> tuple[int, int]:
+    """How many of the alt-text's checkable names and numbers ``text`` keeps, and of how many (0, 0: none)."""
+    alt = _alt(alt_text)
+    out = _text(text or "")
+    _, _, kept, total, _ = _recall_terms(alt, out, _foreign_source(alt, _language(out)))
+    return kept, total
+
+
+def entity_recall(alt_text: str | None, text: str | None) -> float | None:
+    """Weighted share of the alt-text's names and numbers that ``text`` keeps (``q_entity_recall``); None: none to keep."""
+    alt = _alt(alt_text)
+    out = _text(text or "")
+    return _recall(alt, out, _foreign_source(alt, _language(out)))[0]
 
 
 def _visual_overlap(vlm: _Text, out: _Text) -> float | None:

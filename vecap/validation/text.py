@@ -9,12 +9,15 @@ otherwise the script code (``latn``, ``cyrl`` …) stands for it, and nothing is
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
+from typing import Any
 
 
 
@@ -31,7 +34,11 @@ _SCRIPT_NAMES = {
 CASED_SCRIPTS = frozenset({"latn", "cyrl", "grek", "armn"})  # capital letters mark names
 UNSPACED_SCRIPTS = frozenset({"hani", "kana", "thai", "laoo", "khmr", "mymr", "tibt"})  # no spaces between words
 # Scripts that write one language each; others ("latn", "cyrl", "arab", "deva", …) report the script.
-_SCRIPT_LANGUAGE = {"hang": "ko", "grek": "el", "hebr": "he", "thai": "th", "geor": "ka", "armn": "hy"}
+_SCRIPT_LANGUAGE = {
+    "hang": "ko", "grek": "el", "hebr": "he", "thai": "th", "geor": "ka", "armn": "hy", "beng": "bn", "gujr": "gu",
+    "guru": "pa", "taml": "ta", "telu": "te", "knda": "kn", "mlym": "ml", "sinh": "si", "khmr": "km", "mymr": "my",
+    "laoo": "lo",
+}
 
 
 @lru_cache(maxsize=8192)
@@ -160,7 +167,7 @@ def _word_count(text: str) -> int:
 
 
 # --- stop words, generic words, numbers in words ----------------------------------------
-# Function words by language: language detection scores them, content-word measures skip them.
+# Function words by language: content-word measures skip them (language identification is py3langid's).
 _STOP_BY_LANG: dict[str, frozenset[str]] = {
     "en": frozenset(
         "the a an and of with on in at to is are its it from by for this that these those over under near "
@@ -198,13 +205,6 @@ _STOP_BY_LANG: dict[str, frozenset[str]] = {
     "tr": frozenset("ve bir bu ile için da de çok olan gibi üzerinde önünde arasında iki üç".split()),
     "id": frozenset("dan di yang dengan ke dari untuk ini itu pada sebuah seorang dua tiga".split()),
     "vi": frozenset("và của một các những trên trong với là có được cho người ở hai ba".split()),
-}
-# Letters each language writes beyond a–z; other accented letters make the guess doubtful.
-_LANG_LETTERS = {
-    "en": "", "fr": "àâæçéèêëîïôœùûüÿ", "de": "äöüß", "es": "áéíñóúü¡¿",
-    "it": "àèéìíîòóùú", "pt": "ãõáâàçéêíóôú", "nl": "éëïèáóú", "sv": "åäöé", "pl": "ąćęłńóśźż",
-    "cs": "áčďéěíňóřšťúůýž", "tr": "çğıöşüâî", "id": "",
-    "vi": "àáâãèéêìíòóôõùúýăđĩũơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ",
 }
 _STOP_OTHER = frozenset(
     # Cyrillic, Greek, Arabic, Hebrew, Devanagari, Korean particles used as separate words
@@ -246,16 +246,28 @@ _CJK_NUMERALS = dict(zip("〇一二三四五六七八九十百千", ["0", "1", "
 _NAME_CONNECTORS = frozenset("of de la le du des del della di da van von der den dos das y & du'".split())
 
 
+@lru_cache(maxsize=1)
+def _stemmer() -> Any:
+    import snowballstemmer
+
+    return snowballstemmer.stemmer("english")
+
+
+@lru_cache(maxsize=16384)
 def _stem(word: str) -> str:
-    """Cheap English/Romance plural and possessive stripping (whole-word matching stays exact otherwise)."""
-    w = word[:-2] if word.endswith(("'s", "’s")) else word
-    if len(w) > 4 and w.endswith("ies"):
-        return w[:-3] + "y"
-    if len(w) > 4 and w.endswith(("sses", "xes", "ches", "shes")):
-        return w[:-2]
-    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-        return w[:-1]
-    return w
+    """The Snowball (Porter 2) English stem of a Latin word, for loose matching (Paris/Parisian is left
+    to the prefix rule of :meth:`_Text.has_word`); words of other scripts are their own stem."""
+    if not word.isascii() or not word.isalpha() and "'" not in word and "’" not in word:
+        return word
+    return _stemmer().stemWord(word.replace("’", "'"))
+
+
+def is_generic(word: str) -> bool:
+    """A word that says nothing about what is in the image ("image", "photos", "various")."""
+    return word in GENERIC or _stem(word) in _GENERIC_STEMS
+
+
+_GENERIC_STEMS = frozenset(_stem(w) for w in GENERIC)
 
 
 def _bigrams(s: str) -> set[str]:
@@ -336,7 +348,7 @@ class _Text:
             and t.script not in UNSPACED_SCRIPTS
             and t.number is None
             and t.low not in STOP
-            and _stem(t.low) not in GENERIC
+            and not is_generic(t.low)
             and len(t.low) > 1
         }
 
@@ -363,36 +375,94 @@ def _matches(word: str, script: str | None, other: _Text) -> bool:
 
 
 # --- language ---------------------------------------------------------------------------
+# Scripts that one language writes name it; the others (Latin, Cyrillic, Arabic, Devanagari) are
+# told apart by py3langid, among the languages each script writes.
+_LANGS_OF_SCRIPT = {
+    "latn": tuple(
+        "af az bs ca cs cy da de en eo es et eu fi fr ga gl hr hu id is it lt lv ms mt nl no pl pt ro sk sl sq sv "
+        "sw tl tr uz vi".split()
+    ),
+    "cyrl": tuple("be bg kk ky mk mn ru sr uk".split()),
+    "arab": tuple("ar fa ps ur".split()),
+    "deva": tuple("hi mr ne".split()),
+}
+_SCRIPT_OF_LANG = {lang: sc for sc, langs in _LANGS_OF_SCRIPT.items() for lang in langs}
+_SCRIPT_OF_LANG.update({lang: sc for sc, lang in _SCRIPT_LANGUAGE.items()})
+_SCRIPT_OF_LANG.update({"ja": "cjk", "zh": "cjk"})
+# Languages a short text cannot be told apart in (a caption in one is no error for the other).
+_CLOSE = [frozenset({"id", "ms"}), frozenset({"hr", "bs", "sr"}), frozenset({"no", "da"}), frozenset({"pt", "gl"})]
+# The classifier's answer counts from this probability on (normalised over the script's languages)
+# and from this many letters: below, the script code stands for the language and nothing is judged by it.
+MIN_CONFIDENCE = 0.5
+MIN_LETTERS = 10
+
+
+@lru_cache(maxsize=1)
+def _identifiers() -> dict[str, Any]:
+    """py3langid's identifier, built once per process (its model ships in the wheel; ~140 MB resident
+    with numpy), one view per script restricted to the languages that script writes (they share the model)."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    full = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    known = set(full.labels)
+    views = {}
+    for script, langs in _LANGS_OF_SCRIPT.items():
+        view = copy.copy(full)
+        view.set_languages([lang for lang in langs if lang in known])
+        views[script] = view
+    return views
+
+
+def langid_library() -> str:
+    """The language identifier and its version, for the checks' fingerprint."""
+    try:
+        return f"py3langid {metadata.version('py3langid')}"
+    except metadata.PackageNotFoundError:  # pragma: no cover - a dependency of vecap
+        return "py3langid (unknown version)"
+
+
+@lru_cache(maxsize=8192)
+def identify(text: str, script: str = "latn") -> tuple[str, float] | None:
+    """The likeliest language of ``text`` among those ``script`` writes, with its probability
+    (normalised over them; py3langid); None for a script the identifier is not asked about."""
+    view = _identifiers().get(script)
+    if view is None:
+        return None
+    lang, p = view.classify(text)
+    return lang, float(p)
+
+
+@lru_cache(maxsize=4096)
+def _ranked(text: str, script: str) -> tuple[tuple[str, float], ...]:
+    view = _identifiers().get(script)
+    return tuple(view.rank(text)[:3]) if view is not None else ()
+
+
+def close(a: str | None, b: str | None) -> bool:
+    """The same language, or two a short text cannot tell apart (Indonesian and Malay …)."""
+    return a == b or any(a in group and b in group for group in _CLOSE)
+
+
+def is_language(code: str | None) -> bool:
+    """A language code, not a script code standing for an unknown language."""
+    return code in _SCRIPT_OF_LANG
+
+
+def script_of_language(lang: str | None) -> str | None:
+    """The script family a language is written in (``latn``, ``cyrl``, ``cjk`` …); a script code gives itself."""
+    return _SCRIPT_OF_LANG.get(lang, lang) if lang else None
+
+
 def language_of(text: str | None) -> str | None:
-    """A language code when the text says so clearly ("en", "fr", "de", "es", "it", "pt", "nl",
-    "ja", "zh", "ko", "el", "he", "th"), else the script code ("latn", "cyrl", "arab", "deva" …);
-    None for text without letters. Cheap by design: stop words and scripts, no model."""
+    """An ISO 639-1 code when the text says so clearly ("en", "fr", "ru", "ar", "hi", "ja", "zh", "ko" …),
+    else the script code ("latn", "cyrl", "arab", "deva" …); None for text without letters."""
     return _language(_text(text or ""))
 
 
-_APOSTROPHE = re.compile(r"['’]")
-
-
-def _latin_scores(t: _Text) -> Counter[str]:
-    """Stop-word evidence per Latin-script language (a word shared by k languages counts 1/k)."""
-    score: Counter[str] = Counter()
-    for tok in t.tokens:
-        if tok.script != "latn":
-            continue
-        for p in set(_APOSTROPHE.split(tok.text.casefold())) | set(_APOSTROPHE.split(tok.low)):
-            langs = [lang for lang, words in _STOP_BY_LANG.items() if p in words]
-            for lang in langs:
-                score[lang] += 1 / len(langs)
-    return score
-
-
-def _foreign_source(src: _Text, out_lang: str | None) -> bool:
-    """The source shows function words of other languages and none of the output's: its
-    capitalised common words ("Perro jugando …") and names ("Parque Güell") may be translated."""
-    if out_lang not in _STOP_BY_LANG:
-        return False
-    scores = _latin_scores(src)
-    return bool(scores) and scores.get(out_lang, 0) == 0
+def _main_script(t: _Text) -> str | None:
+    if t.main is None:
+        return None
+    return max((sc for sc in t.letters if _family(sc) == t.main), key=lambda s: t.letters[s])
 
 
 def _language(t: _Text) -> str | None:
@@ -401,54 +471,51 @@ def _language(t: _Text) -> str | None:
     if t.main == "cjk":
         kana = t.letters.get("kana", 0)
         return "ja" if kana and kana >= 0.1 * t.families["cjk"] else "zh"
-    main_script = max((sc for sc in t.letters if _family(sc) == t.main), key=lambda s: t.letters[s])
-    if main_script != "latn":
+    main_script = _main_script(t)
+    if main_script not in _LANGS_OF_SCRIPT:
         return _SCRIPT_LANGUAGE.get(main_script, main_script)
-    score = _latin_scores(t)
-    if not score:
-        return "latn"
-    ranked = score.most_common()
-    best, top = ranked[0]
-    second = ranked[1][1] if len(ranked) > 1 else 0.0
-    if top < 1.5 or top < 1.5 * second:
-        return "latn"
-    allowed = set("abcdefghijklmnopqrstuvwxyz") | set(_LANG_LETTERS[best])
-    odd = sum(
-        1 for tok in t.tokens if tok.script == "latn" and any(c.isalpha() and c not in allowed for c in tok.text.lower())
-    )
-    return "latn" if odd >= 2 else best  # letters the language does not write: a guess too weak to judge by
+    if t.families[t.main] < MIN_LETTERS:
+        return main_script
+    best = identify(t.text, main_script)
+    if best and best[1] >= MIN_CONFIDENCE:
+        return best[0]
+    return main_script
 
 
-def _lang_script(lang: str | None) -> str | None:
-    if lang in ("ja", "zh"):
-        return "cjk"
-    inverse = {v: k for k, v in _SCRIPT_LANGUAGE.items()}
-    if lang in _STOP_BY_LANG or lang == "latn":
-        return "latn"
-    return inverse.get(lang, lang)
+def _guess(t: _Text, floor: float = 0.3) -> str | None:
+    """The classifier's best guess for a text too short or too mixed for :func:`language_of`, or None."""
+    main_script = _main_script(t)
+    best = identify(t.text, main_script) if main_script in _LANGS_OF_SCRIPT else None
+    return best[0] if best and best[1] >= floor else None
+
+
+def _foreign_source(src: _Text, out_lang: str | None) -> bool:
+    """The source is (likely) in another language than the output: its capitalised common words
+    ("Perro jugando …") and names ("Parque Güell") may be translated."""
+    if not is_language(out_lang) or script_of_language(out_lang) != "latn" or src.main != "latn":
+        return False
+    guess = _guess(src)
+    return guess is not None and not close(guess, out_lang)
 
 
 def _hints(t: _Text, lang: str) -> bool:
-    """Weak evidence that a Latin text of unknown language is in ``lang``: its letters or a stop word."""
-    extra = _LANG_LETTERS.get(lang, "")
-    if extra and any(c in extra for c in t.lowtext):
-        return True
-    words = _STOP_BY_LANG.get(lang, frozenset())
-    return any(tok.low in words or tok.text.casefold() in words for tok in t.tokens)
+    """Weak evidence that a text of unknown language is in ``lang``: among the classifier's likelier answers."""
+    main_script = _main_script(t)
+    if main_script not in _LANGS_OF_SCRIPT:
+        return False
+    return any(close(cand, lang) and p >= 0.1 for cand, p in _ranked(t.text, main_script))
 
 
 def _compatible(out_lang: str | None, out: _Text, src_lang: str | None, src: _Text) -> bool:
     """Whether an output in ``out_lang`` may come from a source in ``src_lang``."""
     if out_lang is None or src_lang is None:
         return src_lang is None and out_lang is None
-    if _lang_script(out_lang) != _lang_script(src_lang):
+    if script_of_language(out_lang) != script_of_language(src_lang):
         return False
-    if out_lang == src_lang or _lang_script(out_lang) == "cjk":
+    if close(out_lang, src_lang) or script_of_language(out_lang) == "cjk":
         return True
-    if out_lang == "latn":
+    if not is_language(out_lang):
         return True  # we cannot tell the output's language: never judge it
-    if src_lang == "latn":
+    if not is_language(src_lang):
         return _hints(src, out_lang)  # "Tour Eiffel à Paris" licenses French, "Golden Gate Bridge" does not
     return False
-
-

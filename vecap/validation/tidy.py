@@ -5,6 +5,7 @@ answers (lists, labelled lines, paraphrasing blocks) is kept, so that they can b
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -239,6 +240,43 @@ def _paraphrases(units: list[str]) -> bool:
     return False
 
 
+# A preamble that announces several answers, and list items named as answers ("Option 2", "Caption B").
+_SEVERAL = re.compile(
+    r"\b(?:captions|descriptions|options|versions|alternatives|variants|suggestions|possibilities|choices)\b"
+    r"|\b(?:two|three|four|five|several|a few|some|multiple|different)\s+(?:\w+\s+)?(?:captions?|options?|versions?|ways|takes)\b",
+    re.I,
+)
+_NAMED_ITEM = re.compile(
+    r"^\W*(?:option|version|caption|alternative|variant|choice|description)\s*#?\s*(?:\d{1,2}|[a-h]|one|two|three)\b", re.I
+)
+# A line that opens with a short label: one to three words, then a colon or a dash ("Short caption: …").
+_LABEL = re.compile(r"^\W*([^\W\d_][\w'’]*(?:\s+[\w'’]+){0,2})\s*(?:[:：]|\s[-–—])\s+(?=\S)")
+
+
+def _labelled(line: str) -> str | None:
+    """The text after a short label that opens the line, when it is a caption of its own (3 words or more)."""
+    plain = _strip_markdown(line).strip()
+    m = _LABEL.match(plain)
+    if not m or re.match(r"\W*" + _SOURCE_LABEL, plain, re.I):
+        return None
+    body = plain[m.end() :]
+    return body if _word_count(body) >= 3 else None
+
+
+def _same_subject(items: list[str]) -> bool:
+    """Whether list items describe one subject over again (alternative captions) rather than parts of one
+    scene: every item shares a content word, or two of them paraphrase each other."""
+    if len(items) < 2:
+        return False
+    bags = []
+    for item in items:
+        t = _text(item)
+        bags.append({_stem(w) for w in t.content()} | t.content_grams())
+    if all(bags) and set.intersection(*bags):
+        return True
+    return _paraphrases(items)
+
+
 def _tidy(raw: str | None, stage: str) -> _Tidy:
     """Remove what models wrap around an answer; keep evidence of several answers."""
     if not raw:
@@ -282,15 +320,28 @@ def _tidy(raw: str | None, stage: str) -> _Tidy:
         tidy.notes.append(cleaned)
         del lines[last:]
     content = [ln for ln in lines if ln]
+    announced = any(_SEVERAL.search(note) for note in tidy.notes)  # "Here are three possible captions:"
     marked = [ln for ln in content if _LIST_ITEM.match(ln)]
+    labelled = [ln for ln in content if _labelled(ln)]
     if len(marked) >= 2 and len(marked) >= len(content) - 1:
         # a list: a caption split into points (caption stage) or several captions (fuse stage)
         items = [_clean_line(ln) for ln in content if _clean_line(ln)]
-        if stage != "caption":
+        if stage != "caption" or announced or any(_NAMED_ITEM.match(ln) for ln in marked) or _same_subject(items):
             tidy.items = len(marked)
             tidy.text = "\n".join(re.sub(r"\s+", " ", _strip_markdown(ln)).strip() for ln in content)
             return tidy
         text = " ".join(i if re.search(r"[.!?。]$", i) else i + "." for i in items)
+    elif len(labelled) >= 2 and len(labelled) >= len(content) - 1 and (
+        stage != "caption" or announced or _same_subject([_labelled(ln) or "" for ln in labelled])
+    ):
+        # captions under labels on separate lines ("Short: … / Long: …", "English: … / French: …")
+        tidy.items = len(labelled)
+        tidy.text = "\n".join(re.sub(r"\s+", " ", _strip_markdown(ln)).strip() for ln in content)
+        return tidy
+    elif announced and len(_units(lines)) >= 2:
+        tidy.items = len(_units(lines))
+        tidy.text = "\n\n".join(_units(lines))
+        return tidy
     else:
         units = _units(lines)
         plain = [u for u in units if not _is_meta(u)]
@@ -331,3 +382,66 @@ def tidy_fused(text: str | None) -> str:
     return _tidy(text, "fuse").text
 
 
+
+
+# --- alt-text: one cleaned form for every reader -------------------------------------------
+_TAG = re.compile(r"<[^>]{0,200}>")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.I)
+_FILENAME = re.compile(r"\b[\w\-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|avif)\b", re.I)
+# Camera and phone file names without their extension (IMG_4471, DSC01234, PXL_20230101_123456789).
+_CAMERA_NAME = re.compile(r"\b(?:IMG|DSC|DSCN|DSCF|DCIM|PXL|MVIMG|GOPR|DJI|SAM|P\d{3})[_\-]?\d+(?:[_\-]\d+)*\b", re.I)
+_STOCK = re.compile(
+    r"\s*[-|–—:]?\s*\b(?:stock (?:photo|image|picture|illustration|vector)s?(?: and images?)?"
+    r"|royalty[- ]free(?: stock)?(?: photo| image)?|alamy|shutterstock|getty ?images|istock(?:photo)?"
+    r"|dreamstime|123rf|depositphotos|adobe stock)\b(?: - [\w .]+$)?",
+    re.I,
+)
+_SPACE = re.compile(r"\s+")
+
+
+def ftfy_library() -> str:
+    """The mojibake repairer and its version, for the checks' fingerprint."""
+    from importlib import metadata
+
+    try:
+        return f"ftfy {metadata.version('ftfy')}"
+    except metadata.PackageNotFoundError:  # pragma: no cover - a dependency of vecap
+        return "ftfy (unknown version)"
+
+
+def _repair(text: str) -> str:
+    """HTML entities unescaped (twice: '&amp;amp;' is common) and mojibake repaired (ftfy, as open_clip does)."""
+    import ftfy
+
+    return ftfy.fix_text(html.unescape(html.unescape(text)), normalization="NFC")
+
+
+def light_clean(text: str | None) -> str:
+    """What a training caption needs from raw alt-text: entities decoded, mojibake repaired, tags dropped,
+    spaces collapsed."""
+    if not text:
+        return ""
+    return _SPACE.sub(" ", _TAG.sub(" ", _repair(text))).strip()
+
+
+def clean_alt_text(text: str | None, max_words: int = 64) -> str:
+    """Web alt-text → the one cleaned form every reader uses (the fusion's prompt and checks, the write
+    stage's alt-text side): entities decoded, mojibake repaired, markup, URLs, file and camera names and
+    stock-site boilerplate removed, whitespace collapsed, length capped. "" when nothing usable is left
+    (an alt-text that is only ``IMG_4471.png`` is no alt-text)."""
+    if not text:
+        return ""
+    text = _repair(text)
+    text = _TAG.sub(" ", text)
+    text = _URL.sub(" ", text)
+    text = _FILENAME.sub(" ", text)
+    text = _CAMERA_NAME.sub(" ", text)
+    text = _STOCK.sub(" ", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\t\n")
+    text = _SPACE.sub(" ", text).strip(" -|–—:,;._")
+    if not any(unicodedata.category(ch)[0] == "L" for ch in text):
+        return ""  # digits and punctuation left from a file name say nothing
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
