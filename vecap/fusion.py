@@ -8,85 +8,25 @@ alt-text, with the reason recorded in the row's ``error`` and counted in the sha
 
 from __future__ import annotations
 
-import html
-import re
-import unicodedata
 from dataclasses import dataclass
 
 from vecap import validation
 from vecap.config import FuseChecks
 
-# --- alt-text cleaning ------------------------------------------------------------------
-_TAG = re.compile(r"<[^>]{0,200}>")
-_URL = re.compile(r"(?:https?://|www\.)\S+", re.I)
-_FILENAME = re.compile(r"\b[\w\-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic)\b", re.I)
-_CAMERA_NAME = re.compile(r"\b(?:IMG|DSC|DSCN|DCIM|PXL|MVIMG)[_\-]?\d+\b", re.I)
-_STOCK = re.compile(
-    r"\s*[-|–—:]?\s*\b(?:stock (?:photo|image|picture|illustration|vector)s?(?: and images?)?"
-    r"|royalty[- ]free(?: stock)?(?: photo| image)?|alamy|shutterstock|getty ?images|istock(?:photo)?"
-    r"|dreamstime|123rf|depositphotos|adobe stock)\b(?: - [\w .]+$)?",
-    re.I,
-)
-_SPACE = re.compile(r"\s+")
+# --- alt-text cleaning (vecap.validation.tidy: one cleaned form for the fusion and the write stage) ---
+clean_alt_text = validation.clean_alt_text
+light_clean = validation.light_clean
 
 
-def clean_alt_text(text: str | None, max_words: int = 64) -> str:
-    """Web alt-text → plain text fit for a prompt: entities decoded, markup, URLs, camera
-    file names and stock-site boilerplate removed, whitespace collapsed, length capped."""
-    if not text:
-        return ""
-    text = html.unescape(html.unescape(text))
-    text = _TAG.sub(" ", text)
-    text = _URL.sub(" ", text)
-    text = _FILENAME.sub(" ", text)
-    text = _CAMERA_NAME.sub(" ", text)
-    text = _STOCK.sub(" ", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\t\n")
-    text = _SPACE.sub(" ", text).strip(" -|–—:,;")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    return text
-
-
-def light_clean(text: str | None) -> str:
-    """What a training caption needs from raw alt-text: entities decoded, tags dropped, spaces collapsed."""
-    if not text:
-        return ""
-    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(text))).strip()
-
-
-# --- entities ---------------------------------------------------------------------------
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_STOP = {
-    "a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "for", "with", "by", "from",
-    "this", "that", "these", "those", "is", "are", "was", "it", "its", "my", "our", "your",
-    "photo", "image", "picture", "new", "best", "top", "free", "how", "what", "why", "when",
-}
-
-
-def entities(text: str) -> set[str]:
-    """Proper-noun-like words (capitalised, not sentence-initial stop words) and numbers, lower-cased."""
-    found = {m.group(0) for m in _NUMBER.finditer(text)}
-    for i, m in enumerate(_WORD.finditer(text)):
-        w = m.group(0)
-        if w[0].isupper() and w.lower() not in _STOP and not (i == 0 and len(w) <= 2):
-            found.add(w.lower())
-        elif not w.isascii() and w.isalpha() and not w.islower():
-            found.add(w.lower())  # non-Latin scripts have no case: keep them as names
-    return found
+# --- entities (vecap.validation.measures: the one definition, also the report's and the checks') ---
+def entities(text: str) -> list[str]:
+    """The alt-text's names and numbers, as written (:func:`vecap.validation.entities`)."""
+    return validation.entities(text)
 
 
 def kept_entities(source: str, output: str) -> tuple[int, int]:
-    """How many of ``source``'s entities appear in ``output`` (case-insensitive), and of how many."""
-    ents = entities(source)
-    if not ents:
-        return 0, 0
-    low = output.lower()
-    words = {m.group(0) for m in _WORD.finditer(low)} | {m.group(0) for m in _NUMBER.finditer(low)}
-    # whole words for Latin text ("air" is not kept by "pair"); substrings for unspaced scripts
-    return sum(1 for e in ents if (e in words if e.isascii() else e in low)), len(ents)
+    """How many of ``source``'s names and numbers ``output`` keeps, and of how many (:func:`vecap.validation.entity_counts`)."""
+    return validation.entity_counts(source, output)
 
 
 # --- validation (vecap.validation; these two keep the stages' former interface) ------------
