@@ -37,7 +37,7 @@ def reference_scores(model_dir: Path, images: list, texts: list[str], negate_tex
     processor = CLIPProcessor.from_pretrained(model_dir)
     out = []
     with torch.no_grad():
-        for image, text in zip(images, texts):
+        for image, text in zip(images, texts, strict=True):
             inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", truncation=True,
                                max_length=model.config.text_config.max_position_embeddings)
             res = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -81,7 +81,7 @@ def test_scores_are_100_max_cos_of_the_models_own_embeddings(tiny_clip: Path, tm
     negative = ClipScorer(str(flipped)).scores([im for im, _ in pairs], {"t": [t for _, t in pairs]})["t"]
     assert negative == pytest.approx(
         reference_scores(tiny_clip, [im for im, _ in pairs], [t for _, t in pairs], negate_text=True), abs=1e-3)
-    assert all(n == 0.0 for n, e in zip(negative, expect) if e > 1e-3) and 0.0 in negative
+    assert all(n == 0.0 for n, e in zip(negative, expect, strict=True) if e > 1e-3) and 0.0 in negative
 
 
 def test_tiny_clip_build_is_reused(tiny_clip: Path) -> None:
@@ -141,7 +141,7 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     from vecap.images import prepare_image
     from vecap.layout import Layout
     from vecap.pipeline import ConfigMismatch, build_stages, run
-    from vecap.stages.write import write_shard
+    from vecap.stages.write import WriteStage, write_shard
     from vecap.storage import Storage
 
     root = make_root()
@@ -167,11 +167,18 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     # Each score is 100 * max(cos, 0) of the model's own embeddings, computed here with transformers
     # alone, of the row's image as the write stage scores it (decoded no larger than the CLIP input)
     # and each of its texts: a few ok rows of each shard (the bad-images shard has CMYK, 16-bit, EXIF...).
-    stage = build_stages(demo_config(root, f"write.clip_model={tiny_clip}"), ["write"])["write"]
-    images, texts, got = [], [], []
+    def write_stage(*overrides: str) -> WriteStage:
+        stage = build_stages(demo_config(root, f"write.clip_model={tiny_clip}", *overrides), ["write"])["write"]
+        assert isinstance(stage, WriteStage)
+        return stage
+
+    stage = write_stage()
+    ref_images: list = []
+    ref_texts: list[str] = []
+    ref_got: list[float] = []
     for shard in shards:
         with tarfile.open(root / "clip" / f"{shard}.tar") as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            members = {m.name: f.read() for m in tar.getmembers() if (f := tar.extractfile(m)) is not None}
         for row in table[(table.status == "ok") & (table.shard == shard)].head(3).itertuples():
             data = members[f"{row.key}.{row.image_ext}"]
             image = prepare_image(data, get_scorer(str(tiny_clip)).image_size, stage.max_image_pixels,
@@ -180,21 +187,26 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
                          "clip_score_vec": row.vec_caption}
             for column, text in row_texts.items():
                 if isinstance(text, str) and text.strip():
-                    images.append(image), texts.append(text), got.append(getattr(row, column))
-    assert len(got) >= 6
-    assert got == pytest.approx(reference_scores(tiny_clip, images, texts), abs=1e-3)
+                    ref_images.append(image)
+                    ref_texts.append(text)
+                    ref_got.append(getattr(row, column))
+    assert len(ref_got) >= 6
+    assert ref_got == pytest.approx(reference_scores(tiny_clip, ref_images, ref_texts), abs=1e-3)
 
     # write.clip_batch_size: the scorer is called with batches of that size (and the remainder),
     # and the scores do not depend on it.
     seen: list[tuple[int, int]] = []
     scores = ClipScorer.scores
-    monkeypatch.setattr(ClipScorer, "scores", lambda self, ims, txt: seen.append((len(ims), self.batch_size))
-                        or scores(self, ims, txt))
+
+    def spy(self: ClipScorer, images: list, texts: dict) -> dict:
+        seen.append((len(images), self.batch_size))
+        return scores(self, images, texts)
+
+    monkeypatch.setattr(ClipScorer, "scores", spy)
     by_key = table.set_index("key")
     n_scored = int(table[list(CLIP_COLUMNS)].notna().any(axis=1).sum())
     for size in (1, 3):
-        stage = build_stages(demo_config(root, f"write.clip_model={tiny_clip}", f"write.clip_batch_size={size}"),
-                             ["write"])["write"]
+        stage = write_stage(f"write.clip_batch_size={size}")
         assert stage.clip_batch_size == size
         seen.clear()
         for shard in shards:
@@ -203,7 +215,8 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
         assert sum(n for n, _ in seen) == n_scored and max(n for n, _ in seen) == size
         again = pq.read_table(root / "vecap").to_pandas().set_index("key").loc[by_key.index]
         for column in CLIP_COLUMNS:
-            assert again[column].tolist() == pytest.approx(by_key[column].tolist(), abs=1e-3, nan_ok=True), (size, column)
+            expect = pytest.approx(by_key[column].tolist(), abs=1e-3, nan_ok=True)
+            assert again[column].tolist() == expect, (size, column)
     monkeypatch.undo()
 
     # The same root without clip_model: another write fingerprint, so the committed shards refuse

@@ -47,7 +47,8 @@ def _run_snippet(code: str, label: str) -> tuple[dict, list[tuple[str, object]]]
     for i, node in enumerate(tree.body):
         call = node.value if isinstance(node, ast.Expr) else None
         if call is not None and not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "print"):
-            show = ast.Call(ast.Name("_vecap_show", ast.Load()), [ast.Constant(ast.get_source_segment(code, node)), call], [])
+            source = ast.Constant(ast.get_source_segment(code, node))
+            show = ast.Call(ast.Name("_vecap_show", ast.Load()), [source, call], [])
             tree.body[i] = ast.copy_location(ast.Expr(show), node)
     shown: list[tuple[str, object]] = []
     namespace = {"__name__": "__readme__", "_vecap_show": lambda src, value: shown.append((src, value))}

@@ -456,7 +456,8 @@ def test_report_of_a_whole_demo_run(pipeline_root, tmp_path):
     ok = sorted(r["key"] for r in table if r["status"] == "ok")
     sizes = json.loads((pipeline_root / "clip" / "sizes.json").read_text())
     assert ok and len(ok) == sum(sizes.values())
-    assert list(page.cards) == ok[:12] and all(len(srcs) == 1 and max(decodes(srcs[0])) <= 160 for srcs in page.cards.values())
+    assert list(page.cards) == ok[:12]
+    assert all(len(srcs) == 1 and max(decodes(srcs[0])) <= 160 for srcs in page.cards.values())
     assert page.totals["rows"] == len(table) and page.totals["ok"] == len(ok) == page.counts["status:ok"]
     for column in ("status", "vec_source", "txt_source"):
         expected = Counter("null" if r[column] is None else r[column] for r in table)

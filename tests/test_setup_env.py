@@ -64,7 +64,8 @@ def test_without_the_machines_pip_configuration_the_pytorch_cpu_index_is_added(t
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["--extra-index-url", TORCH_CPU_INDEX]
     notes = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert notes == [f"setup: {torch_pin()} is not on the configured package indexes: adding PyTorch's CPU index ({TORCH_CPU_INDEX})"]
+    assert notes == [f"setup: {torch_pin()} is not on the configured package indexes: "
+                     f"adding PyTorch's CPU index ({TORCH_CPU_INDEX})"]
 
 
 def test_no_index_at_all_still_decides_for_the_pytorch_index(tmp_path):
