@@ -143,3 +143,11 @@ def test_a_missing_test_dependency_fails_in_ci_and_skips_elsewhere(monkeypatch):
             import_or_skip("vecap_no_such_module", MOTO_WHY)
     monkeypatch.setenv("CI", "true")
     assert import_or_skip("moto.server", MOTO_WHY).ThreadedMotoServer  # the test extra, as make setup installs it
+
+
+def test_the_set_up_installs_the_build_tools_the_wheel_test_uses():
+    """tests/test_wheel.py builds without build isolation: pyproject's SPDX license string needs setuptools >= 77."""
+    import setuptools
+
+    assert int(setuptools.__version__.split(".")[0]) >= 77, setuptools.__version__
+    assert '"setuptools>=77"' in SCRIPT.read_text()
