@@ -143,7 +143,7 @@ def _tokens(text: str) -> tuple[_Tok, ...]:
         word = text[i:j]
         gap = text[last_end:i]
         start = not toks or bool(_SENTENCE_GAP.search(gap))
-        script = scripts.most_common(1)[0][0] if scripts else None
+        script = max(scripts, key=scripts.__getitem__) if scripts else None
         ascii_word = _digits_ascii(word)
         number = None
         m = _NUMERIC.search(ascii_word)
@@ -285,15 +285,20 @@ class _Text:
         self.text = text or ""
         self.tokens = _tokens(self.text)
         self.letters: Counter[str] = Counter()
-        for ch in self.text:
-            sc = script_of(ch)
-            if sc and unicodedata.category(ch)[0] == "L":
-                self.letters[sc] += 1
+        if self.text.isascii():  # the common case: every ASCII letter is Latin
+            n_letters = sum(map(str.isalpha, self.text))
+            if n_letters:
+                self.letters["latn"] = n_letters
+        else:
+            for ch in self.text:
+                sc = script_of(ch)
+                if sc and unicodedata.category(ch)[0] == "L":
+                    self.letters[sc] += 1
         fams: Counter[str] = Counter()
         for sc, n in self.letters.items():
             fams[_family(sc)] += n
         self.families = fams
-        self.main = fams.most_common(1)[0][0] if fams else None
+        self.main = max(fams, key=fams.__getitem__) if fams else None
         self.words: set[str] = set()
         self.stems: set[str] = set()
         self.grams: set[str] = set()
