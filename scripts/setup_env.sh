@@ -44,7 +44,7 @@ interpreter() {
 check_python() {
   local py=$1 ver v
   ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
-    || die "cannot run '$py': install Python $SUPPORTED and rerun with PYTHON=python$SUPPORTED"
+    || die "cannot run '$py': install Python $SUPPORTED and rerun with PYTHON=python${SUPPORTED%% *}"
   for v in $SUPPORTED; do
     [ "$ver" = "$v" ] && return 0
   done
