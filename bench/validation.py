@@ -46,11 +46,14 @@ def verdict(data: dict, stage: str, case: dict) -> Any:
     finish = case.get("finish_reason", "stop")
     if stage == "fuse":
         return check_fused(case["output"], finish, case["alt_text"], case["vlm_caption"], data.get("instructions", ""))
-    return check_caption(case["output"], finish, caption_checks(case), instructions=data.get("caption_instructions", ""))
+    return check_caption(
+        case["output"], finish, caption_checks(case), instructions=data.get("caption_instructions", "")
+    )
 
 
 def judge(data: dict, stage: str, part: str | None = None) -> list[tuple[dict, str, str]]:
-    """(case, expected, got) for every case of a stage (of one part); a good output tidied otherwise than labelled is a miss."""
+    """(case, expected, got) for every case of a stage (of one part); a good output tidied otherwise than
+    labelled is a miss."""
     out = []
     for case in data.get(stage, []):
         if part is not None and part_of(case) != part:

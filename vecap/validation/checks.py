@@ -8,14 +8,15 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 from vecap.config import CaptionChecks, FuseChecks
+from vecap.validation.measures import _FuseMeasures, _measure, _quality_of, _repetition, _word_script, caption_quality
 from vecap.validation.text import (
     CASED_SCRIPTS,
-    GENERIC,
     MIN_LETTERS,
     UNSPACED_SCRIPTS,
     _compatible,
@@ -25,7 +26,6 @@ from vecap.validation.text import (
     _hints,
     _language,
     _matches,
-    _stem,
     _text,
     _tokens,
     _word_count,
@@ -36,7 +36,6 @@ from vecap.validation.text import (
     script_of,
     script_of_language,
 )
-from vecap.validation.measures import _FuseMeasures, _measure, _quality_of, _repetition, _word_script, caption_quality
 from vecap.validation.tidy import _INLINE_ALTERNATIVES, _LABEL_ECHO, _SPECIAL_TOKENS, _Tidy, _tidy, ftfy_library
 
 # --- reason vocabulary ------------------------------------------------------------------
@@ -45,7 +44,8 @@ OTHER_REASONS = ("model_error", "no_alt_text", "no_vlm_caption")
 REASON_DOCS = {
     "empty": "nothing, or only whitespace, special tokens or a preamble",
     "truncated": "stopped at the token limit (finish_reason == 'length')",
-    "refusal": "\"I'm sorry, I can't …\", \"It is hard to tell …\", 'the image is too blurry to describe', in several languages",
+    "refusal": "\"I'm sorry, I can't …\", \"It is hard to tell …\", 'the image is too blurry to describe', "
+    "in several languages",
     "garbage": "control characters, mojibake, symbol soup, words that are not words, many scripts",
     "echo": "repeats the prompt's instructions or its source labels (Web text:, <visual_description>)",
     "commentary": "talk about the task that is not a trailing note (those are tidied off)",
@@ -53,8 +53,10 @@ REASON_DOCS = {
     "repetition": "a loop: the same word or phrase again and again, or mostly repeated n-grams",
     "too_long": "more words than the recipe allows",
     "too_short": "fewer words than the recipe asks (a one-word caption)",
-    "alternatives": "several captions: lists of paraphrases, labelled lines ('Short: … / Long: …'), 'Option 1 … Option 2', 'Alternatively,'",
-    "wrong_language": "VLM: not in the language asked for (caption.validation.language, default the prompt's); fusion: in a language neither source is in",
+    "alternatives": "several captions: lists of paraphrases, labelled lines ('Short: … / Long: …'), "
+    "'Option 1 … Option 2', 'Alternatively,'",
+    "wrong_language": "VLM: not in the language asked for (caption.validation.language, default the prompt's); "
+    "fusion: in a language neither source is in",
     "injection": "obeyed an instruction in the alt-text instead of using the sources",
     "lost_entities": "too few of the alt-text's names and numbers kept (weighted recall)",
     "invented": "names, numbers, dates or URLs found in neither source",
@@ -81,30 +83,40 @@ class Verdict:
         return self.reason is None
 
 
-
 # --- shared checks ----------------------------------------------------------------------
 _REFUSAL = re.compile(
-    r"^\W*(?:i['’]?m sorry|i am sorry|sorry\b|i apologi[sz]e|my apologies|unfortunately\b|as an ai\b|as a language model|i['’]?m afraid)"
-    r"|\b(?:i|we)\s+(?:cannot|can['’]?t|can not|won['’]?t|will not|am unable to|['’]m unable to|am not able to|['’]m not able to|"
+    r"^\W*(?:i['’]?m sorry|i am sorry|sorry\b|i apologi[sz]e|my apologies|unfortunately\b|as an ai\b"
+    r"|as a language model|i['’]?m afraid)"
+    r"|\b(?:i|we)\s+(?:cannot|can['’]?t|can not|won['’]?t|will not|am unable to|['’]m unable to|am not able to"
+    r"|['’]m not able to|"
     r"do not|don['’]?t|couldn['’]?t|could not|shouldn['’]?t|must decline to|have to decline to)\s+(?:\w+\s+){0,2}?"
-    r"(?:help|assist|provide|describe|identify|comply|fulfil|fulfill|see|view|access|process|generate|create|write|determine|"
+    r"(?:help|assist|provide|describe|identify|comply|fulfil|fulfill|see|view|access|process|generate|create|write"
+    r"|determine|"
     r"make out|recogni[sz]e|tell|caption|complete|merge|fuse|do that|answer|analy[sz]e|open|display|perform|engage)\b"
-    r"|\b(?:i['’]?m|i am)\s+(?:not able|unable|not allowed|not permitted)\s+to\b|\b(?:i['’]?m|i am)\s+not\s+comfortable\b"
-    r"|^\W*(?:unable to|cannot|can['’]t|can not)\s+(?:\w+\s+){0,2}?(?:help|assist|provide|describe|identify|comply|generate|create|write|caption|process|complete)\b"
-    r"|\b(?:i|we)\s+(?:must|have to|need to)\s+decline\b|\bagainst (?:my|our) (?:guidelines|policy|policies|principles)\b"
+    r"|\b(?:i['’]?m|i am)\s+(?:not able|unable|not allowed|not permitted)\s+to\b|\b(?:i['’]?m"
+    r"|i am)\s+not\s+comfortable\b"
+    r"|^\W*(?:unable to|cannot|can['’]t|can not)\s+(?:\w+\s+){0,2}?(?:help|assist|provide|describe|identify|comply"
+    r"|generate|create|write|caption|process|complete)\b"
+    r"|\b(?:i|we)\s+(?:must|have to|need to)\s+decline\b|\bagainst (?:my|our) (?:guidelines|policy|policies"
+    r"|principles)\b"
     r"|\b(?:i|we)\s+(?:do not|don['’]t)\s+have\s+(?:the\s+)?(?:ability|access|capability)\b"
-    r"|\bthere (?:is|was) no image\b|\bno image (?:was |is |has been )?(?:provided|attached|available|uploaded|shared)\b"
+    r"|\bthere (?:is|was) no image\b|\bno image (?:was |is |has been )?(?:provided|attached|available|uploaded"
+    r"|shared)\b"
     r"|\bimage (?:is |was )?(?:not|isn['’]t|wasn['’]t) (?:provided|available|visible|loaded|attached)\b"
     r"|\b(?:cannot|can['’]t|could not|couldn['’]t) be (?:described|determined|identified|seen)\b"
-    r"|\b(?:difficult|hard|impossible|not possible)\s+(?:for me\s+)?to\s+(?:tell|determine|say|identify|make out|describe|know)\b"
-    r"|\blo siento\b|\bno puedo\b|\bdésolée?\b|\bje ne (?:peux|suis pas en mesure)\b|\bes tut mir leid\b|\bich kann (?:nicht|keine)\b"
-    r"|\bmi dispiace\b|\bnon posso\b|\bdesculp[ea]\b|\bnão posso\b|申し訳|できません|抱歉|对不起|無法|无法|不能提供|죄송|할 수 없"
+    r"|\b(?:difficult|hard|impossible|not possible)\s+(?:for me\s+)?to\s+(?:tell|determine|say|identify|make out"
+    r"|describe|know)\b"
+    r"|\blo siento\b|\bno puedo\b|\bdésolée?\b|\bje ne (?:peux|suis pas en mesure)\b|\bes tut mir leid\b"
+    r"|\bich kann (?:nicht|keine)\b"
+    r"|\bmi dispiace\b|\bnon posso\b|\bdesculp[ea]\b|\bnão posso\b"
+    r"|申し訳|できません|抱歉|对不起|無法|无法|不能提供|죄송|할 수 없"
     r"|извините|не могу|к сожалению|عذرا|عذراً|لا أستطيع|लेकिन मैं|मुझे खेद|माफ़|माफ",
     re.I,
 )
 # Answers that say the image cannot be described instead of describing it.
 _UNDESCRIBABLE = re.compile(
-    r"\btoo\s+(?:blurry|blurred|dark|bright|small|grainy|pixelated|noisy|low[- ]resolution|out of focus|faint|unclear)\b"
+    r"\btoo\s+(?:blurry|blurred|dark|bright|small|grainy|pixelated|noisy|low[- ]resolution|out of focus|faint"
+    r"|unclear)\b"
     r"[^.!?\n]{0,30}?\bto\s+(?:make out|see|tell|identify|describe|discern|determine|recogni[sz]e|read)\b"
     r"|\bno\s+(?:discernible|visible|identifiable|recogni[sz]able|clear|meaningful|describable)\s+"
     r"(?:content|objects?|details?|subjects?|features?|elements?|information)\b"
@@ -147,13 +159,18 @@ def _garbage(text: str) -> str | None:
             odd += 1  # one word in two alphabets (homoglyphs, decoding debris)
         elif t.script in CASED_SCRIPTS:
             letters_only = re.sub(r"[^\w]", "", t.text)
-            switches = sum(1 for a, b in zip(letters_only, letters_only[1:]) if a.islower() and b.isupper())
+            switches = sum(
+                1 for a, b in zip(letters_only, letters_only[1:], strict=False) if a.islower() and b.isupper()
+            )
             if len(letters_only) > 25 or switches >= 2 or re.search(r"[^\W\d_]\d+[^\W\d_]+\d", letters_only):
                 odd += 1
-            elif len(letters_only) >= 6 and not re.search(r"[aeiouyäöüàâéèêëîïôûùáíóúãõœæåøıаеёиоуыэюяαεηιουω]", letters_only.lower()):
+            elif len(letters_only) >= 6 and not re.search(
+                r"[aeiouyäöüàâéèêëîïôûùáíóúãõœæåøıаеёиоуыэюяαεηιουω]", letters_only.lower()
+            ):
                 odd += 1  # no vowel at all in a long Latin/Cyrillic/Greek word
         for sc in scripts:
-            fams[sc] += 1
+            if sc is not None:
+                fams[sc] += 1
     if words and odd >= max(2, 0.25 * words):
         return f"{odd} of {words} words are not words"
     if sum(1 for n in fams.values() if n >= 1) >= 4:
@@ -226,6 +243,12 @@ class _Case:
     def out(self) -> str:
         return self.tidy.text
 
+    @property
+    def m(self) -> _FuseMeasures:
+        """The fusion's measures (only fuse checks read them)."""
+        assert self.measures is not None, "a fuse check run on a caption"
+        return self.measures
+
     @cached_property
     def words(self) -> int:
         return _word_count(self.out)
@@ -296,7 +319,7 @@ def _caption_language(c: _Case) -> str | None:
         return None
     t = _text(c.out)
     lang = _language(t)
-    if lang is None or t.families.get(t.main, 0) < MIN_LETTERS:
+    if lang is None or t.families.get(t.main or "", 0) < MIN_LETTERS:
         return None
     if script_of_language(lang) != script_of_language(c.language):
         return f"answer in {lang}, asked in {c.language}"
@@ -306,15 +329,15 @@ def _caption_language(c: _Case) -> str | None:
 
 
 def _fused_language(c: _Case) -> str | None:
-    return _wrong_language(c.measures)
+    return _wrong_language(c.m)
 
 
 def _injection(c: _Case) -> str | None:
-    return _obeyed_injection(c.measures, c.checks)
+    return _obeyed_injection(c.m, c.checks)
 
 
 def _lost_entities(c: _Case) -> str | bool:
-    m = c.measures
+    m = c.m
     return (
         m.recall is not None
         and m.recall < c.checks.min_entity_recall
@@ -323,16 +346,16 @@ def _lost_entities(c: _Case) -> str | bool:
 
 
 def _invented(c: _Case) -> str | bool:
-    m = c.measures
+    m = c.m
     return len(m.novel) > c.checks.max_novel and "not in the sources: " + ", ".join(m.novel)[:120]
 
 
 def _alt_echo_check(c: _Case) -> str | None:
-    return _alt_echo(c.measures)
+    return _alt_echo(c.m)
 
 
 def _ungrounded_check(c: _Case) -> str | None:
-    return _ungrounded(c.measures)
+    return _ungrounded(c.m)
 
 
 # The registries: every named check of a stage, in the order they run (the first that fails names
@@ -376,7 +399,12 @@ REASONS = tuple(dict.fromkeys(CAPTION_REASONS + FUSE_REASONS + OTHER_REASONS))
 
 def fingerprint() -> dict[str, Any]:
     """What the verdicts depend on beyond the recipe's thresholds: the checks and the libraries."""
-    return {"caption": list(CAPTION_REASONS), "fuse": list(FUSE_REASONS), "langid": langid_library(), "ftfy": ftfy_library()}
+    return {
+        "caption": list(CAPTION_REASONS),
+        "fuse": list(FUSE_REASONS),
+        "langid": langid_library(),
+        "ftfy": ftfy_library(),
+    }
 
 
 def checks_table() -> str:
@@ -426,8 +454,14 @@ def check_caption(
     ``instructions`` is the prompt's wording (its language is the one the caption must be in)."""
     checks = checks or CaptionChecks()
     raw = text or ""
-    case = _Case(raw, _tidy(raw, "caption"), finish_reason, checks, instructions,
-                 language=expected_caption_language(checks, instructions))
+    case = _Case(
+        raw,
+        _tidy(raw, "caption"),
+        finish_reason,
+        checks,
+        instructions,
+        language=expected_caption_language(checks, instructions),
+    )
     reason, detail = _run(CAPTION_CHECKS, case)
     return Verdict(case.out, reason, detail, caption_quality(case.out))
 
@@ -534,4 +568,3 @@ def _ungrounded(m: _FuseMeasures) -> str | None:
     if any(m.alt.has_word(w) or m.vlm.has_word(w) for w in out_c):
         return None
     return "no word of either source"
-

@@ -9,8 +9,26 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from vecap.validation.text import CASED_SCRIPTS, GENERIC, STOP, UNSPACED_SCRIPTS, _CARDINALS, _NAME_CONNECTORS, _Text, _Tok, _fold, _foreign_source, _language, _matches, _text, _tokens, _word_count, script_of
+from vecap.validation.text import (
+    _CARDINALS,
+    _NAME_CONNECTORS,
+    CASED_SCRIPTS,
+    GENERIC,
+    STOP,
+    UNSPACED_SCRIPTS,
+    _fold,
+    _foreign_source,
+    _language,
+    _matches,
+    _Text,
+    _text,
+    _Tok,
+    _tokens,
+    _word_count,
+    script_of,
+)
 from vecap.validation.tidy import clean_alt_text
+
 
 # --- measures ---------------------------------------------------------------------------
 def _repetition(text: str) -> tuple[float, int, str]:
@@ -62,7 +80,8 @@ def repetition_score(text: str | None) -> float:
 
 
 _URLISH = re.compile(
-    r"(?:https?://|www\.)[^\s<>\"')\]]+|\b[\w.+-]+@[\w-]+\.[\w.]+\b|\b[\w-]+\.(?:com|org|net|io|co|uk|de|fr|jp|cn|ru|info|biz|shop|store|ly|me|tv|app)\b(?:/\S*)?"
+    r"(?:https?://|www\.)[^\s<>\"')\]]+|\b[\w.+-]+@[\w-]+\.[\w.]+\b|\b[\w-]+\.(?:com|org|net|io|co|uk|de|fr|jp|cn|ru"
+    r"|info|biz|shop|store|ly|me|tv|app)\b(?:/\S*)?"
     r"|(?<![\w@])@[A-Za-z_]\w{1,30}|(?<![\w&#])#[A-Za-z_]\w{1,50}",
     re.I,
 )
@@ -147,7 +166,10 @@ def _alt_entities(alt: _Text) -> list[_Entity]:
         units: list[str]
         if tk.script in ("hani", "kana"):
             # Han runs and katakana runs carry names; hiragana is grammar
-            units = [m.group(0) for m in re.finditer(r"[\u4e00-\u9fff\u3400-\u4dbf々〆]{2,}|[\u30a0-\u30ffー・]{2,}", tk.text)]
+            units = [
+                m.group(0)
+                for m in re.finditer(r"[\u4e00-\u9fff\u3400-\u4dbf々〆]{2,}|[\u30a0-\u30ffー・]{2,}", tk.text)
+            ]
         elif tk.low in STOP or len(tk.low) < 2:
             continue
         else:
@@ -208,7 +230,8 @@ def word_count(text: str | None) -> int:
 
 
 def _alt(alt_text: str | None) -> _Text:
-    """The alt-text as the fusion saw it (cleaning is idempotent: raw or cleaned alt-text alike), less its instructions."""
+    """The alt-text as the fusion saw it (cleaning is idempotent: raw or cleaned alt-text alike), less its
+    instructions."""
     return _text(_injection_span(clean_alt_text(alt_text))[0])
 
 
@@ -226,7 +249,8 @@ def entity_counts(alt_text: str | None, text: str | None) -> tuple[int, int]:
 
 
 def entity_recall(alt_text: str | None, text: str | None) -> float | None:
-    """Weighted share of the alt-text's names and numbers that ``text`` keeps (``q_entity_recall``); None: none to keep."""
+    """Weighted share of the alt-text's names and numbers that ``text`` keeps (``q_entity_recall``);
+    None: none to keep."""
     alt = _alt(alt_text)
     out = _text(text or "")
     return _recall(alt, out, _foreign_source(alt, _language(out)))[0]
@@ -296,20 +320,27 @@ def _novel(out: _Text, alt: _Text, vlm: _Text, out_lang: str | None, foreign: bo
 
 # --- instructions hidden in the alt-text -------------------------------------------------
 _INJECTION = re.compile(
-    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(?:instructions?|prompts?|rules|above|previous|prior|everything|all|system)\b"
-    r"|\b(?:you are now|you're now|act as|pretend (?:to be|you are)|from now on|new instructions?|developer mode|jailbreak)\b"
+    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(?:instructions?|prompts?|rules|above|previous"
+    r"|prior|everything|all|system)\b"
+    r"|\b(?:you are now|you're now|act as|pretend (?:to be|you are)|from now on|new instructions?|developer mode"
+    r"|jailbreak)\b"
     r"|(?:^|\W)(?:system|assistant|user)\s*:"
-    r"|\b(?:instead|rather)\b[^.!?\n]{0,40}?\b(?:write|say|output|print|respond|reply|answer|tell|list|translate|generate|compose|produce|return)\b"
-    r"|[,;:]\s*(?:please\s+)?(?:write|say|output|print|compose|generate|translate|tell)\s+(?:a|an|the|me|us|only|something|about)\b"
+    r"|\b(?:instead|rather)\b[^.!?\n]{0,40}?\b(?:write|say|output|print|respond|reply|answer|tell|list|translate"
+    r"|generate|compose|produce|return)\b"
+    r"|[,;:]\s*(?:please\s+)?(?:write|say|output|print|compose|generate|translate|tell)\s+(?:a|an|the|me|us|only"
+    r"|something|about)\b"
     r"|\b(?:respond|reply|answer|output|return)\s+(?:only\s+)?(?:with|in)\b"
-    r"|\b(?:output|print|say|write|type|return)\s+(?:only\s+)?(?:the\s+)?(?:word|words|phrase|text|sentence|following|string)\b"
+    r"|\b(?:output|print|say|write|type|return)\s+(?:only\s+)?(?:the\s+)?(?:word|words|phrase|text|sentence|following"
+    r"|string)\b"
     r"|\bdescribe (?:this|it|the image|the photo) as\b|\btell (?:the )?(?:user|reader|them)\b"
     r"|\b(?:start|end|begin|finish)\s+(?:your|the)\s+(?:caption|answer|response|reply|output)\s+with\b"
     r"|\b(?:include|add|insert|append)\s+(?:the\s+|this\s+)?(?:word|phrase|text|link|url|sentence|following|hashtag)\b"
     r"|\b(?:do not|don't|never)\s+(?:caption|describe|mention)\b"
-    r"|(?:^|[.!?|:]\s*)(?:please\s+)?(?:write|say|output|print|compose|generate|translate|repeat|tell me|caption (?:this|it) as|describe (?:this|it) as)\b[^.!?\n]{3,}"
+    r"|(?:^|[.!?|:]\s*)(?:please\s+)?(?:write|say|output|print|compose|generate|translate|repeat|tell me"
+    r"|caption (?:this|it) as|describe (?:this|it) as)\b[^.!?\n]{3,}"
     r"|(?:^|[.!?|:]\s*)(?:please\s+)?(?:ignore|disregard|forget)\s+(?:the|this|that|any|all|what|everything|your)\b"
-    r"|\b(?:ignorez|oubliez)\b.{0,30}\binstructions\b|\bignoriere\b|\bignora\b.{0,30}\binstrucciones\b|忽略|无视|無視|игнорируй|забудь",
+    r"|\b(?:ignorez|oubliez)\b.{0,30}\binstructions\b|\bignoriere\b|\bignora\b.{0,30}\binstrucciones\b|忽略|无视|無視"
+    r"|игнорируй|забудь",
     re.I,
 )
 
@@ -318,7 +349,8 @@ def _injection_span(alt: str) -> tuple[str, str]:
     """(the alt-text without its instruction-like sentences, those sentences)."""
     if not _INJECTION.search(alt):
         return alt, ""
-    keep, span = [], []
+    keep: list[str] = []
+    span: list[str] = []
     for s in re.split(r"(?<=[.!?|])\s+|\n+", alt):
         (span if _INJECTION.search(s) else keep).append(s)
     return " ".join(keep), " ".join(span)
@@ -398,5 +430,3 @@ def fuse_quality(output: str | None, alt_text: str | None, vlm_caption: str | No
     Use it for any caption against its sources (e.g. the fallback actually kept); :func:`check_fused`
     fills :attr:`Verdict.quality` with the same columns for the model's output."""
     return _quality_of(_measure(output or "", alt_text or "", vlm_caption or ""))
-
-

@@ -17,26 +17,63 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
-from typing import Any
-
-
+from typing import Any, overload
 
 # --- characters and scripts -------------------------------------------------------------
 _SCRIPT_NAMES = {
-    "LATIN": "latn", "CYRILLIC": "cyrl", "GREEK": "grek", "ARMENIAN": "armn", "GEORGIAN": "geor",
-    "ARABIC": "arab", "HEBREW": "hebr", "SYRIAC": "syrc", "THAANA": "thaa", "DEVANAGARI": "deva",
-    "BENGALI": "beng", "GURMUKHI": "guru", "GUJARATI": "gujr", "ORIYA": "orya", "TAMIL": "taml",
-    "TELUGU": "telu", "KANNADA": "knda", "MALAYALAM": "mlym", "SINHALA": "sinh", "THAI": "thai",
-    "LAO": "laoo", "KHMER": "khmr", "MYANMAR": "mymr", "TIBETAN": "tibt", "ETHIOPIC": "ethi",
-    "HANGUL": "hang", "HIRAGANA": "kana", "KATAKANA": "kana", "CJK": "hani", "IDEOGRAPHIC": "hani",
-    "BOPOMOFO": "hani", "MONGOLIAN": "mong",
+    "LATIN": "latn",
+    "CYRILLIC": "cyrl",
+    "GREEK": "grek",
+    "ARMENIAN": "armn",
+    "GEORGIAN": "geor",
+    "ARABIC": "arab",
+    "HEBREW": "hebr",
+    "SYRIAC": "syrc",
+    "THAANA": "thaa",
+    "DEVANAGARI": "deva",
+    "BENGALI": "beng",
+    "GURMUKHI": "guru",
+    "GUJARATI": "gujr",
+    "ORIYA": "orya",
+    "TAMIL": "taml",
+    "TELUGU": "telu",
+    "KANNADA": "knda",
+    "MALAYALAM": "mlym",
+    "SINHALA": "sinh",
+    "THAI": "thai",
+    "LAO": "laoo",
+    "KHMER": "khmr",
+    "MYANMAR": "mymr",
+    "TIBETAN": "tibt",
+    "ETHIOPIC": "ethi",
+    "HANGUL": "hang",
+    "HIRAGANA": "kana",
+    "KATAKANA": "kana",
+    "CJK": "hani",
+    "IDEOGRAPHIC": "hani",
+    "BOPOMOFO": "hani",
+    "MONGOLIAN": "mong",
 }
 CASED_SCRIPTS = frozenset({"latn", "cyrl", "grek", "armn"})  # capital letters mark names
 UNSPACED_SCRIPTS = frozenset({"hani", "kana", "thai", "laoo", "khmr", "mymr", "tibt"})  # no spaces between words
 # Scripts that write one language each; others ("latn", "cyrl", "arab", "deva", …) report the script.
 _SCRIPT_LANGUAGE = {
-    "hang": "ko", "grek": "el", "hebr": "he", "thai": "th", "geor": "ka", "armn": "hy", "beng": "bn", "gujr": "gu",
-    "guru": "pa", "taml": "ta", "telu": "te", "knda": "kn", "mlym": "ml", "sinh": "si", "khmr": "km", "mymr": "my",
+    "hang": "ko",
+    "grek": "el",
+    "hebr": "he",
+    "thai": "th",
+    "geor": "ka",
+    "armn": "hy",
+    "beng": "bn",
+    "gujr": "gu",
+    "guru": "pa",
+    "taml": "ta",
+    "telu": "te",
+    "knda": "kn",
+    "mlym": "ml",
+    "sinh": "si",
+    "khmr": "km",
+    "mymr": "my",
     "laoo": "lo",
 }
 
@@ -57,6 +94,12 @@ def script_of(ch: str) -> str | None:
     return _SCRIPT_NAMES.get(first, first[:4].lower())
 
 
+@overload
+def _family(script: str) -> str: ...
+@overload
+def _family(script: None) -> None: ...
+@overload
+def _family(script: str | None) -> str | None: ...
 def _family(script: str | None) -> str | None:
     """Scripts written together count as one: Japanese mixes kana and Han."""
     return "cjk" if script in ("hani", "kana") else script
@@ -226,29 +269,72 @@ GENERIC = frozenset(
     "kind sort type unclear ambiguous undefined random".split()
 )
 _NUMBER_WORDS = {
-    **dict(zip("zero two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-               "sixteen seventeen eighteen nineteen twenty".split(), ["0"] + [str(i) for i in range(2, 21)])),
-    "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
-    "ninety": "90", "hundred": "100", "thousand": "1000", "dozen": "12", "pair": "2", "couple": "2",
-    "deux": "2", "trois": "3", "quatre": "4", "cinq": "5", "zwei": "2", "drei": "3", "vier": "4",
-    "dos": "2", "tres": "3", "cuatro": "4", "cinco": "5", "due": "2", "tre": "3", "quattro": "4",
-    "dois": "2", "duas": "2", "três": "3", "twee": "2", "drie": "3",
-    "first": "1", "second": "2", "third": "3", "fourth": "4", "fifth": "5",
+    **dict(
+        zip(
+            "zero two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+            "sixteen seventeen eighteen nineteen twenty".split(),
+            ["0"] + [str(i) for i in range(2, 21)],
+            strict=True,
+        )
+    ),
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+    "thousand": "1000",
+    "dozen": "12",
+    "pair": "2",
+    "couple": "2",
+    "deux": "2",
+    "trois": "3",
+    "quatre": "4",
+    "cinq": "5",
+    "zwei": "2",
+    "drei": "3",
+    "vier": "4",
+    "dos": "2",
+    "tres": "3",
+    "cuatro": "4",
+    "cinco": "5",
+    "due": "2",
+    "tre": "3",
+    "quattro": "4",
+    "dois": "2",
+    "duas": "2",
+    "três": "3",
+    "twee": "2",
+    "drie": "3",
+    "first": "1",
+    "second": "2",
+    "third": "3",
+    "fourth": "4",
+    "fifth": "5",
 }
 # Number words that state a count ("three dogs"): an invented count is an invented fact. "two",
 # "pair", "hundreds" and ordinals are left out: they paraphrase too often ("a man and a woman").
 _CARDINALS = {
-    w: v for w, v in _NUMBER_WORDS.items()
+    w: v
+    for w, v in _NUMBER_WORDS.items()
     if int(v) >= 3 and w not in ("dozen", "hundred", "thousand", "third", "fourth", "fifth")
 }
-_CJK_NUMERALS = dict(zip("〇一二三四五六七八九十百千", ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "100", "1000"]))
+_CJK_NUMERALS = dict(
+    zip(
+        "〇一二三四五六七八九十百千",
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "100", "1000"],
+        strict=True,
+    )
+)
 # Connectors allowed inside a multi-word name ("Statue of Liberty", "Notre-Dame de Paris").
 _NAME_CONNECTORS = frozenset("of de la le du des del della di da van von der den dos das y & du'".split())
 
 
 @lru_cache(maxsize=1)
 def _stemmer() -> Any:
-    import snowballstemmer
+    import snowballstemmer  # type: ignore[import-untyped]
 
     return snowballstemmer.stemmer("english")
 
@@ -322,7 +408,8 @@ class _Text:
         self._content: set[str] | None = None
 
     def has_family(self, script: str | None) -> bool:
-        return self.families.get(_family(script), 0) > 0
+        family = _family(script)
+        return family is not None and self.families.get(family, 0) > 0
 
     def has_word(self, low: str) -> bool:
         """Whole word, plural/possessive stem, or a shared prefix (Paris/Parisian, Москва/Москве)."""
@@ -477,6 +564,8 @@ def _language(t: _Text) -> str | None:
         kana = t.letters.get("kana", 0)
         return "ja" if kana and kana >= 0.1 * t.families["cjk"] else "zh"
     main_script = _main_script(t)
+    if main_script is None:
+        return None
     if main_script not in _LANGS_OF_SCRIPT:
         return _SCRIPT_LANGUAGE.get(main_script, main_script)
     if t.families[t.main] < MIN_LETTERS:

@@ -8,26 +8,31 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from dataclasses import dataclass
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from vecap.validation.text import _stem, _text, _word_count
 
 # --- tidying ----------------------------------------------------------------------------
 _SPECIAL_TOKENS = re.compile(
-    r"<\|[^|<>\n]{1,40}\|>|</?s>|\[/?INST\]|<<\s*/?SYS\s*>>|<image>|<unk>|<pad>|<eos>|<bos>|<end_of_turn>|<start_of_turn>\w*",
+    r"<\|[^|<>\n]{1,40}\|>|</?s>|\[/?INST\]|<<\s*/?SYS\s*>>|<image>|<unk>|<pad>|<eos>|<bos>|<end_of_turn>"
+    r"|<start_of_turn>\w*",
     re.I,
 )
 _ZERO_WIDTH = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff]")
 _ROLE = re.compile(r"^\s*(?:(?:assistant|gpt|model|bot)\s*(?::|\n)|(?:answer|response|output|result)\s*:)\s*", re.I)
 _LABEL_LINE = re.compile(
-    r"\W*(?:(?:final|fused|merged|combined|consolidated|new|enriched|vec|image|short)\s+)*(?:caption|description|answer|output|result)\W*",
+    r"\W*(?:(?:final|fused|merged|combined|consolidated|new|enriched|vec|image|short)\s+)*(?:caption|description|answer"
+    r"|output|result)\W*",
     re.I,
 )
 _FENCE = re.compile(r"```[\w-]*")
-_SOURCE_LABEL = r"(?:web[\s_-]?text|visual[\s_-]description|alt[\s_-]?text|vlm[\s_-]?caption|raw[\s_-]caption|synthetic[\s_-]caption)"
+_SOURCE_LABEL = (
+    r"(?:web[\s_-]?text|visual[\s_-]description|alt[\s_-]?text|vlm[\s_-]?caption|raw[\s_-]caption"
+    r"|synthetic[\s_-]caption)"
+)
 _LABEL_ECHO = re.compile(
-    rf"{_SOURCE_LABEL}\s*[:=]|\binstructions?\s*:|<\s*/?\s*(?:web_text|visual_description|alt_text|vlm_caption|raw|synthetic|caption|description)\s*>",
+    rf"{_SOURCE_LABEL}\s*[:=]|\binstructions?\s*:|<\s*/?\s*(?:web_text|visual_description|alt_text|vlm_caption|raw"
+    rf"|synthetic|caption|description)\s*>",
     re.I,
 )
 _PREAMBLE_NOUN = (
@@ -35,7 +40,9 @@ _PREAMBLE_NOUN = (
 )
 _PREAMBLE = re.compile(
     r"^\W*(?:"
-    r"(?:sure|certainly|of course|okay|ok|absolutely|great|alright|no problem)\b[^:\n]{0,80}?\b" + _PREAMBLE_NOUN + r"\b[^:\n]{0,40}"
+    r"(?:sure|certainly|of course|okay|ok|absolutely|great|alright|no problem)\b[^:\n]{0,80}?\b"
+    + _PREAMBLE_NOUN
+    + r"\b[^:\n]{0,40}"
     r"|(?:here(?:'s|’s| is| are)?|below is|this is)\b[^:\n]{0,80}?\b" + _PREAMBLE_NOUN + r"\b[^:\n]{0,40}"
     r"|(?:(?:the|my|a|an|your|one)\s+)?(?:(?:final|fused|merged|combined|consolidated|new|improved|enriched|rewritten|"
     r"resulting|concise|single|suggested|possible|updated|vec|image|short|one[- ]sentence|proposed|refined)\s+)*"
@@ -50,9 +57,11 @@ _INTERJECTION = re.compile(
 )
 _IMAGE_PREAMBLE = re.compile(
     r"^\s*(?:"
-    r"in\s+(?:this|the)\s+(?:image|picture|photo(?:graph)?|scene|illustration)\s*,?\s*(?:(?:we|you|i)\s+(?:can\s+)?see|there\s+(?:is|are)|(?:is|are)\s+shown)?"
+    r"in\s+(?:this|the)\s+(?:image|picture|photo(?:graph)?|scene|illustration)\s*,?\s*(?:(?:we|you|i)\s+(?:can\s+)?see"
+    r"|there\s+(?:is|are)|(?:is|are)\s+shown)?"
     r"|(?:the|this)\s+(?:image|picture|photo(?:graph)?|scene|illustration|shot|frame|snapshot)\s+"
-    r"(?:(?:appears|seems)\s+to\s+)?(?:shows?|depicts?|features?|displays?|captures?|presents?|portrays?|contains?|illustrates?|showcases?|highlights?|is\s+of)"
+    r"(?:(?:appears|seems)\s+to\s+)?(?:shows?|depicts?|features?|displays?|captures?|presents?|portrays?|contains?"
+    r"|illustrates?|showcases?|highlights?|is\s+of)"
     r"|(?:the|this)\s+(?:image|picture|photo(?:graph)?)\s+is(?=\s+(?:an?|the)\s)"
     r"|this\s+is\s+(?:an?\s+)?(?:image|picture|photo(?:graph)?|snapshot)\s+of"
     r"|(?:here\s+)?(?:we|you|i)\s+(?:can\s+)?see"
@@ -61,40 +70,57 @@ _IMAGE_PREAMBLE = re.compile(
 )
 _MD_LINK = re.compile(r"!?\[([^\]\n]{0,300})\]\([^)\n]{0,500}\)")
 _MD_EMPH = [
-    re.compile(r"\*\*\*(.+?)\*\*\*"), re.compile(r"\*\*(.+?)\*\*"), re.compile(r"__(.+?)__"),
-    re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), re.compile(r"(?<![\w_])_(?!\s)(.+?)(?<!\s)_(?![\w_])"),
-    re.compile(r"~~(.+?)~~"), re.compile(r"`([^`\n]+)`"),
+    re.compile(r"\*\*\*(.+?)\*\*\*"),
+    re.compile(r"\*\*(.+?)\*\*"),
+    re.compile(r"__(.+?)__"),
+    re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"),
+    re.compile(r"(?<![\w_])_(?!\s)(.+?)(?<!\s)_(?![\w_])"),
+    re.compile(r"~~(.+?)~~"),
+    re.compile(r"`([^`\n]+)`"),
 ]
 _HTML_FORMAT = re.compile(r"</?(?:b|i|u|em|strong|p|span|div|br|small|mark|sup|sub|h[1-6])\b[^>]{0,80}>", re.I)
 _LINE_MARK = re.compile(r"^\s*(?:#{1,6}\s+|>\s*|(?:[-*+•●▪◦–]|\d{1,2}[.)]|\(\d{1,2}\)|[a-hA-H][.)])\s+)")
 _LIST_ITEM = re.compile(
-    r"^\s*(?:[-*+•●▪◦–]\s+|\d{1,2}[.)]\s+|\(\d{1,2}\)\s*|[a-hA-H][.)]\s+|(?:\*\*)?(?:option|version|caption|alternative|variant|choice)\s*#?\s*(?:\d{1,2}|[a-h]|one|two|three)\b)",
+    r"^\s*(?:[-*+•●▪◦–]\s+|\d{1,2}[.)]\s+|\(\d{1,2}\)\s*|[a-hA-H][.)]\s+|(?:\*\*)?(?:option|version|caption|alternative"
+    r"|variant|choice)\s*#?\s*(?:\d{1,2}|[a-h]|one|two|three)\b)",
     re.I,
 )
 _INLINE_ALTERNATIVES = re.compile(
     r"(?:^|[\s:;])(?:1[.)]|\(1\)|#1)\s+\S.{2,}?(?:^|\s)(?:2[.)]|\(2\)|#2)\s+\S"
     r"|(?:^|\s)(?:A\)|\([aA]\))\s+\S.{2,}?\s(?:B\)|\([bB]\))\s+\S"
-    r"|\b(?:option|version|alternative|variant|caption)\s*#?\s*(?:1|one|a)\b.{3,}?\b(?:option|version|alternative|variant|caption)\s*#?\s*(?:2|two|b)\b"
-    r"|(?:^|[.;!?]\s+|\s)(?:alternatively|or alternatively|another option(?: would be| is)?|another version(?: would be| is)?|or perhaps)\s*[,:]",
+    r"|\b(?:option|version|alternative|variant|caption)\s*#?\s*(?:1|one|a)\b.{3,}?\b(?:option|version|alternative"
+    r"|variant|caption)\s*#?\s*(?:2|two|b)\b"
+    r"|(?:^|[.;!?]\s+|\s)(?:alternatively|or alternatively|another option(?: would be| is)?|another version(?: would be"
+    r"| is)?|or perhaps)\s*[,:]",
     re.I | re.S,
 )
 _QUOTE_PAIRS = {'"': '"', "“": "”", "„": "“", "'": "'", "‘": "’", "«": "»", "「": "」", "『": "』", "‹": "›"}
 _SENT_SPLIT = re.compile(r"(?<=[.!?。！？])[\"”’»」』)]*\s+(?=\S)|(?<=[。！？])(?=\S)")
 _META = re.compile(
-    r"^\W*(?:note|nb|n\.b\.|p\.s\.|ps|disclaimer|explanation|rationale|reasoning|comment|remarks?|translation)\b\s*[:\-–—]"
+    r"^\W*(?:note|nb|n\.b\.|p\.s\.|ps|disclaimer|explanation|rationale|reasoning|comment|remarks?"
+    r"|translation)\b\s*[:\-–—]"
     r"|\b(?:i|i've|i’ve|i have|i'd|we|we've|we have)\s+(?:also\s+|just\s+|have\s+|simply\s+)?"
-    r"(?:merged|combined|kept|included|added|used|removed|omitted|dropped|preserved|retained|ignored|incorporated|integrated|"
-    r"focused|chose|made sure|tried|avoided|left out|excluded|fused|rewrote|rephrased|corrected|translated|followed|noted|"
+    r"(?:merged|combined|kept|included|added|used|removed|omitted|dropped|preserved|retained|ignored|incorporated"
+    r"|integrated|"
+    r"focused|chose|made sure|tried|avoided|left out|excluded|fused|rewrote|rephrased|corrected|translated|followed"
+    r"|noted|"
     r"assumed|inferred|did not|didn't|replaced|mentioned|described|limited|kept it|stuck)\b"
-    r"|\b(?:this|the above|the|my|your)\s+(?:fused\s+|merged\s+|final\s+|consolidated\s+|combined\s+|resulting\s+|new\s+|updated\s+|vec\s+|image\s+)?"
-    r"(?:caption|description|sentence|version|output|response|answer)\s+(?:combines|merges|keeps|includes|retains|preserves|uses|"
-    r"integrates|incorporates|adds|omits|is|was|has|contains|captures|highlights|mentions|focuses|reflects|stays|meets|follows|avoids|does|should|would|could)\b"
-    r"|\b(?:both|the two|the given|the provided|these|the original|each)\s+(?:sources|texts|captions|descriptions|inputs)\b"
-    r"|^\W*(?:this|it|that)\s+(?:version\s+|one\s+|wording\s+)?(?:keeps|combines|merges|retains|preserves|integrates|incorporates|"
+    r"|\b(?:this|the above|the|my|your)\s+(?:fused\s+|merged\s+|final\s+|consolidated\s+|combined\s+|resulting\s+"
+    r"|new\s+|updated\s+|vec\s+|image\s+)?"
+    r"(?:caption|description|sentence|version|output|response|answer)\s+(?:combines|merges|keeps|includes|retains"
+    r"|preserves|uses|"
+    r"integrates|incorporates|adds|omits|is|was|has|contains|captures|highlights|mentions|focuses|reflects|stays|meets"
+    r"|follows|avoids|does|should|would|could)\b"
+    r"|\b(?:both|the two|the given|the provided|these|the original|each)\s+(?:sources|texts|captions|descriptions"
+    r"|inputs)\b"
+    r"|^\W*(?:this|it|that)\s+(?:version\s+|one\s+|wording\s+)?(?:keeps|combines|merges|retains|preserves|integrates"
+    r"|incorporates|"
     r"mentions|reflects|follows|avoids|stays within|meets|sticks to)\b"
-    r"|\b(?:keeps|retains|preserves|combines|merges)\s+(?:the|both|all)\s+(?:\w+\s+)?(?:names?|details?|sources?|information|facts|entities)\b"
+    r"|\b(?:keeps|retains|preserves|combines|merges)\s+(?:the|both|all)\s+(?:\w+\s+)?(?:names?|details?|sources?"
+    r"|information|facts|entities)\b"
     r"|\b(?:the\s+)?" + _SOURCE_LABEL + r"\b"
-    r"|\b(?:hope this helps|i hope|let me know|feel free to|happy to help|if you need|if you'd like|would you like|you can adjust|"
+    r"|\b(?:hope this helps|i hope|let me know|feel free to|happy to help|if you need|if you'd like|would you like"
+    r"|you can adjust|"
     r"what you (?:were|are) looking for|as (?:requested|instructed|you asked))\b"
     r"|\(\s*\d+\s+words?\s*\)|\bword count\b|\bwords? long\b",
     re.I,
@@ -243,11 +269,13 @@ def _paraphrases(units: list[str]) -> bool:
 # A preamble that announces several answers, and list items named as answers ("Option 2", "Caption B").
 _SEVERAL = re.compile(
     r"\b(?:captions|descriptions|options|versions|alternatives|variants|suggestions|possibilities|choices)\b"
-    r"|\b(?:two|three|four|five|several|a few|some|multiple|different)\s+(?:\w+\s+)?(?:captions?|options?|versions?|ways|takes)\b",
+    r"|\b(?:two|three|four|five|several|a few|some|multiple|different)\s+(?:\w+\s+)?(?:captions?|options?|versions?"
+    r"|ways|takes)\b",
     re.I,
 )
 _NAMED_ITEM = re.compile(
-    r"^\W*(?:option|version|caption|alternative|variant|choice|description)\s*#?\s*(?:\d{1,2}|[a-h]|one|two|three)\b", re.I
+    r"^\W*(?:option|version|caption|alternative|variant|choice|description)\s*#?\s*(?:\d{1,2}|[a-h]|one|two|three)\b",
+    re.I,
 )
 # A line that opens with a short label: one to three words, then a colon or a dash ("Short caption: …").
 _LABEL = re.compile(r"^\W*([^\W\d_][\w'’]*(?:\s+[\w'’]+){0,2})\s*(?:[:：]|\s[-–—])\s+(?=\S)")
@@ -331,8 +359,10 @@ def _tidy(raw: str | None, stage: str) -> _Tidy:
             tidy.text = "\n".join(re.sub(r"\s+", " ", _strip_markdown(ln)).strip() for ln in content)
             return tidy
         text = " ".join(i if re.search(r"[.!?。]$", i) else i + "." for i in items)
-    elif len(labelled) >= 2 and len(labelled) >= len(content) - 1 and (
-        stage != "caption" or announced or _same_subject([_labelled(ln) or "" for ln in labelled])
+    elif (
+        len(labelled) >= 2
+        and len(labelled) >= len(content) - 1
+        and (stage != "caption" or announced or _same_subject([_labelled(ln) or "" for ln in labelled]))
     ):
         # captions under labels on separate lines ("Short: … / Long: …", "English: … / French: …")
         tidy.items = len(labelled)
@@ -380,8 +410,6 @@ def tidy_caption(text: str | None) -> str:
 def tidy_fused(text: str | None) -> str:
     """A fused caption without wrappers; several captions stay on separate lines (so they are rejected)."""
     return _tidy(text, "fuse").text
-
-
 
 
 # --- alt-text: one cleaned form for every reader -------------------------------------------
