@@ -52,9 +52,10 @@ def _read_sources(images: Path) -> list[_Source]:
         if tar_path.exists():
             with tarfile.open(tar_path) as tar:
                 for m in tar:
-                    if m.isfile() and "." in m.name:
+                    f = tar.extractfile(m) if m.isfile() and "." in m.name else None
+                    if f is not None:
                         key, ext = m.name.split(".", 1)
-                        members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                        members.setdefault(key, {})[ext] = f.read()
         sources += [_Source(row, members.get(key, {})) for key, row in sorted(rows.items())]
     return sources
 

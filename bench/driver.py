@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,15 +82,16 @@ def start_ray(nodes: int, num_cpus: int, object_store_mb: int) -> Any:
     """A local Ray of ``nodes`` nodes (a head and workers of ``ray.cluster_utils.Cluster`` when > 1)."""
     import ray
 
-    per_node = {"num_cpus": num_cpus // nodes, "object_store_memory": object_store_mb // nodes * 2**20}
+    cpus, store = num_cpus // nodes, object_store_mb // nodes * 2**20
     if nodes == 1:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **per_node)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=cpus, object_store_memory=store)
         return None
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={**per_node, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": cpus, "object_store_memory": store, "include_dashboard": False})
     for _ in range(nodes - 1):
-        cluster.add_node(**per_node)
+        cluster.add_node(num_cpus=cpus, object_store_memory=store)
     ray.init(address=cluster.address, log_to_driver=False)
     return cluster
 
@@ -167,7 +169,7 @@ def idle_probe(seconds: float) -> dict[str, Any]:
         def __call__(self, batch: Any) -> Any:
             return batch
 
-    ds = ray.data.from_items([{"x": 0}], override_num_blocks=1)
+    ds: ray.data.Dataset = ray.data.from_items([{"x": 0}], override_num_blocks=1)
     ds = ds.map_batches(sleepy, batch_size=1, concurrency=1, memory=2**20)
     ds = ds.map_batches(Actor, batch_size=None, concurrency=1, num_cpus=0.5)
     ds = ds.map_batches(ident, batch_size=None, memory=2**20)
@@ -263,11 +265,11 @@ def bench_driver(ctx: Ctx) -> dict[str, Any]:
         configs[str(nodes)]["seconds"] = time.time() - t0
         if configs[str(nodes)].get("cut_short"):
             h.cut[f"driver, {nodes} node(s)"] = configs[str(nodes)]["cut_short"]["driver"]
-    failed = {nodes: c["error"] for nodes, c in configs.items() if "error" in c}
+    failed = {label: c["error"] for label, c in configs.items() if "error" in c}
     if len(failed) == len(configs):
-        raise RuntimeError("; ".join(f"{nodes} node(s): {err}" for nodes, err in failed.items()))
-    for nodes, err in failed.items():
-        h.note(f"Data path, {nodes} node(s): FAILED — {err.strip().splitlines()[0][:300]}")
+        raise RuntimeError("; ".join(f"{label} node(s): {message}" for label, message in failed.items()))
+    for label, message in failed.items():
+        h.note(f"Data path, {label} node(s): FAILED — {message.strip().splitlines()[0][:300]}")
     summary = {nodes: {size: _median_run(runs) for size, runs in c.get("runs", {}).items()} for nodes, c in configs.items()}
     _report(h, summary, n, s.driver_shard_sizes, quick=h.quick)
     fit = _fit_section(ctx, configs.get("1", {}), warm)
@@ -392,7 +394,7 @@ def fit_driver_cpu(points: list[dict[str, Any]], probes: list[dict[str, Any]]) -
         fits["one-shard runs: slope over rows"] = _lstsq(np.column_stack([rows[one], ones[one]]), cpu[one],
                                                          ["per_row", "per_run"])
     if probes:
-        a = float(median(p["driver_cores"] for p in probes))
+        a = float(statistics.median(p["driver_cores"] for p in probes))
         f = _lstsq(np.column_stack([rows, shards, ones]), cpu - a * wall, ["b", "c", "d"])
         if "coef" in f:
             f["coef"]["a"], f["se"]["a"] = a, float(np.std([p["driver_cores"] for p in probes]))
@@ -466,7 +468,7 @@ def _report_fit(h: Harness, points: list[dict[str, Any]], probes: list[dict[str,
         h.add("driver", f"driver CPU per wall second, shards of {large:,.0f} / of {small:,.0f}", "cores (driver CPU s / "
               "wall s), medians over the one-node runs of each shard size (flat: no growth with shard size)",
               median(cores[large]), median(cores[small]), FLAT)
-    wall_per_row = median(p["wall_s"] / p["samples"] for p in points)
+    wall_per_row = statistics.median(p["wall_s"] / p["samples"] for p in points)
     below = (f"{BEFORE_MS_PER_ROW / (1000 * b):,.0f}x below" if b > 0 else "b ≤ 0, no per-row cost to see against")
     bound = b + 2 * sb
     h.note(f"Driver fit: driver CPU ≈ {a:.4f} cores × wall s + {1000 * b:.4f} ms × rows + {1000 * c:.1f} ms × shards over "

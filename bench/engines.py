@@ -38,6 +38,7 @@ import logging
 import shutil
 import statistics
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def pipeline_rep(cfg: Any, stage: str, shards: list[str]) -> dict[str, Any]:
     answered = done.num_rows - done["finish_reason"].null_count  # rows the engine answered
     requests = int(t.get(f"{stage}_requests", answered))
     startup = t.get(f"{stage}_engine_start_s", 0.0)
-    counters = {k: t.get(f"{stage}_{k}") for k in COUNTERS if f"{stage}_{k}" in t}
+    counters = {k: t[f"{stage}_{k}"] for k in COUNTERS if f"{stage}_{k}" in t}
     span = t.get(f"{stage}_span_s")  # the actor's first engine call to its last return (one actor here)
     return side(wall - startup, requests, counters, wall_s=wall, rows=result.tallies[stage].rows, answered=answered,
                 engine_start_s=startup, engine_starts=t.get(f"{stage}_engine_starts", 0),
@@ -413,7 +414,7 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
         # The engines stay alive to the end: destroying an in-process vLLM engine tears down
         # vLLM's process-wide parallel state, which breaks the other engines of this process.
         spec = engine_spec(ctx.cfg(base, *extra, override).fuse, multimodal=False)
-        startup, workers[mode] = timed(lambda sp=spec: FuseWorker(sp))
+        startup, workers[mode] = timed(partial(FuseWorker, spec))
         ctx.engines[f"fuse-{mode}"] = workers[mode]
         warm = [workers[mode].request(r) for r in rows[: s.batch_size]]
         warm_s, out = run_batches(workers[mode].engine, warm, s.batch_size)
@@ -485,13 +486,13 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
             continue
         requests = ctx.requests[kind][:n]
         spec = engine_spec(section, multimodal)
-        vllm_startup, vllm_engine = timed(lambda sp=spec: load_engine(sp))
+        vllm_startup, vllm_engine = timed(partial(load_engine, spec))
         ctx.engines[f"{kind}-plain"] = vllm_engine  # kept alive to the end (see bench_fuse)
-        hf_startup, hf_engine = timed(lambda sp=spec: load_engine(replace(sp, backend="hf", engine_kwargs={})))
+        hf_startup, hf_engine = timed(partial(load_engine, replace(spec, backend="hf", engine_kwargs={})))
         for e in (vllm_engine, hf_engine):
             e.generate(requests[: min(2, n)])  # warm-up
-        reps = h.compare("backends", {"vllm": lambda e=vllm_engine, r=requests: single_rep(e, r),
-                                      "hf": lambda e=hf_engine, r=requests: single_rep(e, r)})
+        reps = h.compare("backends", {"vllm": partial(single_rep, vllm_engine, requests),
+                                      "hf": partial(single_rep, hf_engine, requests)})
         v, f = reps["vllm"], reps["hf"]
         same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], f[0]["_out"], strict=True))
         profiles = {"vllm": profile_call(vllm_engine, requests), "hf": profile_call(hf_engine, requests)}

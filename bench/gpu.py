@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = EngineSpec(backend="vllm", model=str(folder), multimodal=caption,
                       sampling=Sampling(max_new_tokens=hi, temperature=0.0, top_p=1.0, synthetic_lengths=(lo, hi)),
                       dtype="bfloat16" if gpu else "float32", engine_kwargs=engine_kwargs)
+    worker: Any  # a CaptionWorker or a FuseWorker
     if caption:
         from vecap.prompting import load_prompt
         from vecap.stages.caption import CaptionWorker
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or tmp
         harness.results.update({"mode": "reduced" if args.reduced else "full"})
         for stage in stages:
-            harness.section(stage, lambda st=stage: _run_child(st, args, work, Path(tmp)))
+            harness.section(stage, partial(_run_child, stage, args, work, Path(tmp)))
             r = harness.results[stage]
             if "error" in r:
                 continue

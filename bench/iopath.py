@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import statistics
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.context import WORK, Ctx
-from bench.harness import Target, median, timed
+from bench.harness import Target, timed
 
 log = logging.getLogger("bench")
 
@@ -57,8 +58,10 @@ def plain_loop(images: Path, shards: list[str], resize_to: int | None = None) ->
     for shard in shards:
         with tarfile.open(images / f"{shard}.tar") as tar:
             for member in tar:
-                if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in exts:
-                    data = tar.extractfile(member).read()
+                image = member.name.rsplit(".", 1)[-1].lower() in exts
+                f = tar.extractfile(member) if member.isfile() and image else None
+                if f is not None:
+                    data = f.read()
                     with contextlib.suppress(Exception):  # the sample's one non-image page
                         im = Image.open(io.BytesIO(data)).convert("RGB")
                         if resize_to and min(im.size) > resize_to:
@@ -85,7 +88,7 @@ def bench_io(ctx: Ctx) -> dict[str, Any]:
              "plain_resize": lambda: timed(partial(plain_loop, ctx.images, shards, s.io_image_size))}
     reps = h.compare("io", sides, n=max(3, s.reps))
     samples = reps["plain"][0][1]  # image members of the tars; the vecap side also has rows for failed downloads
-    per_s = {k: samples / median(t for t, _ in v) for k, v in reps.items()}
+    per_s = {k: samples / statistics.median(t for t, _ in v) for k, v in reps.items()}
     log.info("io: %s samples/s over %d samples", {k: round(v, 1) for k, v in per_s.items()}, samples)
     h.add("io", "I/O: vecap path / plain loop", f"samples/s: read + decode + resize to {s.io_image_size} + Parquet commit / "
           f"tarfile + PIL decode ({samples} samples, {len(shards)} shards)", per_s["vecap"], per_s["plain"], IO_VS_PLAIN)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +104,7 @@ class ForwardTimer:
 
     def __init__(self, n_requests: int) -> None:
         self.n_requests = n_requests
-        self.seconds: Counter = Counter()
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self.calls: Counter = Counter()
         self.tokens: Counter = Counter()
         self._open: dict[str, tuple[str, float]] = {}

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def main(quick: bool = False, sections: Sequence[str] = SECTIONS, out_dir: str |
     try:
         for name in SECTIONS:
             if name in sections:
-                harness.section(name, lambda fn=fns[name]: fn(ctx))
+                harness.section(name, partial(fns[name], ctx))
     finally:
         with contextlib.suppress(Exception):
             import ray

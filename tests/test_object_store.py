@@ -53,8 +53,13 @@ def _bucket_root(s3, sample_images, name: str) -> str:
 
 
 def _tar_members(storage: Storage, path: str) -> dict[str, bytes]:
+    out = {}
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path))) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for m in tar.getmembers():
+            f = tar.extractfile(m)
+            assert f is not None, f"{path}: {m.name} is not a file"
+            out[m.name] = f.read()
+    return out
 
 
 def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images, make_root, demo_config):

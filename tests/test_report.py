@@ -83,13 +83,13 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
                 "txt_source": None if failed else ("alt" if i % 2 else "vec"),
                 "image_ext": None if failed else ext, "width": None if failed else 10, "height": None if failed else 10,
                 "status": "download_failed" if failed else "ok",
-                "error": "HTTP 404" if failed else ({"vlm": "lost_entities", "alt": "no_vlm"}.get(vec_source)),
+                "error": "HTTP 404" if failed else ({"vlm": "lost_entities", "alt": "no_vlm"}.get(str(vec_source))),
                 "caption_model": "models/tiny-llava", "caption_prompt_id": "concise",
                 "fuse_model": "models/tiny-llama", "fuse_prompt_id": "vecap",
             }  # fmt: skip
             rows.append(row)
             if not failed and key != "1000007":  # 1000007: ok row whose image is lost → card without image
-                members += [(f"{key}.{ext}", data), (f"{key}.txt", row["txt"].encode()), (f"{key}.json", b"{}")]
+                members += [(f"{key}.{ext}", data), (f"{key}.txt", str(row["txt"]).encode()), (f"{key}.json", b"{}")]
         write_tar(Path(layout.tar(shard)), members)
         sizes[f"{shard}.tar"] = sum(1 for name, _ in members if name.endswith(".txt"))
         statuses = Counter(r["status"] for r in rows)

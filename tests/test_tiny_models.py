@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,9 @@ def test_llava_checkpoint_has_llava_hf_layout(models: dict[str, Path]) -> None:
         "vision_tower.vision_model", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
         "language_model.model", "language_model.lm_head",
     }
-    _, info = LlavaForConditionalGeneration.from_pretrained(models["llava"], output_loading_info=True)
+    # (a tuple with output_loading_info; transformers types the return as the model alone)
+    loaded: Any = LlavaForConditionalGeneration.from_pretrained(models["llava"], output_loading_info=True)
+    _, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
@@ -66,7 +69,7 @@ def test_chat_template(models: dict[str, Path]) -> None:
     assert prompt == "<s>USER: <image>\nDescribe the image. ASSISTANT:"
 
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
-    conversation = [
+    conversation: Any = [  # (transformers types message contents as strings only)
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."},

@@ -73,7 +73,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
     from vecap.status import load_status, render_status
 
     cfg = load_config(args.config, args.overrides) if (args.config or args.overrides or not args.root) else None
-    root = args.root or cfg.root
+    root = args.root if cfg is None else (args.root or cfg.root)
     status = load_status(root, cfg.storage_options if cfg else None, dry_run=args.dry_run)
     print(json.dumps(status.to_dict(), indent=2, default=str) if args.json else render_status(status))
     return 0

@@ -44,7 +44,8 @@ class ClipScorer:
         self.device = device
         self.batch_size = max(1, int(batch_size))
         self.processor = CLIPProcessor.from_pretrained(model, trust_remote_code=False)
-        self.model = CLIPModel.from_pretrained(model, trust_remote_code=False).to(device).eval()
+        # (transformers types the decorated Module.to as taking the model first)
+        self.model = CLIPModel.from_pretrained(model, trust_remote_code=False).to(device).eval()  # type: ignore[arg-type]
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         crop = getattr(self.processor.image_processor, "crop_size", None) or {}
         size = getattr(self.processor.image_processor, "size", None) or {}
@@ -88,18 +89,18 @@ class ClipScorer:
                 raise ValueError(f"texts[{name!r}] has {len(column)} entries for {n} images")
         out: dict[str, list[float | None]] = {name: [None] * n for name in texts}
         have = [i for i, im in enumerate(images) if im is not None]
-        pairs = [(name, i) for name, column in texts.items() for i in have
-                 if isinstance(column[i], str) and column[i].strip()]
+        pairs = [(name, i, text) for name, column in texts.items() for i in have
+                 if isinstance(text := column[i], str) and text.strip()]
         if not pairs:
             return out
         with self.torch.inference_mode():
-            used = sorted({i for _, i in pairs})
+            used = sorted({i for _, i, _ in pairs})
             img = self._image_embeds([images[i].convert("RGB") for i in used])
             row_of = {i: r for r, i in enumerate(used)}
-            txt = self._text_embeds([texts[name][i] for name, i in pairs])
-            idx = self.torch.tensor([row_of[i] for _, i in pairs], device=img.device)
+            txt = self._text_embeds([text for _, _, text in pairs])
+            idx = self.torch.tensor([row_of[i] for _, i, _ in pairs], device=img.device)
             cos = (img[idx] * txt).sum(-1).float().clamp_min(0).mul(100).cpu().tolist()
-        for (name, i), value in zip(pairs, cos, strict=True):
+        for (name, i, _), value in zip(pairs, cos, strict=True):
             out[name][i] = float(value)
         return out
 

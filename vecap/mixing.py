@@ -61,10 +61,9 @@ def pick_caption(
 
     def stage(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
-            meta = sample.get(json_key)
-            if isinstance(meta, (bytes, str)):
-                meta = json.loads(meta)
-            options = [(f, w) for f, w in zip(fields, weights, strict=True) if meta and (meta.get(f) or "").strip()]
+            raw = sample.get(json_key)
+            meta: dict[str, Any] = (json.loads(raw) if isinstance(raw, (bytes, str)) else raw) or {}
+            options = [(f, w) for f, w in zip(fields, weights, strict=True) if (meta.get(f) or "").strip()]
             if options:
                 names, ws = zip(*options, strict=True)
                 sample["txt"] = meta[rng.choices(names, weights=ws)[0]].strip()

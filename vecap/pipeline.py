@@ -320,7 +320,7 @@ def plan(
 def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None):
     """Ray Data UDF: one planned shard → its work rows, from the images or from committed captions."""
     from vecap.reuse import read_shard_reuse
-    from vecap.stages.caption import read_image_rows
+    from vecap.stages.caption import CaptionStage, read_image_rows
     from vecap.stages.fuse import read_caption_rows
 
     columns = ("source", "shard", "keys", "reuse")
@@ -328,6 +328,8 @@ def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage |
         only = set(json.loads(keys)) if keys else None
         again = read_shard_reuse(storage, reused)
         if source == "images":
+            if not isinstance(caption_stage, CaptionStage):  # the plan reads images only for a run that captions
+                raise TypeError(f"shard {shard}: images to read but no caption stage")
             yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only, again)
         elif again:  # the second pass: the shard's duplicates, whose captions are committed now
             only = {k for k, r in again.items() if r["caption_source"] == DUPLICATE}
@@ -394,8 +396,8 @@ def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan], sam
 
     picked = whole[:: max(1, len(whole) // sample)][:sample]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        counts = list(pool.map(rows, picked))
-    if any(c is None for c in counts):
+        counts = [c for c in pool.map(rows, picked) if c is not None]
+    if len(counts) < len(picked):
         return None
     return retried + round(sum(counts) * len(whole) / len(picked))
 
@@ -535,7 +537,8 @@ def _execute(
     """
     import ray
 
-    finalize = ray.remote(num_cpus=0.5, max_retries=cfg.faults.finalize_retries, retry_exceptions=[OSError])(
+    # (Ray's stubs type retry_exceptions as a bool; a list of exception types is documented and works)
+    finalize = ray.remote(num_cpus=0.5, max_retries=cfg.faults.finalize_retries, retry_exceptions=[OSError])(  # type: ignore[call-overload]
         finalize_shard
     )
     by_shard = {p.shard: p for p in plans}

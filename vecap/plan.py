@@ -393,7 +393,7 @@ def render(plan: Plan, recipe: str = "") -> str:
     ]
     if plan.cpu_steps:
         lines.append("    per step: " + ", ".join(f"{CPU_STEPS.get(k, k)} {v * 1000:.2f} ms" for k, v in plan.cpu_steps.items()))
-    if plan.cost is not None:
+    if plan.cost is not None and plan.price_per_gpu_hour is not None:
         lines.append(f"Cost: {plan.gpu_hours_billed:,.0f} GPU-hours x {plan.price_per_gpu_hour:g}/GPU-hour = "
                      f"{plan.cost:,.0f} (the work alone: {plan.gpu_hours_work * plan.price_per_gpu_hour:,.0f})")
     lines += [f"Note: {n}" for n in plan.notes]

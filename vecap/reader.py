@@ -111,7 +111,7 @@ class ShardReader:
         import pyarrow as pa
 
         try:
-            rows = {}
+            rows: dict[str, dict[str, Any]] = {}
             for r in read_parquet_rows(self.images_dir, self.shard, self.storage):
                 if r.get("key"):
                     rows.setdefault(str(r["key"]), r)  # a key listed twice: the first row, like the tar's first copy

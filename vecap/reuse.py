@@ -212,17 +212,23 @@ def resolve(
     try:
         n = len(shards)
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(n, 64)).map_batches(
-            _input_hashes, fn_kwargs={"storage": storage, "images_dir": images_dir}, batch_format="pyarrow", batch_size=1
+            _input_hashes,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
+            fn_kwargs={"storage": storage, "images_dir": images_dir}, batch_format="pyarrow", batch_size=1
         )
         if cache_files:
             entries = ray.data.from_items([{"path": p} for p in cache_files], override_num_blocks=min(len(cache_files), 64))
-            ds = ds.union(entries.map_batches(_cache_entries, fn_kwargs={"cache": cache}, batch_format="pyarrow", batch_size=1))
+            ds = ds.union(entries.map_batches(
+                _cache_entries,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
+                fn_kwargs={"cache": cache}, batch_format="pyarrow", batch_size=1,
+            ))
         partitions = max(1, min(64, n))
         reused = ds.groupby("sha256", num_partitions=partitions).map_groups(
-            _assign, fn_kwargs={"dedup": dedup}, batch_format="pyarrow"
+            _assign,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
+            fn_kwargs={"dedup": dedup}, batch_format="pyarrow"
         )
         summary = reused.groupby("shard", num_partitions=partitions).map_groups(
-            _write_shard, fn_kwargs={"storage": storage, "folder": folder}, batch_format="pyarrow"
+            _write_shard,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
+            fn_kwargs={"storage": storage, "folder": folder}, batch_format="pyarrow"
         )
         rows = summary.take_all()
     finally:

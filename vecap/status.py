@@ -220,8 +220,8 @@ def render_status(st: RunStatus) -> str:
         lines.append("* of the last finished run (no run holds the root)")
     for p in st.stages:
         if p.in_progress:
-            shards = ", ".join(f"{s} ({n} part(s))" for s, n in sorted(p.in_progress.items()))
-            lines.append(f"in progress  {p.stage}: {shards}" + ("" if st.running else " — left by a run that stopped; redone by the next"))
+            parts = ", ".join(f"{s} ({n} part(s))" for s, n in sorted(p.in_progress.items()))
+            lines.append(f"in progress  {p.stage}: {parts}" + ("" if st.running else " — left by a run that stopped; redone by the next"))
     for p in st.stages:
         by_reason: dict[str, list[str]] = {}
         for shard, why in sorted(p.failed.items()):

@@ -592,7 +592,8 @@ def _models(data: ReportData) -> list[ModelInfo]:
 
     A fingerprint counts only for a step that ran (it has done shards, or the write stage was read).
     """
-    prints = data.run.get("fingerprints") if isinstance(data.run.get("fingerprints"), dict) else {}
+    fingerprints = data.run.get("fingerprints")
+    prints: dict[str, Any] = fingerprints if isinstance(fingerprints, dict) else {}
     out = []
     for step in ("caption", "fuse"):
         fp = prints.get(step)
