@@ -10,8 +10,8 @@ import pytest
 from helpers import stage_output
 
 from vecap import schemas
-from vecap.fusion import light_clean
 from vecap.pipeline import run
+from vecap.validation import clean_alt_text
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,11 @@ def test_write_mode_read_back_by_a_webdataset_loader(written, demo_config, mix):
     sources = set()
     for key, sample in samples.items():
         f, row = fused[key], rows[key]
-        alt, vec = (light_clean(f["alt_text"]) or "").strip(), (f["vec_caption"] or "").strip()
+        # the alt-text side is the cleaned text the fusion saw; with none, the text is the VLM's fallback
+        alt, vec = clean_alt_text(f["alt_text"]), (f["vec_caption"] or "").strip()
+        vec_src = "vlm" if not alt and f["vec_source"] == "vlm" else "vec"
         want_vec = mix != "alt"
-        expected = (vec or alt, "vec" if vec else "alt") if want_vec else (alt or vec, "alt" if alt else "vec")
+        expected = (vec or alt, vec_src if vec else "alt") if want_vec else (alt or vec, "alt" if alt else vec_src)
         assert (sample["txt"], row["txt_source"]) == expected, key
         assert sample["txt"] == row["txt"] and sample["txt"].strip()
         sources.add(row["txt_source"])
@@ -63,8 +65,12 @@ def test_write_mode_read_back_by_a_webdataset_loader(written, demo_config, mix):
             assert sample["vec.txt"] == (f["vec_caption"] or row["txt"])
         else:
             assert "alt.txt" not in sample and "vec.txt" not in sample
-    # The alt-texts of the sample include an empty one: the other caption stands in for it.
-    assert sources == ({"alt", "vec"} if mix == "alt" else {"vec"})
+    # The alt-texts of the sample include an empty one and a camera file name (no alt-text either): the
+    # other caption stands in for them ("vlm" when that is the VLM caption the fusion fell back to).
+    if mix == "alt":
+        assert "alt" in sources and sources & {"vec", "vlm"} and sources <= {"alt", "vec", "vlm"}
+    else:
+        assert "vec" in sources and sources <= {"vec", "vlm"}
     counts = {}
     for s in write.done():
         for k, v in write.read_stats(s)["txt_sources"].items():

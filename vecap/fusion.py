@@ -25,7 +25,8 @@ def entities(text: str) -> list[str]:
 
 
 def kept_entities(source: str, output: str) -> tuple[int, int]:
-    """How many of ``source``'s names and numbers ``output`` keeps, and of how many (:func:`vecap.validation.entity_counts`)."""
+    """How many of ``source``'s names and numbers ``output`` keeps, and of how many
+    (:func:`vecap.validation.entity_counts`)."""
     return validation.entity_counts(source, output)
 
 

@@ -195,7 +195,9 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
 
     built: dict[str, Stage] = {}
     if "caption" in steps:
-        built["caption"] = CaptionStage(cfg.caption, cfg.seed, faults(cfg.caption), cfg.storage_options)
+        built["caption"] = CaptionStage(
+            cfg.caption, cfg.seed, faults(cfg.caption), cfg.storage_options, image_exts=tuple(cfg.write.image_exts)
+        )
     if "fuse" in steps:
         built["fuse"] = FuseStage(cfg.fuse, cfg.seed, faults(cfg.fuse))
     if "write" in steps:

@@ -23,8 +23,9 @@ MODEL_ERROR = "model_error"
 ENGINE_CRASH = "engine_crash"  # the sample made the engine process exit, every time (isolated)
 CAPTION_REJECTED = "caption_rejected"  # the VLM answered, but its caption failed validation (error says why)
 NO_TEXT = "no_text"  # neither alt-text nor a caption: nothing to train on
-# Write stage only: the image format is not one CLIP loaders read (open_clip: jpg/png/webp);
-# bytes are never re-encoded, so the sample stays out of the tar (its row says why).
+# The image format is not one CLIP loaders read (open_clip: jpg/png/webp; the recipe's write.image_exts),
+# decided when the image is read, before any GPU time; bytes are never re-encoded, so the sample
+# stays out of the tar (its row says why). The write stage checks again (the input may have changed).
 UNSUPPORTED_FORMAT = "unsupported_format"
 
 IMAGE_FAILURES = frozenset(
@@ -37,6 +38,7 @@ IMAGE_FAILURES = frozenset(
         IMAGE_TOO_LARGE,
         IMAGE_EMPTY,
         IMAGE_UNDECODABLE,
+        UNSUPPORTED_FORMAT,
     }
 )
 

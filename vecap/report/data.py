@@ -182,7 +182,8 @@ def sum_markers(markers: dict[str, dict[str, Any]], name: str) -> Counter:
 
 
 def words(text: str | None) -> int:
-    """Words of a caption, as the validator counts them (CJK and Thai by characters): ``vecap.validation.word_count``."""
+    """Words of a caption, as the validator counts them (CJK and Thai by characters):
+    ``vecap.validation.word_count``."""
     from vecap.validation import word_count
 
     return word_count(text)

@@ -19,7 +19,7 @@ from vecap import reuse, schemas
 from vecap.backends import EngineSpec, Generation, Request
 from vecap.config import CaptionChecks, CaptionConfig, stable_hash
 from vecap.faults import FaultPolicy
-from vecap.images import ImageRejected, prepare_image
+from vecap.images import ImageRejected, prepare_image, sniff_image_format
 from vecap.prompting import Prompt, load_prompt
 from vecap.reader import ShardReader
 from vecap.stages.base import (
@@ -50,6 +50,9 @@ class ImageReadOptions:
     max_pixels: int = 64_000_000
     max_bytes: int = 32 << 20
     run_seed: int = 0
+    # Formats the CLIP tar takes (the recipe's write.image_exts); others are settled here, before any GPU
+    # time, as unsupported_format. None: every decodable format.
+    image_exts: tuple[str, ...] | None = None
 
 
 def read_image_rows(
@@ -94,7 +97,10 @@ def read_image_rows(
             "caption_source": reuse.COMPUTED,
         }
         again = (reused or {}).get(sample.key)
-        if sample.status == schemas.OK and again is not None:
+        if sample.status == schemas.OK and not _tar_format(sample.image, opts):
+            fmt = sniff_image_format(sample.image)  # never captioned: the CLIP tar would not take it
+            row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{fmt} images are not read by CLIP loaders")
+        elif sample.status == schemas.OK and again is not None:
             row.update(reused_row(again))
         elif sample.status == schemas.OK:
             try:
@@ -117,6 +123,15 @@ def read_image_rows(
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
     yield clock.stamp(work_table(rows), "t_read")
+
+
+def _tar_format(data: bytes | None, opts: ImageReadOptions) -> bool:
+    """Whether the image's format (from its bytes) is one the CLIP tar takes; unknown formats are left to
+    the decoder."""
+    if opts.image_exts is None or not data:
+        return True
+    fmt = sniff_image_format(data)
+    return fmt is None or fmt in opts.image_exts
 
 
 def reused_row(again: dict[str, Any]) -> dict[str, Any]:
@@ -192,13 +207,20 @@ class CaptionStage(Stage):
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
 
     def __init__(
-        self, cfg: CaptionConfig, run_seed: int, faults: FaultPolicy | None = None, cache_storage_options: dict | None = None
+        self,
+        cfg: CaptionConfig,
+        run_seed: int,
+        faults: FaultPolicy | None = None,
+        cache_storage_options: dict | None = None,
+        image_exts: tuple[str, ...] | None = None,
     ) -> None:
         self.cfg = cfg
         self.faults = faults or FaultPolicy()
         self.spec = engine_spec(cfg, multimodal=True)
         self.prompt = load_prompt(STAGE, cfg.prompt)
-        self.read_options = ImageReadOptions(cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed)
+        self.read_options = ImageReadOptions(
+            cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed, image_exts
+        )
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
         self.cache = (
             reuse.CaptionCache(cfg.cache, self.fingerprint(), cfg.cache_storage_options or cache_storage_options or {})
@@ -213,8 +235,13 @@ class CaptionStage(Stage):
         return {
             **self.provenance.columns(),
             # the recipe's thresholds, and the checks and text libraries (with versions) that apply them
-            "checks_sha256": stable_hash({**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}),
-            "image": {"size": o.image_size, "max_pixels": o.max_pixels, "max_bytes": o.max_bytes},
+            "checks_sha256": stable_hash(
+                {**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}
+            ),
+            "image": {
+                "size": o.image_size, "max_pixels": o.max_pixels, "max_bytes": o.max_bytes,
+                **({"formats": sorted(o.image_exts)} if o.image_exts is not None else {}),
+            },
             "seed": o.run_seed if self.cfg.temperature > 0 else None,
         }
 

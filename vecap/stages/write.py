@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from vecap import schemas
-from vecap.validation import clean_alt_text
 from vecap.images import ImageRejected, image_size, prepare_image, sniff_image_format
 from vecap.layout import Layout
 from vecap.mixing import choose_txt
@@ -29,6 +28,7 @@ from vecap.outputs import StageOutput
 from vecap.reader import ShardReader
 from vecap.stages.base import Stage
 from vecap.storage import Storage
+from vecap.validation import clean_alt_text
 
 STAGE = "write"
 _PROVENANCE = ("model", "prompt_id", "prompt_sha256", "params_sha256")
@@ -55,7 +55,8 @@ class WriteStage(Stage):
     def fingerprint(self) -> dict[str, Any]:
         return {
             "mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts),
-            "max_image_bytes": self.max_image_bytes, "alt_text": {"clean": "vecap.validation", "max_words": self.max_alt_text_words},
+            "max_image_bytes": self.max_image_bytes,
+            "alt_text": {"clean": "vecap.validation", "max_words": self.max_alt_text_words},
             # only when set: the fingerprints of runs without CLIPScore stay what they were
             **({"clip_model": self.clip_model} if self.clip_model else {}),
         }
@@ -205,4 +206,3 @@ def _row(shard: str, key: str, f: dict, c: dict, url: str | None) -> dict[str, A
         row[f"caption_{p}"] = c.get(p)
         row[f"fuse_{p}"] = f.get(p)
     return row
-
