@@ -1,16 +1,23 @@
 """Engine and storage faults, with real processes: recovered, or failed loudly; never silent fallbacks.
 
-- SIGKILL of a caption engine actor's process mid-run: Ray restarts it, the output equals an
-  uninterrupted run's.
-- SIGKILL of the vLLM engine-core child process (multiprocessing on) of the caption and of the
-  fuse actor: the actor exits, Ray restarts it, the output equals an uninterrupted run's.
-- An input that makes the engine process exit every time: only that key is ``engine_crash``
-  (calls holding keys of a crashed call run alone, so other batches in flight are not blamed).
+The engine faults run in the shape users run on a GPU: vLLM's engine core in a child process of
+the engine actor (``VLLM_ENABLE_V1_MULTIPROCESSING=1``). Each kill first checks that it hits the
+process it means (by name and command line), and each test then checks that the fault took
+effect (restarts counted in the markers, shards in flight redone) and that the output equals a
+clean run's.
+
+- SIGKILL of the caption actor's engine core mid-run, with the watchdog's limit out of reach:
+  found by the backend in seconds, the actor restarts; SIGSTOP of the fuse actor's engine core:
+  the watchdog (no engine progress) restarts it. No engine process outlives the run.
+- SIGKILL of the fuse actor's own process mid-run; an input that makes the caption engine core
+  die every time it reaches it: only that key is ``engine_crash`` (calls holding keys of a
+  crashed call run alone, so other batches in flight are not blamed).
 - A flaky storage layer (OSError on a share of reads and writes): the same output as a clean run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -137,38 +144,75 @@ def test_a_bad_request_is_isolated_by_bisection_and_a_dead_engine_is_fatal():
     assert is_fatal(ConnectionError("refused")) and not is_fatal(ValueError("bad prompt"))
 
 
-# --- real faults -----------------------------------------------------------------------------
-def _descendants(name: str) -> list[psutil.Process]:
+# --- real faults, with the engine core in its own process as on a GPU ---------------------------
+MULTIPROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+CORE = "VLLM::EngineCore"
+CAPTION_ACTOR, FUSE_ACTOR = "MapBatches(CaptionWorker)", "MapBatches(FuseWorker)"
+
+
+def _actors(worker: str, busy: bool = False) -> list[psutil.Process]:
+    """This test's engine actor processes of one stage (``MapBatches(CaptionWorker)`` in the command
+    line); ``busy``: only those running a batch (Ray titles the process with the method it runs)."""
     out = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if name in " ".join(p.cmdline()):
-                out.append(p)
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if worker in title and (not busy or f"{worker}).submit" in title):
+            out.append(p)
+    return out
+
+
+def _cores(worker: str, busy: bool = True) -> list[psutil.Process]:
+    """The vLLM engine-core children (by process name) of a stage's engine actors running a batch."""
+    out = []
+    for actor in _actors(worker, busy):
+        try:
+            out += [c for c in actor.children() if c.name() == CORE]
         except psutil.Error:
             continue
     return out
 
 
-def _kill_when(root, find, sig=signal.SIGKILL, after_parts: int = 1, timeout_s: float = 600) -> threading.Thread:
-    """In the background: once the run has written ``after_parts`` part or marker files, SIGKILL
-    the first process ``find()`` returns (a real kill, mid-run)."""
-    killed: list[int] = []
+def _vllm_processes() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["name", "status"]):
+        if (p.info["name"] or "").startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.add(p.pid)
+    return out
 
-    def work() -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            written = list(root.glob("*/_parts/*/*.parquet")) + list(root.glob("*/_done/*.json"))
-            procs = find()
-            if len(written) >= after_parts and procs:
-                procs[0].send_signal(sig)
-                killed.append(procs[0].pid)
+
+class _Fault(threading.Thread):
+    """In the background: send ``sig`` to the first process ``find()`` returns (once ``after``, another
+    fault, has happened), after checking by its name and command line that it is the one meant.
+    Records what it hit and which shards of ``stage_dir`` were not committed yet."""
+
+    def __init__(self, root, find, sig: int, stage_dir: str, expect: str, after: _Fault | None = None) -> None:
+        super().__init__(daemon=True)
+        self.root, self.find, self.sig, self.stage_dir, self.expect, self.after = root, find, sig, stage_dir, expect, after
+        self.deadline = time.time() + 500
+        self.hit: dict = {}
+        self.start()
+
+    def run(self) -> None:
+        while time.time() < self.deadline:
+            procs = self.find() if self.after is None or self.after.hit else []
+            if procs:
+                proc = procs[0]
+                who = f"{proc.name()} {' '.join(proc.cmdline())} (parent: {' '.join(proc.parent().cmdline())})"
+                committed = {p.stem for p in (self.root / self.stage_dir / "_done").glob("*.json")}
+                if self.expect in who:  # the process we mean, not a neighbour
+                    proc.send_signal(self.sig)
+                    self.hit = {"pid": proc.pid, "parent": proc.ppid(), "who": who, "pending": set(SHARDS) - committed}
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.killed = killed  # type: ignore[attr-defined]
-    thread.start()
-    return thread
+
+def _rows(root, step: str, without: str | None = None) -> list[dict]:
+    rows = [r for s in SHARDS for r in stage_output(root, step).read_table(s).to_pylist()]
+    # params_sha256 names the backend, which the poison wrapper changes
+    return [{k: v for k, v in r.items() if k != "params_sha256"} for r in rows if r["key"] != without]
 
 
 def _same_as(reference, root, steps=("caption",), shards=SHARDS) -> None:
@@ -178,48 +222,96 @@ def _same_as(reference, root, steps=("caption",), shards=SHARDS) -> None:
             assert a.equals(b), (step, shard)
 
 
-def test_sigkill_of_the_caption_actor_mid_run_changes_nothing(make_root, demo_config, pipeline_root):
-    root = make_root()
-    killer = _kill_when(root, lambda: _descendants("MapBatches(CaptionWorker)"))
-    run(demo_config(root, "caption.batch_size=4"), ["caption"], shards=SHARDS, progress=False)
-    killer.join(timeout=5)
-    assert killer.killed, "the actor was never killed"
-    _same_as(pipeline_root, root)
+@pytest.fixture(scope="module")
+def faulted_run(sample_images, tiny_models, ray_local, tmp_path_factory):
+    """One run of caption and fuse, both engine cores in their own processes, with four faults:
 
+    - the caption actor's engine core SIGKILLed during its first batch; the caption stage's
+      watchdog limit (``call_timeout_s``) is far beyond this test's time limit, so only the
+      detection of the process's death can rescue its calls;
+    - one caption input (``victim``) that SIGKILLs the caption engine core whenever it reaches it
+      (vecap.demo.faulty): isolated as ``engine_crash``;
+    - the fuse actor's engine core SIGSTOPped during its first batch: alive, no progress; the
+      watchdog (10 s without engine progress) restarts the actor;
+    - then the restarted fuse actor's own process SIGKILLed during a batch.
+    """
+    import json
 
-def test_sigkill_of_the_engine_core_child_of_caption_and_fuse_actors(make_root, demo_config, pipeline_root):
-    """vLLM's default: the engine core in its own process. Killing it makes the actor's engine
-    dead; the actor exits, Ray restarts it, and the batch is redone: nothing is lost or degraded."""
-    root = make_root()
-    mp = '{"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}'
+    from vecap.config import load_config
+    from vecap.reader import ShardReader
 
-    def engine_core(worker: str):
-        return lambda: [c for p in _descendants(worker) for c in p.children(recursive=True)]
-
-    cap_killer = _kill_when(root, engine_core("MapBatches(CaptionWorker)"))
-    fuse_killer = _kill_when(root, engine_core("MapBatches(FuseWorker)"), after_parts=2)
-    result = run(
-        demo_config(root, f"caption.env={mp}", f"fuse.env={mp}", "caption.batch_size=4", "fuse.batch_size=4"),
-        ["caption", "fuse"], shards=SHARDS, progress=False,
-    )
-    for k in (cap_killer, fuse_killer):
-        k.join(timeout=5)
-        assert k.killed, "an engine core was never killed"
-    _same_as(pipeline_root, root, steps=("caption", "fuse"))
-    assert not result.tallies["fuse"].fallbacks.get("model_error") and not result.failed
-
-
-def test_an_input_that_kills_the_engine_is_isolated(make_root, demo_config):
-    root = make_root()
-    keys = sorted(r.key for r in __import__("vecap.reader", fromlist=["ShardReader"]).ShardReader(str(root / "images"), "00000"))
+    root = tmp_path_factory.mktemp("faulted") / "root"
+    shutil.copytree(sample_images, root / "images")
+    keys = sorted(r.key for r in ShardReader(str(root / "images"), "00000"))
     victim = keys[len(keys) // 2]
-    cfg = demo_config(root, "caption.batch_size=4", f"caption.fault_exit_keys=['{victim}']")
-    run(cfg, ["caption"], shards=["00000"], progress=False)
-    rows = {r["key"]: r for r in stage_output(root, "caption").read_table("00000").to_pylist()}
+    before = _vllm_processes()
+    dead = _Fault(root, lambda: _cores(CAPTION_ACTOR), signal.SIGKILL, "captions", f"{CORE} ")
+    hung = _Fault(root, lambda: _cores(FUSE_ACTOR), signal.SIGSTOP, "fused", f"{CORE} ")
+    actor = _Fault(
+        root, lambda: [p for p in _actors(FUSE_ACTOR, busy=True) if p.pid != hung.hit["parent"]], signal.SIGKILL,
+        "fused", f"{FUSE_ACTOR}).submit", after=hung,
+    )
+    mp = {MULTIPROCESS: "1"}
+    cfg = load_config("demo", [
+        f"root={root}", f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}",
+        f"caption.env={json.dumps({**mp, 'VECAP_POISON_KEYS': victim})}", f"fuse.env={json.dumps(mp)}",
+        "caption.backend=vecap.demo.faulty:PoisonVLLMEngine", "caption.call_timeout_s=100000", "fuse.call_timeout_s=10",
+        "caption.batch_size=2", "fuse.batch_size=2", "caption.max_batches_in_flight=1", "fuse.max_batches_in_flight=1",
+    ])
+    try:
+        result = run(cfg, ["caption", "fuse"], shards=SHARDS, progress=False)
+    finally:
+        if hung.hit:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(hung.hit["pid"]).kill()  # never leave a stopped process behind
+    for fault in (dead, hung, actor):
+        fault.join(timeout=5)
+    deadline = time.time() + 30
+    while _vllm_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
+    return {"root": root, "result": result, "victim": victim, "dead": dead.hit, "hung": hung.hit, "actor": actor.hit,
+            "left": _vllm_processes() - before}
+
+
+@pytest.mark.timeout(900)
+def test_a_sigkilled_engine_core_is_found_without_the_watchdog(faulted_run):
+    hit = faulted_run["dead"]
+    assert hit, "the caption actor's engine core was never killed"
+    assert hit["who"].startswith(CORE) and f"(parent: ray::MapWorker({CAPTION_ACTOR})" in hit["who"]
+    assert hit["pending"], "the kill came after the stage had committed everything"
+    # the actor was restarted (engines started in a restarted actor), its batch redone, the run complete
+    assert faulted_run["result"].engine_restarts.get("caption", 0) >= 1
+    assert not faulted_run["result"].failed and set(stage_output(faulted_run["root"], "caption").done()) == set(SHARDS)
+
+
+def test_a_stopped_engine_core_is_restarted_by_the_watchdog(faulted_run):
+    hit, root = faulted_run["hung"], faulted_run["root"]
+    assert hit and hit["who"].startswith(CORE) and f"(parent: ray::MapWorker({FUSE_ACTOR})" in hit["who"]
+    assert hit["pending"]
+    assert faulted_run["result"].engine_restarts.get("fuse", 0) >= 1
+
+
+def test_an_engine_actor_killed_mid_batch_is_restarted(faulted_run):
+    hit = faulted_run["actor"]
+    assert hit and f"ray::MapWorker({FUSE_ACTOR}).submit" in hit["who"].split(" (parent")[0] and hit["pending"]
+    assert faulted_run["result"].engine_restarts.get("fuse", 0) >= 2  # after the watchdog's, this one
+
+
+def test_an_input_that_kills_the_engine_core_is_isolated(faulted_run):
+    root, victim = faulted_run["root"], faulted_run["victim"]
+    rows = {r["key"]: r for r in _rows(root, "caption")}
     assert rows[victim]["status"] == schemas.ENGINE_CRASH and rows[victim]["error"].startswith("engine_crash")
+    assert faulted_run["result"].engine_restarts.get("caption", 0) >= 3  # the kill, and the poison again and again
     others = [r for k, r in rows.items() if k != victim and r["status"] not in schemas.IMAGE_FAILURES]
     assert others and all(r["status"] in (schemas.OK, schemas.CAPTION_REJECTED) for r in others)
-    assert all(r["n_output_tokens"] for r in others)  # every other sample was captioned
+
+
+def test_the_faulted_run_equals_a_clean_run_and_leaves_no_engine_process(faulted_run, pipeline_root):
+    root, victim = faulted_run["root"], faulted_run["victim"]
+    for step in ("caption", "fuse"):
+        assert _rows(root, step, without=victim) == _rows(pipeline_root, step, without=victim), step
+    assert not faulted_run["result"].tallies["fuse"].fallbacks.get("model_error")
+    assert not faulted_run["left"], "engine processes outlived the run"
 
 
 def test_flaky_storage_gives_the_same_output_as_a_clean_run(sample_images, tmp_path, demo_config, pipeline_root):
@@ -361,18 +453,31 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
         cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models['llava']}", "fuse.model={tiny_models['llama']}",
                                    "caption.cpus_per_actor=1", "fuse.cpus_per_actor=1", "caption.batch_size=4",
                                    "fuse.batch_size=4", "max_inflight_shards=2"])
-        removed = []
+        removed, seen_on_worker = [], set()
+
+        def busy_on_worker():
+            # Ray names a worker process after what it runs (ray::MapBatches(CaptionWorker), ...)
+            import psutil
+            raylet = psutil.Process(worker.all_processes["raylet"][0].process.pid)
+            for p in raylet.children(recursive=True):
+                try:
+                    title = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                    seen_on_worker.add(title.split()[0])
 
         def chaos():
             deadline = time.time() + 300
-            while time.time() < deadline and not list(root.glob("captions/_done/*.json")):
+            while time.time() < deadline and not (list(root.glob("captions/_done/*.json")) and seen_on_worker):
+                busy_on_worker()
                 time.sleep(0.2)
             cluster.remove_node(worker)
             removed.append(len(list(root.glob("captions/_done/*.json"))))
 
         threading.Thread(target=chaos, daemon=True).start()
         result = run(cfg, progress=False)
-        print("RESULT " + json.dumps({{"removed_after": removed, "failed": result.failed,
+        print("RESULT " + json.dumps({{"removed_after": removed, "failed": result.failed, "seen": sorted(seen_on_worker),
                                      "nodes": len(ray.nodes())}}), flush=True)
         ray.shutdown()
         cluster.shutdown()
@@ -383,6 +488,7 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["removed_after"], "the worker node was never removed"
+    assert out["seen"], "no work ran on the worker node before it was removed"
     assert not out["failed"]
     from vecap.reader import ShardReader, list_shards
 

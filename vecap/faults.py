@@ -55,6 +55,16 @@ class FaultRegistry:
         self.fatal_total = 0
         self.isolated: list[str] = []
         self.tripped: str | None = None
+        self.engine_starts: dict[str, int] = {}  # stage → engines loaded by its actors
+        self.engine_restarts: dict[str, int] = {}  # stage → of which in actors Ray restarted
+
+    def started(self, stage: str, restarted: bool) -> None:
+        """An engine actor of ``stage`` loaded its engine (``restarted``: in an actor Ray restarted).
+        Counted here, not in the markers: an actor that dies before its first batch returns
+        reports nothing through the rows."""
+        self.engine_starts[stage] = self.engine_starts.get(stage, 0) + 1
+        if restarted:
+            self.engine_restarts[stage] = self.engine_restarts.get(stage, 0) + 1
 
     def counts(self, keys: list[str]) -> dict[str, tuple[int, bool]]:
         """key → (crashed calls containing it, crashed alone *while the engine worked for others*).
@@ -110,6 +120,8 @@ class FaultRegistry:
             "fatal_total": self.fatal_total,
             "isolated": list(self.isolated),
             "open_keys": len(self.open),
+            "engine_starts": dict(self.engine_starts),
+            "engine_restarts": dict(self.engine_restarts),
         }
 
 

@@ -308,11 +308,16 @@ class EngineWorker:
             self._registry = ray.get_actor(self.faults.registry)
         t0 = time.perf_counter()
         self.engine = load_engine(spec)
-        # Engine counters not yet reported: start-up first (a start in an actor that Ray restarted
-        # after a fatal error counts as a restart), then requests and engine steps.
-        self._pending: Counter = Counter(
-            {"engine_starts": 1, "engine_restarts": int(_restarted_actor()), "engine_start_s": time.perf_counter() - t0}
-        )
+        # Engine counters not yet reported: start-up first, then requests and engine steps.
+        self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
+        if self._registry is not None:  # the run's count of starts and restarts, by stage
+            import ray
+            from ray.exceptions import RayActorError
+
+            try:
+                ray.get(self._registry.started.remote(self.stage, _restarted_actor()))
+            except RayActorError as err:
+                log.warning("fault registry unavailable (%s): this engine start is not counted", err)
         self._reported: dict[str, float] = {}
         self._gate = SuspectGate()  # calls holding keys of a crashed call run alone
         self._span_until: float | None = None  # span_s: this actor's first engine call to its last return
