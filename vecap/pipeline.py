@@ -94,6 +94,8 @@ class RunResult:
     seconds: float
     layout: Layout
     failed: dict[str, str] = field(default_factory=dict)
+    # stage → engines loaded again in actors Ray restarted (after a dead or hung engine, a lost node)
+    engine_restarts: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A plain-text table per stage: shards, samples, statuses, fallbacks, samples/s, tokens."""
@@ -108,6 +110,8 @@ class RunResult:
                 f"{f'{t.prompt_tokens}/{t.output_tokens}':>15}  {statuses}"
                 + (f" | fallbacks: {fallbacks}" if fallbacks else "")
             )
+        if self.engine_restarts:
+            lines.append("engine restarts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.engine_restarts.items())))
         lines.append(f"wall time {self.seconds:.1f}s, run {self.run_id}")
         if self.failed:
             lines.append(f"FAILED shards ({len(self.failed)}): " + ", ".join(sorted(self.failed)))
@@ -461,6 +465,7 @@ def run(
         invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)
         plans, tallies = plan(stages, layout, storage, input_shards, retry_failed)
         failed: dict[str, str] = {}
+        restarts: dict[str, int] = {}
         storage.remove(layout.reuse(), recursive=True)  # reuse plans of dead runs
         if plans:
             log.info("Ray: %s", init_ray(cfg))
@@ -488,9 +493,10 @@ def run(
             else:
                 failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again, run_id))
             storage.remove(layout.reuse(run_id), recursive=True)
+            restarts = _engine_restarts(registry)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
-        result = RunResult(run_id, tallies, time.time() - t0, layout, failed)
+        result = RunResult(run_id, tallies, time.time() - t0, layout, failed, restarts)
         file_only(result.summary())  # the CLI prints it; the log keeps it
         if "write" in steps or storage.exists(layout.sizes):
             # Also after a retry: its finalize tasks invalidate tars concurrently, and each rewrites
@@ -655,6 +661,18 @@ def _fault_point(n_committed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _engine_restarts(registry: Any) -> dict[str, int]:
+    """stage → engine restarts counted by the run's fault registry ({} if it cannot be reached)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return dict(ray.get(registry.state.remote(), timeout=30)["engine_restarts"])
+    except (RayActorError, ray.exceptions.GetTimeoutError) as err:
+        log.warning("engine restarts not counted: %s", err)
+        return {}
+
+
 def run_manifest(cfg: PipelineConfig, step: str, stage: Stage, result: RunResult, dry_run: bool) -> dict[str, Any]:
     """``<stage>/_run.json``: the resolved config, versions, fingerprint and totals of the last run."""
     from importlib import metadata
@@ -677,5 +695,6 @@ def run_manifest(cfg: PipelineConfig, step: str, stage: Stage, result: RunResult
         "seconds": round(result.seconds, 3),
         "samples_per_s": round(tally.rows / result.seconds, 3) if result.seconds > 0 else None,
         "failed_shards": result.failed,
+        "engine_restarts": result.engine_restarts.get(step, 0),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
