@@ -107,9 +107,19 @@ def _run(root: Path, models: dict[str, Path], stage: str | None, overrides: list
     from vecap.pipeline import run
 
     mp = json.dumps({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    cfg = load_config("demo", [f"root={root}", f"caption.model={models['llava']}", f"fuse.model={models['llama']}",
-                               f"caption.env={mp}", f"fuse.env={mp}", "caption.batch_size=4", "fuse.batch_size=4",
-                               *overrides])
+    cfg = load_config(
+        "demo",
+        [
+            f"root={root}",
+            f"caption.model={models['llava']}",
+            f"fuse.model={models['llama']}",
+            f"caption.env={mp}",
+            f"fuse.env={mp}",
+            "caption.batch_size=4",
+            "fuse.batch_size=4",
+            *overrides,
+        ],
+    )
     monitor = StallMonitor(root, stage) if stage else None
     if monitor:
         monitor.start()
@@ -126,8 +136,13 @@ def _run(root: Path, models: dict[str, Path], stage: str | None, overrides: list
     for m in markers.values():
         for k, v in (m.get("engine") or {}).items():
             engine[k] = engine.get(k, 0.0) + float(v)
-    return {"wall_s": wall, "failed": dict(result.failed), "times": monitor.times if monitor else {},
-            "killed": monitor.killed if monitor else {}, "engine": engine}
+    return {
+        "wall_s": wall,
+        "failed": dict(result.failed),
+        "times": monitor.times if monitor else {},
+        "killed": monitor.killed if monitor else {},
+        "engine": engine,
+    }
 
 
 def _fused_rows(root: Path) -> list[dict[str, Any]]:
@@ -171,21 +186,50 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run %d: %s", rep, json.dumps(out, default=str))
     kills = [r for r in rows[1:] if r["times"]]
     stage = args.stage
-    table = [[i + 1, r["killed"].get("pid"), *(f"{r['times'].get(k, float('nan')):.1f}" for k in ("restart", "engine_up", "next_commit")),
-              f"{r['engine'].get(f'{stage}_engine_start_s', 0) / max(r['engine'].get(f'{stage}_engine_starts', 1), 1):.1f}",
-              int(r["engine"].get(f"{stage}_engine_restarts", 0)), f"{r['wall_s']:.0f}", f"{rows[0]['wall_s']:.0f}",
-              r["equal_to_clean"]] for i, r in enumerate(kills)]
+    table = [
+        [
+            i + 1,
+            r["killed"].get("pid"),
+            *(f"{r['times'].get(k, float('nan')):.1f}" for k in ("restart", "engine_up", "next_commit")),
+            f"{r['engine'].get(f'{stage}_engine_start_s', 0) / max(r['engine'].get(f'{stage}_engine_starts', 1), 1):.1f}",
+            int(r["engine"].get(f"{stage}_engine_restarts", 0)),
+            f"{r['wall_s']:.0f}",
+            f"{rows[0]['wall_s']:.0f}",
+            r["equal_to_clean"],
+        ]
+        for i, r in enumerate(kills)
+    ]
     harness.table(
         f"One SIGKILL of the {stage} actor's engine core (engine core in its own process)",
-        ["kill", "core pid", "restart s", "engine core up s", "next commit s", "mean engine start s", "restarts",
-         "run wall s", "clean run wall s", "output = clean run's"], table,
+        [
+            "kill",
+            "core pid",
+            "restart s",
+            "engine core up s",
+            "next commit s",
+            "mean engine start s",
+            "restarts",
+            "run wall s",
+            "clean run wall s",
+            "output = clean run's",
+        ],
+        table,
     )
     stall = median(r["times"].get("next_commit") for r in kills)
-    harness.note(f"Stall (kill → the stage's next commit), median of {len(kills)}: {stall if stall is None else round(stall, 1)} s. "
-                 "Seconds from the SIGKILL; restart = a new engine actor process of the stage; engine core up = its "
-                 "engine-core child exists (the model is loading); the stall is mostly that engine start on this machine.")
-    md = harness.write(args.out, "stall", "vecap: the stall of one engine-core death", stage=stage, shards=args.shards,
-                       shard_size=args.shard_size, overrides=args.overrides)
+    harness.note(
+        f"Stall (kill → the stage's next commit), median of {len(kills)}: {stall if stall is None else round(stall, 1)} s. "
+        "Seconds from the SIGKILL; restart = a new engine actor process of the stage; engine core up = its "
+        "engine-core child exists (the model is loading); the stall is mostly that engine start on this machine."
+    )
+    md = harness.write(
+        args.out,
+        "stall",
+        "vecap: the stall of one engine-core death",
+        stage=stage,
+        shards=args.shards,
+        shard_size=args.shard_size,
+        overrides=args.overrides,
+    )
     print(md.read_text())
     ok = kills and len(kills) == args.reps and all(r["equal_to_clean"] and not r["failed"] for r in kills)
     return 0 if ok else 1

@@ -28,7 +28,9 @@ def engine(tiny_models):
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     spec = EngineSpec(
-        backend="vllm", model=str(tiny_models["llama"]), dtype="float32",
+        backend="vllm",
+        model=str(tiny_models["llama"]),
+        dtype="float32",
         # every request runs to its length (EOS ignored): calls last long enough to be caught mid-way
         sampling=Sampling(max_new_tokens=400, synthetic_lengths=(400, 400)),
         engine_kwargs={"enforce_eager": True, "max_model_len": 512},

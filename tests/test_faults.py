@@ -190,7 +190,14 @@ class _Fault(threading.Thread):
 
     def __init__(self, root, find, sig: int, stage_dir: str, expect: str, after: _Fault | None = None) -> None:
         super().__init__(daemon=True)
-        self.root, self.find, self.sig, self.stage_dir, self.expect, self.after = root, find, sig, stage_dir, expect, after
+        self.root, self.find, self.sig, self.stage_dir, self.expect, self.after = (
+            root,
+            find,
+            sig,
+            stage_dir,
+            expect,
+            after,
+        )
         self.deadline = time.time() + 500
         self.hit: dict = {}
         self.start()
@@ -248,16 +255,31 @@ def faulted_run(sample_images, tiny_models, ray_local, tmp_path_factory):
     dead = _Fault(root, lambda: _cores(CAPTION_ACTOR), signal.SIGKILL, "captions", f"{CORE} ")
     hung = _Fault(root, lambda: _cores(FUSE_ACTOR), signal.SIGSTOP, "fused", f"{CORE} ")
     actor = _Fault(
-        root, lambda: [p for p in _actors(FUSE_ACTOR, busy=True) if p.pid != hung.hit["parent"]], signal.SIGKILL,
-        "fused", f"{FUSE_ACTOR}).submit", after=hung,
+        root,
+        lambda: [p for p in _actors(FUSE_ACTOR, busy=True) if p.pid != hung.hit["parent"]],
+        signal.SIGKILL,
+        "fused",
+        f"{FUSE_ACTOR}).submit",
+        after=hung,
     )
     mp = {MULTIPROCESS: "1"}
-    cfg = load_config("demo", [
-        f"root={root}", f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}",
-        f"caption.env={json.dumps({**mp, 'VECAP_POISON_KEYS': victim})}", f"fuse.env={json.dumps(mp)}",
-        "caption.backend=vecap.demo.faulty:PoisonVLLMEngine", "caption.call_timeout_s=100000", "fuse.call_timeout_s=10",
-        "caption.batch_size=2", "fuse.batch_size=2", "caption.max_batches_in_flight=1", "fuse.max_batches_in_flight=1",
-    ])
+    cfg = load_config(
+        "demo",
+        [
+            f"root={root}",
+            f"caption.model={tiny_models['llava']}",
+            f"fuse.model={tiny_models['llama']}",
+            f"caption.env={json.dumps({**mp, 'VECAP_POISON_KEYS': victim})}",
+            f"fuse.env={json.dumps(mp)}",
+            "caption.backend=vecap.demo.faulty:PoisonVLLMEngine",
+            "caption.call_timeout_s=100000",
+            "fuse.call_timeout_s=10",
+            "caption.batch_size=2",
+            "fuse.batch_size=2",
+            "caption.max_batches_in_flight=1",
+            "fuse.max_batches_in_flight=1",
+        ],
+    )
     try:
         result = run(cfg, ["caption", "fuse"], shards=SHARDS, progress=False)
     finally:
@@ -269,8 +291,15 @@ def faulted_run(sample_images, tiny_models, ray_local, tmp_path_factory):
     deadline = time.time() + 30
     while _vllm_processes() - before and time.time() < deadline:
         time.sleep(0.5)
-    return {"root": root, "result": result, "victim": victim, "dead": dead.hit, "hung": hung.hit, "actor": actor.hit,
-            "left": _vllm_processes() - before}
+    return {
+        "root": root,
+        "result": result,
+        "victim": victim,
+        "dead": dead.hit,
+        "hung": hung.hit,
+        "actor": actor.hit,
+        "left": _vllm_processes() - before,
+    }
 
 
 @pytest.mark.timeout(900)
@@ -285,7 +314,7 @@ def test_a_sigkilled_engine_core_is_found_without_the_watchdog(faulted_run):
 
 
 def test_a_stopped_engine_core_is_restarted_by_the_watchdog(faulted_run):
-    hit, root = faulted_run["hung"], faulted_run["root"]
+    hit = faulted_run["hung"]
     assert hit and hit["who"].startswith(CORE) and f"(parent: ray::MapWorker({FUSE_ACTOR})" in hit["who"]
     assert hit["pending"]
     assert faulted_run["result"].engine_restarts.get("fuse", 0) >= 1
@@ -330,17 +359,37 @@ def test_flaky_storage_gives_the_same_output_as_a_clean_run(sample_images, tmp_p
 
 
 # --- a server that goes away, a node that goes away ----------------------------------------------
-def _start_server(model, port: int, log_path) -> "subprocess.Popen":
+def _start_server(model, port: int, log_path) -> subprocess.Popen:
     import subprocess
     import sys
     import urllib.request
 
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
-           "--served-model-name", "tiny-llama"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "tiny-llama",
+    ]
     log = open(log_path, "a")
-    server = subprocess.Popen(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        cmd,
+        env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         assert server.poll() is None, open(log_path).read()[-3000:]
@@ -385,8 +434,15 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
     try:
-        cfg = demo_config(root, "fuse.backend=openai", f"fuse.base_url=http://127.0.0.1:{port}/v1", "fuse.model=tiny-llama",
-                          "fuse.engine={}", "fuse.batch_size=4", "fuse.request_concurrency=2")
+        cfg = demo_config(
+            root,
+            "fuse.backend=openai",
+            f"fuse.base_url=http://127.0.0.1:{port}/v1",
+            "fuse.model=tiny-llama",
+            "fuse.engine={}",
+            "fuse.batch_size=4",
+            "fuse.request_concurrency=2",
+        )
         result = run(cfg, ["fuse"], progress=False)
         thread.join(timeout=300)
     finally:
@@ -395,8 +451,14 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
             _stop(s)
     assert restarted, "the server was never restarted"
     assert not result.failed
-    rows = [r for s in sorted(stage_output(root, "fuse").done()) for r in stage_output(root, "fuse").read_table(s).to_pylist()]
-    assert len(rows) == sum(stage_output(pipeline_root, "fuse").read_stats(s)["n_rows"] for s in stage_output(root, "fuse").done())
+    rows = [
+        r
+        for s in sorted(stage_output(root, "fuse").done())
+        for r in stage_output(root, "fuse").read_table(s).to_pylist()
+    ]
+    assert len(rows) == sum(
+        stage_output(pipeline_root, "fuse").read_stats(s)["n_rows"] for s in stage_output(root, "fuse").done()
+    )
     assert not [r for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))]
     assert not sum(result.tallies["fuse"].fallbacks.get(k, 0) for k in ("model_error", "engine_crash"))
 
@@ -419,7 +481,9 @@ def test_a_finalize_task_rerun_after_its_commit_returns_that_commit(pipeline_roo
     table = out.read_table("00000")
     out.invalidate("00000")
     storage.write_table(f"{layout.parts('caption', '00000')}/part.parquet", table)
-    job = ShardJob("00000", [build_stages(cfg, ["caption"])["caption"]], report={"n_rows": table.num_rows}, run_id="run-a")
+    job = ShardJob(
+        "00000", [build_stages(cfg, ["caption"])["caption"]], report={"n_rows": table.num_rows}, run_id="run-a"
+    )
     first = finalize_shard(storage, layout, job)
     assert not storage.names(layout.parts("caption", "00000")) and out.read_table("00000").equals(table)
     assert finalize_shard(storage, layout, job) == first  # the rerun of the same task
@@ -450,7 +514,7 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
         worker = cluster.add_node(num_cpus=6, object_store_memory=250_000_000)
         ray.init(address=cluster.address, log_to_driver=False)
         root = Path({str(root)!r})
-        cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models['llava']}", "fuse.model={tiny_models['llama']}",
+        cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models["llava"]}", "fuse.model={tiny_models["llama"]}",
                                    "caption.cpus_per_actor=1", "fuse.cpus_per_actor=1", "caption.batch_size=4",
                                    "fuse.batch_size=4", "max_inflight_shards=2"])
         removed, seen_on_worker = [], set()
@@ -494,5 +558,9 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
 
     images = str(root / "images")
     expected = {s.key for shard in list_shards(images) for s in ShardReader(images, shard)}
-    keys = [k for s in sorted(stage_output(root, "write").done()) for k in stage_output(root, "write").read_table(s)["key"].to_pylist()]
+    keys = [
+        k
+        for s in sorted(stage_output(root, "write").done())
+        for k in stage_output(root, "write").read_table(s)["key"].to_pylist()
+    ]
     assert len(keys) == len(set(keys)) and set(keys) == expected

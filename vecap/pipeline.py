@@ -80,9 +80,13 @@ class StageTally:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "shards": self.shards, "rows": self.rows, "skipped_shards": self.skipped_shards,
-            "statuses": dict(self.statuses), "fallbacks": dict(self.fallbacks),
-            "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+            "shards": self.shards,
+            "rows": self.rows,
+            "skipped_shards": self.skipped_shards,
+            "statuses": dict(self.statuses),
+            "fallbacks": dict(self.fallbacks),
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -99,8 +103,10 @@ class RunResult:
 
     def summary(self) -> str:
         """A plain-text table per stage: shards, samples, statuses, fallbacks, samples/s, tokens."""
-        lines = [f"{'stage':<8} {'shards':>6} {'skipped':>7} {'samples':>7} "
-                 f"{'samples/s':>9} {'tokens in/out':>15}  statuses / fallbacks"]
+        lines = [
+            f"{'stage':<8} {'shards':>6} {'skipped':>7} {'samples':>7} "
+            f"{'samples/s':>9} {'tokens in/out':>15}  statuses / fallbacks"
+        ]
         for name, t in self.tallies.items():
             rate = t.rows / self.seconds if self.seconds > 0 else 0.0
             statuses = ", ".join(f"{k}={v}" for k, v in sorted(t.statuses.items()))
@@ -194,7 +200,10 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
 
     def faults(section: Any) -> FaultPolicy:
         return FaultPolicy(
-            registry, section.call_timeout_s, cfg.faults.max_actor_restarts, cfg.faults.max_task_retries,
+            registry,
+            section.call_timeout_s,
+            cfg.faults.max_actor_restarts,
+            cfg.faults.max_task_retries,
         )
 
     built: dict[str, Stage] = {}
@@ -207,8 +216,14 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
     if "write" in steps:
         w = cfg.write
         built["write"] = WriteStage(
-            w.mix, w.p_vec, cfg.seed, tuple(w.image_exts), cfg.caption.max_image_bytes,
-            clip_model=w.clip_model, clip_batch_size=w.clip_batch_size, max_image_pixels=cfg.caption.max_image_pixels,
+            w.mix,
+            w.p_vec,
+            cfg.seed,
+            tuple(w.image_exts),
+            cfg.caption.max_image_bytes,
+            clip_model=w.clip_model,
+            clip_batch_size=w.clip_batch_size,
+            max_image_pixels=cfg.caption.max_image_pixels,
             max_alt_text_words=cfg.fuse.max_alt_text_words,
         )
     return built
@@ -345,7 +360,12 @@ def _read_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage |
 
 
 def build_stream(
-    cfg: PipelineConfig, stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, again: Reuse
+    cfg: PipelineConfig,
+    stages: dict[str, Stage],
+    plans: list[ShardPlan],
+    storage: Storage,
+    layout: Layout,
+    again: Reuse,
 ):
     """from_items(planned shards) → read → each stream stage's steps → part writer (manifest rows)."""
     import ray.data
@@ -364,15 +384,22 @@ def build_stream(
     ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = Step(
-        "read", _read_shards, {"storage": storage, "layout": layout, "caption_stage": stages.get("caption")},
+        "read",
+        _read_shards,
+        {"storage": storage, "layout": layout, "caption_stage": stages.get("caption")},
         # At most max_inflight_shards shards are being read at once; Ray Data's back-pressure bounds the rest.
-        inputs=("source", "shard", "keys", "reuse"), batch_size=1, concurrency=cfg.max_inflight_shards, memory_mb=1024,
+        inputs=("source", "shard", "keys", "reuse"),
+        batch_size=1,
+        concurrency=cfg.max_inflight_shards,
+        memory_mb=1024,
     ).apply(ds)
     in_stream = [stages[s] for s in ("caption", "fuse") if any(s in p.stream for p in plans)]
     for stage in in_stream:
         for step in stage.steps():
             ds = step.apply(ds)
-    return Step("write-parts", write_parts, {"storage": storage, "layout": layout, "stages": in_stream}, num_cpus=0.25).apply(ds)
+    return Step(
+        "write-parts", write_parts, {"storage": storage, "layout": layout, "stages": in_stream}, num_cpus=0.25
+    ).apply(ds)
 
 
 def _progress(total: int | None, enabled: bool):
@@ -420,7 +447,9 @@ def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[st
             )
     shards = list_shards(layout.images, storage=storage)
     if not shards:
-        raise ConfigError(f"no input shards (NNNNN.tar) found in {layout.images}: check `root` (is it the folder holding images/?)")
+        raise ConfigError(
+            f"no input shards (NNNNN.tar) found in {layout.images}: check `root` (is it the folder holding images/?)"
+        )
     return shards
 
 
@@ -454,7 +483,9 @@ def run(
     run_id = new_run_id()
     lease = Lease(storage, layout.lease, run_id, ttl_s=cfg.lease_ttl_s, heartbeat_s=min(15.0, cfg.lease_ttl_s / 4))
     with lease, driver_log(storage, layout, run_id) as log_path:
-        log.info("run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else "")
+        log.info(
+            "run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else ""
+        )
         log.info("driver log: %s", log_path)
         for s in STAGES:  # we hold the lease: temporary files and parts left in the root belong to dead runs
             storage.remove_temps(layout.stage(s))
@@ -472,11 +503,15 @@ def run(
             registry = start_registry(run_id, cfg.faults.max_consecutive_fatal)
             log.info(
                 "plan: %d shard(s) from images, %d from captions, %d write-only (%d done shard(s) skipped)",
-                sum(p.source == "images" for p in plans), sum(p.source == "captions" for p in plans),
-                sum(p.source is None for p in plans), len(input_shards) - len(plans),
+                sum(p.source == "images" for p in plans),
+                sum(p.source == "captions" for p in plans),
+                sum(p.source is None for p in plans),
+                len(input_shards) - len(plans),
             )
             again = resolve_reuse(stages, plans, storage, layout, run_id)
-            with_dups = {p.shard for p in plans if "fuse" in p.stream and again.shards.get(p.shard, ShardReuse()).n_duplicate}
+            with_dups = {
+                p.shard for p in plans if "fuse" in p.stream and again.shards.get(p.shard, ShardReuse()).n_duplicate
+            }
             if with_dups:
                 # A duplicate's caption arrives when its first copy's shard commits, after the stream has
                 # passed it: the first pass fuses every other row (its fused rows wait as parts), and a
@@ -484,12 +519,21 @@ def run(
                 first = [replace(p, write=False, deferred=("fuse",)) if p.shard in with_dups else p for p in plans]
                 failed.update(_execute(cfg, stages, first, storage, layout, tallies, progress, registry, again, run_id))
                 second = [
-                    ShardPlan(p.shard, "captions", ["fuse"], p.write, duplicates_only=True, n_rows=again.shards[p.shard].n_duplicate)
+                    ShardPlan(
+                        p.shard,
+                        "captions",
+                        ["fuse"],
+                        p.write,
+                        duplicates_only=True,
+                        n_rows=again.shards[p.shard].n_duplicate,
+                    )
                     for p in plans
                     if p.shard in with_dups and p.shard not in failed
                 ]
                 log.info("second pass: fusing the duplicates of %d shard(s)", len(second))
-                failed.update(_execute(cfg, stages, second, storage, layout, tallies, progress, registry, again, run_id))
+                failed.update(
+                    _execute(cfg, stages, second, storage, layout, tallies, progress, registry, again, run_id)
+                )
             else:
                 failed.update(_execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again, run_id))
             storage.remove(layout.reuse(run_id), recursive=True)
@@ -509,7 +553,9 @@ def run(
     return result
 
 
-def resolve_reuse(stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, run_id: str) -> Reuse:
+def resolve_reuse(
+    stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, run_id: str
+) -> Reuse:
     """Which images of the planned shards are duplicates or cached (:mod:`vecap.reuse`)."""
     caption = stages.get("caption")
     todo = [p.shard for p in plans if p.source == "images" and p.retry_keys is None]
@@ -520,7 +566,9 @@ def resolve_reuse(stages: dict[str, Stage], plans: list[ShardPlan], storage: Sto
     again = resolve(todo, layout.images, storage, layout.reuse(run_id), dedup=cfg.dedup, cache=caption.cache)  # type: ignore[attr-defined]
     log.info(
         "captions reused: %d duplicate image(s), %d from the cache (resolved in %.1fs)",
-        again.n_duplicate, again.n_cache, time.time() - t0,
+        again.n_duplicate,
+        again.n_cache,
+        time.time() - t0,
     )
     return again
 
@@ -563,8 +611,14 @@ def _execute(
         if p.duplicates_only:
             timings = dict(Counter(again.held.pop(p.shard, {})) + Counter(timings))
         job = ShardJob(
-            p.shard, [stages[s] for s in p.commits], stages["write"] if p.write else None, report, timings, p.retry_keys,
-            rest_in_parts=p.duplicates_only, run_id=run_id,
+            p.shard,
+            [stages[s] for s in p.commits],
+            stages["write"] if p.write else None,
+            report,
+            timings,
+            p.retry_keys,
+            rest_in_parts=p.duplicates_only,
+            run_id=run_id,
         )
         pending[finalize.remote(storage, layout, job)] = p.shard
         submitted.add(p.shard)
@@ -579,7 +633,9 @@ def _execute(
             try:
                 done = ray.get(ready[0])
             except Exception as err:  # noqa: BLE001 - one shard's failure is recorded, the others commit
-                failed[shard] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                failed[shard] = (
+                    f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                )
                 log.error("shard %s failed: %s", shard, failed[shard])
                 metrics.record_failed()
                 continue
@@ -621,8 +677,12 @@ def _execute(
         timings: dict[str, Counter] = {}
         stream_error = None
         try:
-            for batch in build_stream(cfg, stages, streamed, storage, layout, again).iter_batches(batch_size=None, batch_format="pyarrow"):
-                for shard, n, report, t in zip(*(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings")), strict=True):
+            for batch in build_stream(cfg, stages, streamed, storage, layout, again).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                for shard, n, report, t in zip(
+                    *(batch.column(c).to_pylist() for c in ("shard", "n_rows", "report", "timings")), strict=True
+                ):
                     got[shard] += n
                     bar.update(n)
                     sum_timings(timings.setdefault(shard, Counter()), t)
@@ -636,7 +696,10 @@ def _execute(
                 release()
         except Exception as err:  # noqa: BLE001 - commit what is complete, then report the rest
             tripped = ray.get(registry.state.remote())["tripped"]
-            stream_error = tripped or f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+            stream_error = (
+                tripped
+                or f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+            )
             log.error("the stream stopped: %s", stream_error)
         bar.close()
         for p in streamed:

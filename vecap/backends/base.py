@@ -157,7 +157,7 @@ class ChatEngine(ABC):
         backend cannot tell, and then the watchdog's limit is on the call's wall time."""
         return None
 
-    def kill(self) -> None:
+    def kill(self) -> None:  # noqa: B027 - optional: most backends have no processes of their own
         """Stop the engine's own processes at once, before the actor exits after a fatal error
         (nothing to do where the engine lives in the actor's process)."""
 

@@ -16,4 +16,6 @@ DRY_CAPTION = "a dry-run caption"
 
 class DryEngine(ChatEngine):
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
-        return [Generation(text=DRY_CAPTION, finish_reason="stop", n_prompt_tokens=0, n_output_tokens=0) for _ in requests]
+        return [
+            Generation(text=DRY_CAPTION, finish_reason="stop", n_prompt_tokens=0, n_output_tokens=0) for _ in requests
+        ]

@@ -24,7 +24,11 @@ class HFEngine(ChatEngine):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.tokenizer = tok
-        dtype = "auto" if spec.dtype == "auto" else getattr(torch, {"half": "float16", "float": "float32"}.get(spec.dtype, spec.dtype))
+        dtype = (
+            "auto"
+            if spec.dtype == "auto"
+            else getattr(torch, {"half": "float16", "float": "float32"}.get(spec.dtype, spec.dtype))
+        )
         auto = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
         self.hf_model = auto.from_pretrained(
             spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code, **spec.engine_kwargs
@@ -41,7 +45,10 @@ class HFEngine(ChatEngine):
         prompts = [self._render(r.messages) for r in requests]
         if self.spec.multimodal:
             inputs = self.processor(
-                text=prompts, images=[r.image for r in requests], padding=True, return_tensors="pt",
+                text=prompts,
+                images=[r.image for r in requests],
+                padding=True,
+                return_tensors="pt",
                 add_special_tokens=False,  # the chat template already holds BOS
             )
         else:

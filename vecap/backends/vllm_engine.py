@@ -163,7 +163,9 @@ class VLLMEngine(ChatEngine):
     def progress(self, future: Future) -> Progress | None:
         with self._lock:
             call = self._calls.get(future)
-            return Progress(steps=self._counters["steps"], tokens=self._tokens, call_tokens=sum(call.tokens) if call else 0)
+            return Progress(
+                steps=self._counters["steps"], tokens=self._tokens, call_tokens=sum(call.tokens) if call else 0
+            )
 
     # --- the feeder thread --------------------------------------------------------------------
     def _feed(self) -> None:

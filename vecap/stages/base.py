@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from vecap import schemas
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
 from vecap.backends.base import EngineFatal, EngineHung
-from vecap.faults import CircuitOpen, FaultPolicy, SuspectGate, plan_groups
 from vecap.config import ModelConfig, stable_hash
+from vecap.faults import CircuitOpen, FaultPolicy, SuspectGate, plan_groups
 from vecap.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,12 @@ def engine_spec(cfg: ModelConfig, multimodal: bool) -> EngineSpec:
 def params_hash(spec: EngineSpec) -> str:
     """What changes outputs for the same model and prompt: backend, dtype, decoding, engine options."""
     return stable_hash(
-        {"backend": spec.backend, "dtype": spec.dtype, "sampling": spec.sampling.to_dict(), "engine": spec.engine_kwargs}
+        {
+            "backend": spec.backend,
+            "dtype": spec.dtype,
+            "sampling": spec.sampling.to_dict(),
+            "engine": spec.engine_kwargs,
+        }
     )
 
 
@@ -321,7 +326,9 @@ class EngineWorker:
         self._reported: dict[str, float] = {}
         self._gate = SuspectGate()  # calls holding keys of a crashed call run alone
         self._span_until: float | None = None  # span_s: this actor's first engine call to its last return
-        self._metrics = EngineMetrics.for_worker(self, spec.backend, self._pending["engine_start_s"])  # starts, restarts
+        self._metrics = EngineMetrics.for_worker(
+            self, spec.backend, self._pending["engine_start_s"]
+        )  # starts, restarts
 
     def request(self, row: dict[str, Any]) -> Request:
         raise NotImplementedError
@@ -376,7 +383,6 @@ class EngineWorker:
 
     async def _run(self, ready: dict[str, tuple[dict[str, Any], Request]]) -> None:
         """Call the engine on the batch's requests, isolating inputs that killed it before."""
-        import asyncio
 
         keys = list(ready)
         counts = await self._ask("counts", keys) or {}  # {} without a registry: isolation off
@@ -384,7 +390,9 @@ class EngineWorker:
             raise CircuitOpen(state["tripped"])
         crashed, groups = plan_groups(keys, counts)
         for k in crashed:
-            self.apply(ready[k][0], Generation(text=None, error="engine_crash: this sample made the engine process exit"))
+            self.apply(
+                ready[k][0], Generation(text=None, error="engine_crash: this sample made the engine process exit")
+            )
             ready[k][0]["status"] = schemas.ENGINE_CRASH
         if crashed:
             await self._ask("isolate", crashed)
@@ -396,7 +404,7 @@ class EngineWorker:
                 except EngineFatal as err:
                     await self._fatal(f"{type(err).__name__}: {err}"[:300])
                     raise  # not reached: the actor has exited
-            for k, gen in zip(group, gens):
+            for k, gen in zip(group, gens, strict=True):
                 self.apply(ready[k][0], gen)
             await self._ask("end", group)
 
