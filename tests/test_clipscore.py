@@ -137,7 +137,7 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     from conftest import BAD_SHARD
 
     from vecap.clipscore import ClipScorer, get_scorer
-    from vecap.fusion import light_clean
+    from vecap.validation import clean_alt_text
     from vecap.images import prepare_image
     from vecap.layout import Layout
     from vecap.pipeline import ConfigMismatch, build_stages, run
@@ -151,7 +151,7 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     assert len(table) > 0 and (table["status"] == "ok").sum() > 0 and (table["status"] != "ok").sum() > 0
     n_scored = 0
     for row in table.itertuples():
-        texts = {"alt": light_clean(row.alt_text), "vlm_caption": row.vlm_caption, "vec_caption": row.vec_caption}
+        texts = {"alt": clean_alt_text(row.alt_text), "vlm_caption": row.vlm_caption, "vec_caption": row.vec_caption}
         for column, source in CLIP_COLUMNS.items():
             value = getattr(row, column)
             text = texts[source]
@@ -183,7 +183,7 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
             data = members[f"{row.key}.{row.image_ext}"]
             image = prepare_image(data, get_scorer(str(tiny_clip)).image_size, stage.max_image_pixels,
                                   stage.max_image_bytes).to_pil()
-            row_texts = {"clip_score_alt": light_clean(row.alt_text), "clip_score_vlm": row.vlm_caption,
+            row_texts = {"clip_score_alt": clean_alt_text(row.alt_text), "clip_score_vlm": row.vlm_caption,
                          "clip_score_vec": row.vec_caption}
             for column, text in row_texts.items():
                 if isinstance(text, str) and text.strip():
@@ -239,5 +239,6 @@ def test_fingerprint_unchanged_without_clip() -> None:
 
     assert WriteStage().fingerprint() == {
         "mix": "random", "p_vec": 0.5, "seed": 0, "image_exts": ["jpg", "png", "webp"], "max_image_bytes": 32 << 20,
+        "alt_text": {"clean": "vecap.validation", "max_words": 64},
     }
     assert WriteStage(clip_model="m").fingerprint()["clip_model"] == "m"

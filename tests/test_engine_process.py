@@ -25,8 +25,13 @@ MESSAGES = [{"role": "user", "content": "Describe a harbour at dawn."}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
+    import vllm.envs
+
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    # An in-process engine started earlier in this test process froze vLLM's reading of its
+    # environment (vllm.envs.enable_envs_cache): read it afresh, or the core would stay in-process.
+    vllm.envs.disable_envs_cache()
     spec = EngineSpec(
         backend="vllm",
         model=str(tiny_models["llama"]),
