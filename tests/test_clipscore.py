@@ -137,12 +137,12 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     from conftest import BAD_SHARD
 
     from vecap.clipscore import ClipScorer, get_scorer
-    from vecap.validation import clean_alt_text
     from vecap.images import prepare_image
     from vecap.layout import Layout
     from vecap.pipeline import ConfigMismatch, build_stages, run
     from vecap.stages.write import WriteStage, write_shard
     from vecap.storage import Storage
+    from vecap.validation import clean_alt_text
 
     root = make_root()
     shards = ["00000", BAD_SHARD]
