@@ -8,7 +8,8 @@ the ``VLLM::EngineCore`` child of the stage's engine actor and times, from the k
 
 - *restart*: a new engine actor process of the stage exists (Ray restarted the actor);
 - *engine up*: that actor's engine core exists again (vLLM is loading the model);
-- *next commit*: the stage's next ``_done`` marker, the end of the stall.
+- *next commit*: the stage's first ``_done`` marker after that engine is up, the end of the stall
+  (*any commit*: the first marker after the kill, often a shard whose batches were back before it).
 
 Also printed: the stage's engine start-up (``<stage>_engine_start_s`` in the markers, summed
 over the starts of the run), which is most of the stall on this machine and a few seconds to
@@ -39,6 +40,7 @@ log = logging.getLogger("bench")
 WORKERS = {"caption": "MapBatches(CaptionWorker)", "fuse": "MapBatches(FuseWorker)"}
 FOLDERS = {"caption": "captions", "fuse": "fused"}
 CORE = "VLLM::EngineCore"
+MOMENTS = ("first_commit", "restart", "engine_up", "next_commit")  # seconds from the kill, in the table's order
 
 
 def _actors(worker: str) -> list[Any]:
@@ -90,15 +92,20 @@ class StallMonitor(threading.Thread):
         self.killed = {"pid": core.pid, "name": core.name(), "commits_before": len(before)}
         t0 = time.time()
         core.send_signal(signal.SIGKILL)
+        # A shard whose batches were back before the kill may still commit during the stall: the
+        # stall ends with the first commit after the restarted actor's engine is up.
         while time.time() < self.deadline and "next_commit" not in self.times:
             now = time.time()
             if "restart" not in self.times and {p.pid for p in _actors(self.worker)} - old_actors:
                 self.times["restart"] = now - t0
             if "restart" in self.times and "engine_up" not in self.times and _cores(self.worker):
                 self.times["engine_up"] = now - t0
-            later = {k: v for k, v in self._commits().items() if k not in before}
-            if later:
-                self.times["next_commit"] = min(later.values()) - t0
+            later = sorted(v - t0 for k, v in self._commits().items() if k not in before)
+            if later and "first_commit" not in self.times:
+                self.times["first_commit"] = later[0]
+            after_up = [t for t in later if "engine_up" in self.times and t >= self.times["engine_up"]]
+            if after_up:
+                self.times["next_commit"] = after_up[0]
             time.sleep(0.05)
 
 
@@ -142,7 +149,13 @@ def _run(root: Path, models: dict[str, Path], stage: str | None, overrides: list
         "times": monitor.times if monitor else {},
         "killed": monitor.killed if monitor else {},
         "engine": engine,
+        "restarts": result.engine_restarts.get(stage or "fuse", 0),
     }
+
+
+def _mean_start(engine: dict[str, float], stage: str) -> float:
+    """Seconds per engine start of the stage, from the markers' summed engine stats."""
+    return engine.get(f"{stage}_engine_start_s", 0) / max(engine.get(f"{stage}_engine_starts", 1), 1)
 
 
 def _fused_rows(root: Path) -> list[dict[str, Any]]:
@@ -190,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         [
             i + 1,
             r["killed"].get("pid"),
-            *(f"{r['times'].get(k, float('nan')):.1f}" for k in ("restart", "engine_up", "next_commit")),
-            f"{r['engine'].get(f'{stage}_engine_start_s', 0) / max(r['engine'].get(f'{stage}_engine_starts', 1), 1):.1f}",
-            int(r["engine"].get(f"{stage}_engine_restarts", 0)),
+            *(f"{r['times'].get(k, float('nan')):.1f}" for k in MOMENTS),
+            f"{_mean_start(r['engine'], stage):.1f}",
+            r["restarts"],
             f"{r['wall_s']:.0f}",
             f"{rows[0]['wall_s']:.0f}",
             r["equal_to_clean"],
@@ -204,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "kill",
             "core pid",
+            "any commit s",
             "restart s",
             "engine core up s",
             "next commit s",
@@ -217,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     stall = median(r["times"].get("next_commit") for r in kills)
     harness.note(
-        f"Stall (kill → the stage's next commit), median of {len(kills)}: {stall if stall is None else round(stall, 1)} s. "
-        "Seconds from the SIGKILL; restart = a new engine actor process of the stage; engine core up = its "
-        "engine-core child exists (the model is loading); the stall is mostly that engine start on this machine."
+        f"Stall (kill → the stage's next commit), median of {len(kills)}: "
+        f"{stall if stall is None else round(stall, 1)} s. Seconds from the SIGKILL; any commit = the first marker "
+        "after it; restart = a new engine actor process of the stage; engine core up = its "
+        "engine-core child exists (the model is loading); next commit = the first marker after that; restarts = "
+        "RunResult.engine_restarts of the stage. The stall is mostly that engine start on this machine."
     )
     md = harness.write(
         args.out,
