@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,16 @@ def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_m
     assert storage.exists(layout.lease)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Its workers' logs are in the bucket (Ray ends workers without their exit handlers: the driver
+    # collects each node's staged files at the end), and nothing of them is left staged on this machine.
+    from vecap.runlog import staging_dir
+
+    run_id = re.search(r"run (\d{8}-\d{6}-[0-9a-f]{6}) on", done.stderr)[1]
+    logs = layout.logs(run_id)
+    workers = {n: storage.read_bytes(f"{logs}/{n}").decode() for n in storage.names(logs) if n.startswith("worker-")}
+    assert any("fuse engine (vllm) loaded" in t for t in workers.values()), sorted(workers)
+    assert "driver.log" in storage.names(logs)
+    assert not os.path.exists(staging_dir(logs))
     assert {s: storage.read_bytes(layout.marker("fuse", s)) for s in committed} == committed  # kept, not redone
     keys = [k for s in sorted(StageOutput(layout, "write", storage).done())
             for k in StageOutput(layout, "write", storage).read_table(s)["key"].to_pylist()]

@@ -7,8 +7,12 @@
 
 On local and shared-mount roots the files are written in place (every record flushed).
 Object stores have no append: the file is written on local disk and uploaded whole every
-``upload_every_s`` and when it closes (the driver's at the end of the run, a worker's when
-its process exits normally; a worker killed hard keeps its last upload).
+``upload_every_s`` and when it closes (the driver's at the end of the run). Ray ends its
+worker processes without running their exit handlers, so the workers stage their files in
+one folder per run on each machine (:func:`staging_dir`), and at the end of the run the
+driver sends one task to every node that uploads that node's staged files and removes
+them (:func:`collect_worker_logs`). A run whose driver died keeps its workers' last
+periodic uploads; what they staged after stays on the nodes' local disk.
 
 Workers get their log through Ray's ``worker_process_setup_hook`` (every worker process
 of the job runs it at start), set up by :func:`worker_runtime_env` when vecap starts or
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import logging
 import os
+import posixpath
 import socket
 import tempfile
 import threading
@@ -50,6 +56,10 @@ class _FileHandler(logging.FileHandler):
         if self.formatter is None:
             super().setFormatter(fmt)
 
+    def _open(self):  # noqa: ANN202 - logging's own signature
+        os.makedirs(os.path.dirname(self.baseFilename) or ".", exist_ok=True)
+        return super()._open()
+
     def handle(self, record: logging.LogRecord) -> bool:
         if record is self._last:
             return False
@@ -60,12 +70,22 @@ class _FileHandler(logging.FileHandler):
 class LogFile:
     """A log file under the root, as a logging handler: in place, or staged locally and uploaded."""
 
-    def __init__(self, storage: Storage, path: str, upload_every_s: float = 30.0, level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        path: str,
+        upload_every_s: float = 30.0,
+        level: int = logging.INFO,
+        staged_as: str | None = None,
+    ) -> None:
+        """``staged_as``: on an object store, the local file to stage in (default: a new temporary file)."""
         self.storage = storage
         self.path = path
         if storage.local:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self.local_path = path
+        elif staged_as is not None:
+            self.local_path = staged_as  # its folder is made with the file, at the first record
         else:
             fd, self.local_path = tempfile.mkstemp(prefix="vecap-log-", suffix=".log")
             os.close(fd)
@@ -78,7 +98,9 @@ class LogFile:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if not storage.local:
-            self._thread = threading.Thread(target=self._upload_loop, args=(upload_every_s,), name="vecap-log", daemon=True)
+            self._thread = threading.Thread(
+                target=self._upload_loop, args=(upload_every_s,), name="vecap-log", daemon=True
+            )
             self._thread.start()
 
     def _upload_loop(self, every_s: float) -> None:
@@ -90,6 +112,8 @@ class LogFile:
         if self.storage.local:
             return
         with self._lock:
+            if not os.path.exists(self.local_path):
+                return  # collected at the end of the run (collect_worker_logs), or not written yet
             try:
                 self.handler.flush()
                 size = os.path.getsize(self.local_path)
@@ -143,7 +167,8 @@ def driver_log(storage: Storage, layout: Layout, run_id: str) -> Iterator[str]:
     Records at INFO and above of every logger that reaches the root logger (and Ray's and
     vLLM's own) go to the file, at the levels the process's logging configuration allows.
     An exception that ends the run is written with its traceback (to the file only: the
-    terminal gets the one-line error from the CLI).
+    terminal gets the one-line error from the CLI). At the end, the workers' logs staged on
+    the nodes are uploaded (object stores, :func:`collect_worker_logs`).
     """
     global _current, _driver_sink
     folder = layout.logs(run_id)
@@ -160,11 +185,15 @@ def driver_log(storage: Storage, layout: Layout, run_id: str) -> Iterator[str]:
     try:
         yield sink.path
     except BaseException as err:
-        record = logging.LogRecord("vecap", logging.ERROR, __file__, 0, "run %s ended with %s: %s", (run_id, type(err).__name__, err), None)
+        record = logging.LogRecord(
+            "vecap", logging.ERROR, __file__, 0, "run %s ended with %s: %s", (run_id, type(err).__name__, err), None
+        )
         record.exc_info = (type(err), err, err.__traceback__)
         sink.handler.handle(record)
         raise
     finally:
+        with contextlib.suppress(Exception):
+            collect_worker_logs()  # object stores: the workers' staged logs, which Ray's exits never upload
         _current, _driver_sink = previous, previous_sink
         sink.detach(*loggers)
         sink.close()
@@ -195,8 +224,9 @@ def setup_worker_logging(storage: Storage, folder: str) -> str | None:
     global _worker_log
     if _worker_log is not None:
         return _worker_log.path
+    name = f"worker-{socket.gethostname()}-{os.getpid()}.log"
     try:
-        _worker_log = LogFile(storage, f"{folder}/worker-{socket.gethostname()}-{os.getpid()}.log")
+        _worker_log = LogFile(storage, f"{folder}/{name}", staged_as=os.path.join(staging_dir(folder), name))
     except Exception as err:  # noqa: BLE001 - a worker without its log file still works
         logging.getLogger(__name__).warning("no worker log under %s: %s", folder, err)
         return None
@@ -211,3 +241,60 @@ def setup_worker_logging(storage: Storage, folder: str) -> str | None:
     _worker_log.attach(*_loggers())
     atexit.register(_worker_log.close)
     return _worker_log.path
+
+
+# --- collecting the workers' staged logs (object stores) -------------------------------------
+def staging_dir(folder: str) -> str:
+    """The local folder in which this machine's workers stage their logs of the run logging to
+    ``folder`` (``<root>/logs/<run id>``): one folder per root's logs, one subfolder per run."""
+    logs, run = posixpath.split(folder.rstrip("/"))
+    return os.path.join(tempfile.gettempdir(), "vecap-logs", hashlib.sha256(logs.encode()).hexdigest()[:16], run)
+
+
+def upload_staged_logs(storage: Storage, folder: str) -> int:
+    """Upload each worker log staged on this machine for the run logging to ``folder`` (whole,
+    one PUT each), then remove it; how many. A worker still alive stops uploading once its file
+    is gone (its later lines are lost)."""
+    staged = staging_dir(folder)
+    names = sorted(os.listdir(staged)) if os.path.isdir(staged) else []
+    for name in names:
+        local = os.path.join(staged, name)
+        with open(local, "rb") as f:
+            storage.write_bytes(f"{folder.rstrip('/')}/{name}", f.read())
+        os.unlink(local)
+    for empty in (staged, os.path.dirname(staged)):
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)
+    return len(names)
+
+
+def collect_worker_logs(timeout_s: float = 120.0) -> int:
+    """At the end of a run on an object store: one task on every alive node of the Ray this
+    process is connected to uploads and removes that node's staged worker logs; how many files.
+    Nothing to do on local roots (written in place) or when this process runs no run's log."""
+    if _current is None or _current[0].local:
+        return 0
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return 0
+    storage, folder = _current
+    upload = ray.remote(num_cpus=0, max_retries=2)(upload_staged_logs)
+    tasks = [
+        upload.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            storage, folder
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    ready, pending = ray.wait(tasks, num_returns=len(tasks), timeout=timeout_s)
+    n = 0
+    for ref in ready:
+        try:
+            n += ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - a log upload never fails the run
+            log.warning("worker logs of a node were not uploaded to %s: %s", folder, err)
+    if pending:
+        log.warning("worker logs of %d node(s) were not uploaded to %s in %.0f s", len(pending), folder, timeout_s)
+    return n
