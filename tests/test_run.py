@@ -276,7 +276,7 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     assert not ray.is_initialized() or ray.cluster_resources()  # the test session's own Ray (if any) still answers
 
 
-def test_dry_run_reads_every_shard_and_writes_apart(make_root, demo_config):
+def test_dry_run_reads_every_shard_and_writes_apart(make_root, demo_config, tiny_models, capsys):
     """No models: every key gets its row with the fixed caption or its image status, under _dry_run/."""
     from vecap.backends.dry import DRY_CAPTION
 
@@ -295,6 +295,21 @@ def test_dry_run_reads_every_shard_and_writes_apart(make_root, demo_config):
     assert result.tallies["write"].shards == len(captions.done())
     assert json.loads((dry / "captions" / "_run.json").read_text())["dry_run"] is True
     assert (dry / "clip" / "sizes.json").exists()
+
+    # `vecap plan --dry-run-root`: the plan's CPU cost per sample is the dry run's, over all its rows
+    from vecap.cli import main
+    from vecap.plan import cpu_cost_from_dry_run
+
+    capsys.readouterr()
+    models = [f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}"]
+    argv = ["plan", "-c", "demo", *(a for m in models for a in ("--set", m)), "--images", "1000000"]
+    argv += ["--gpu", "h100", "--dry-run-root", str(root), "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    steps, n = cpu_cost_from_dry_run(str(root))
+    assert n == len(keys) and sum(steps.values()) > 0
+    assert plan["cpu_s_per_sample"] == pytest.approx(sum(steps.values()))
+    assert plan["cpu_steps"] == pytest.approx(steps) and str(root) in plan["cpu_source"]
 
 
 def test_a_missing_or_empty_root_is_an_error(tmp_path, demo_config, monkeypatch):
