@@ -110,7 +110,7 @@ def test_scores(tiny_clip: Path) -> None:
     assert set(out) == set(texts) and all(len(v) == 3 for v in out.values())
     assert out["vlm"][1] is None and out["vlm"][2] is None and out["vec"][2] is None
     for name, values in out.items():
-        for v, t in zip(values, texts[name]):
+        for v, t in zip(values, texts[name], strict=True):
             assert (v is None) == (t is None or not t.strip())
             if v is not None:
                 assert isinstance(v, float) and 0.0 <= v <= 100.0

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import posixpath
 import socket
 import tempfile
 import threading
@@ -246,9 +245,9 @@ def setup_worker_logging(storage: Storage, folder: str) -> str | None:
 # --- collecting the workers' staged logs (object stores) -------------------------------------
 def staging_dir(folder: str) -> str:
     """The local folder in which this machine's workers stage their logs of the run logging to
-    ``folder`` (``<root>/logs/<run id>``): one folder per root's logs, one subfolder per run."""
-    logs, run = posixpath.split(folder.rstrip("/"))
-    return os.path.join(tempfile.gettempdir(), "vecap-logs", hashlib.sha256(logs.encode()).hexdigest()[:16], run)
+    ``folder`` (``<root>/logs/<run id>``), named by its hash."""
+    name = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "vecap-logs", name)
 
 
 def upload_staged_logs(storage: Storage, folder: str) -> int:
@@ -288,6 +287,8 @@ def collect_worker_logs(timeout_s: float = 120.0) -> int:
         for node in ray.nodes()
         if node.get("Alive")
     ]
+    if not tasks:
+        return 0
     ready, pending = ray.wait(tasks, num_returns=len(tasks), timeout=timeout_s)
     n = 0
     for ref in ready:
