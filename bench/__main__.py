@@ -13,12 +13,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="vecap's CPU benchmarks, side by side on the same "
-                    "inputs; results to bench/results/results.{json,md}. "
+        "inputs; results to bench/results/results.{json,md}. "
         "The GPU script is separate: python -m bench.gpu",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes, one repetition (~12 min on 2 cores; the full run ~30)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes, one repetition (~12 min on 2 cores; the full run ~30)"
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)",
+    )
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: %(default)s)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         attempts += 1
         proc = subprocess.Popen(
             [sys.executable, "-c", DRIVER, str(root), str(models_dir), str(args.seed + attempts)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
         )
         kill_at = time.time() + rng.uniform(40, 120) if driver_kills == 0 else None
         while proc.poll() is None:
@@ -116,12 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     layout = Layout(str(root))
     expected = {s.key for shard in list_shards(str(images)) for s in ShardReader(str(images), shard)}
-    written = [k for s in sorted(StageOutput(layout, "write").done()) for k in StageOutput(layout, "write").read_table(s)["key"].to_pylist()]
-    fused = [r for s in sorted(StageOutput(layout, "fuse").done()) for r in StageOutput(layout, "fuse").read_table(s).to_pylist()]
-    silent = [r for r in fused if (r["error"] or "").split(":", 1)[0] in ("model_error", "engine_crash", "caption_failed")]
+    written = [
+        k
+        for s in sorted(StageOutput(layout, "write").done())
+        for k in StageOutput(layout, "write").read_table(s)["key"].to_pylist()
+    ]
+    fused = [
+        r
+        for s in sorted(StageOutput(layout, "fuse").done())
+        for r in StageOutput(layout, "fuse").read_table(s).to_pylist()
+    ]
+    silent = [
+        r for r in fused if (r["error"] or "").split(":", 1)[0] in ("model_error", "engine_crash", "caption_failed")
+    ]
     report = {
-        "shards": args.shards, "samples": len(expected), "driver_attempts": attempts, "events": events,
-        "keys_lost": len(expected - set(written)), "keys_duplicated": len(written) - len(set(written)),
+        "shards": args.shards,
+        "samples": len(expected),
+        "driver_attempts": attempts,
+        "events": events,
+        "keys_lost": len(expected - set(written)),
+        "keys_duplicated": len(written) - len(set(written)),
         "infra_fallbacks": len(silent),
     }
     print(json.dumps(report, indent=2))

@@ -56,15 +56,42 @@ CAPTION_LENGTHS = (8, 40)  # VLM captions
 FUSE_LENGTHS = (20, 80)  # fused captions
 
 
-FULL = Sizes(reps=3, n_images=320, shard_size=32, caption_shards=3, fuse_shards=2, batch_size=16,
-             backend_caption_requests=16, backend_fuse_requests=8, io_shards=10, memory_shards=2,
-             memory_command="run", driver_samples=10_000, driver_shard_sizes=(100, 10_000), driver_reps=1,
-             budget_s={"setup": 45, "io": 20, "driver": 900, "memory": 110, "caption": 200, "fuse": 360, "backends": 150})
-QUICK = Sizes(reps=1, n_images=64, shard_size=8, caption_shards=8, fuse_shards=6, batch_size=4,
-              backend_caption_requests=8, backend_fuse_requests=8, io_shards=8, memory_shards=1,
-              memory_command="caption", driver_samples=500, driver_shard_sizes=(100, 500), driver_reps=1,
-              budget_s={"setup": 40, "io": 10, "driver": 200, "memory": 50, "caption": 90, "fuse": 150, "backends": 60},
-              max_num_seqs=8, fuse_prefix_modes=("on",))
+FULL = Sizes(
+    reps=3,
+    n_images=320,
+    shard_size=32,
+    caption_shards=3,
+    fuse_shards=2,
+    batch_size=16,
+    backend_caption_requests=16,
+    backend_fuse_requests=8,
+    io_shards=10,
+    memory_shards=2,
+    memory_command="run",
+    driver_samples=10_000,
+    driver_shard_sizes=(100, 10_000),
+    driver_reps=1,
+    budget_s={"setup": 45, "io": 20, "driver": 900, "memory": 110, "caption": 200, "fuse": 360, "backends": 150},
+)
+QUICK = Sizes(
+    reps=1,
+    n_images=64,
+    shard_size=8,
+    caption_shards=8,
+    fuse_shards=6,
+    batch_size=4,
+    backend_caption_requests=8,
+    backend_fuse_requests=8,
+    io_shards=8,
+    memory_shards=1,
+    memory_command="caption",
+    driver_samples=500,
+    driver_shard_sizes=(100, 500),
+    driver_reps=1,
+    budget_s={"setup": 40, "io": 10, "driver": 200, "memory": 50, "caption": 90, "fuse": 150, "backends": 60},
+    max_num_seqs=8,
+    fuse_prefix_modes=("on",),
+)
 SECTIONS = ("io", "driver", "memory", "caption", "fuse", "backends")
 
 
@@ -122,13 +149,24 @@ def prepare(sizes: Sizes, harness: Harness, need_models: bool = True) -> Ctx:
     else:
         models, tiny = model_dirs(WORK / "models", "bench"), model_dirs(WORK / "models", "tiny")
     images = sample_images(WORK / "data" / f"n{sizes.n_images}-s{sizes.shard_size}", sizes.n_images, sizes.shard_size)
-    overrides = [f"caption.model={models['llava']}", f"fuse.model={models['llama']}",
-                 f"caption.batch_size={sizes.batch_size}", f"fuse.batch_size={sizes.batch_size}"]
+    overrides = [
+        f"caption.model={models['llava']}",
+        f"fuse.model={models['llama']}",
+        f"caption.batch_size={sizes.batch_size}",
+        f"fuse.batch_size={sizes.batch_size}",
+    ]
     if need_models:
         vision = json.loads((models["llava"] / "config.json").read_text())["vision_config"]
         overrides.append(f"caption.image_size={vision['image_size']}")  # the bench LLaVA's input size
-    return Ctx(sizes=sizes, harness=harness, images=images, shards=list_shards(str(images)), models=models, tiny=tiny,
-               overrides=overrides)
+    return Ctx(
+        sizes=sizes,
+        harness=harness,
+        images=images,
+        shards=list_shards(str(images)),
+        models=models,
+        tiny=tiny,
+        overrides=overrides,
+    )
 
 
 def read_markers(layout: Any, step: str) -> dict[str, dict[str, Any]]:

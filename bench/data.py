@@ -74,7 +74,12 @@ def repack(source: Path, out: Path, n_samples: int, shard_size: int, failed_only
     data path settles without decoding: rows at the highest rate a small machine can stream.
     """
     images = out / "images"
-    spec = {"source": str(source.resolve()), "n_samples": n_samples, "shard_size": shard_size, "failed_only": failed_only}
+    spec = {
+        "source": str(source.resolve()),
+        "n_samples": n_samples,
+        "shard_size": shard_size,
+        "failed_only": failed_only,
+    }
     done = images / DONE
     if done.exists() and json.loads(done.read_text()) == spec:
         return images
@@ -102,5 +107,7 @@ def repack(source: Path, out: Path, n_samples: int, shard_size: int, failed_only
         schema = pq.read_schema(next(source.glob("*.parquet")))
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), images / f"{shard}.parquet")
     done.write_text(json.dumps(spec))
-    log.info("repacked %d samples into shards of %d at %s (%.1fs)", n_samples, shard_size, images, time.perf_counter() - t0)
+    log.info(
+        "repacked %d samples into shards of %d at %s (%.1fs)", n_samples, shard_size, images, time.perf_counter() - t0
+    )
     return images

@@ -190,48 +190,125 @@ def pipeline_rep(cfg: Any, stage: str, shards: list[str]) -> dict[str, Any]:
     wall, result = timed(lambda: pipeline.run(cfg, [stage], overwrite=True, shards=shards, progress=False))
     layout = result.layout
     t = summed_timings(read_markers(layout, stage))
-    done = pq.read_table(layout.stage(stage), columns=["key", "finish_reason"])  # the stage's rows, as pandas reads them
+    done = pq.read_table(
+        layout.stage(stage), columns=["key", "finish_reason"]
+    )  # the stage's rows, as pandas reads them
     answered = done.num_rows - done["finish_reason"].null_count  # rows the engine answered
     requests = int(t.get(f"{stage}_requests", answered))
     startup = t.get(f"{stage}_engine_start_s", 0.0)
     counters = {k: t[f"{stage}_{k}"] for k in COUNTERS if f"{stage}_{k}" in t}
     span = t.get(f"{stage}_span_s")  # the actor's first engine call to its last return (one actor here)
-    return side(wall - startup, requests, counters, wall_s=wall, rows=result.tallies[stage].rows, answered=answered,
-                engine_start_s=startup, engine_starts=t.get(f"{stage}_engine_starts", 0),
-                e2e_per_s=requests / wall, engine_calls_s=t.get(f"t_{stage}_engine", 0.0),
-                span_s=span, span_per_s=requests / span if span else None)
+    return side(
+        wall - startup,
+        requests,
+        counters,
+        wall_s=wall,
+        rows=result.tallies[stage].rows,
+        answered=answered,
+        engine_start_s=startup,
+        engine_starts=t.get(f"{stage}_engine_starts", 0),
+        e2e_per_s=requests / wall,
+        engine_calls_s=t.get(f"t_{stage}_engine", 0.0),
+        span_s=span,
+        span_per_s=requests / span if span else None,
+    )
 
 
-def report_stage(ctx: Ctx, label: str, unit: str, n: str, reps: dict[str, list[dict[str, Any]]],
-                 in_flight: int) -> dict[str, dict[str, Any]]:
+def report_stage(
+    ctx: Ctx, label: str, unit: str, n: str, reps: dict[str, list[dict[str, Any]]], in_flight: int
+) -> dict[str, dict[str, Any]]:
     """The rows and table of one stage's comparison; returns the sides' summaries."""
     h = ctx.harness
     sec = label.split(",")[0]
     s = {name: summarise(r) for name, r in reps.items()}
     p, a, one, b = s["pipeline"], s["actor"], s["single"], s["batches"]
-    h.add(sec, f"{label} stage / single-call engine", f"{unit}: requests / (run wall − the actor's engine start-up) "
-          f"/ the bare engine given all requests in one call ({n})", p["per_s"], one["per_s"], STAGE_VS_ENGINE)
-    h.add(sec, f"{label} stage / single-call engine (d), steady state", f"{unit}: requests / the engine actor's span "
-          "(its first engine call to its last return, markers' span_s: includes any wait for input between calls, "
-          "leaves out the stream's fill before the first batch and the commit after the last) / single call",
-          p["span_per_s"], one["per_s"], STAGE_VS_ENGINE)
-    h.add(sec, f"{label} stage / single-call engine (b), actor in-process", f"{unit}: the stage's engine actor, "
-          f"{in_flight} batches in flight, requests / (first call to last return), no Ray Data / single call",
-          a["per_s"], one["per_s"])
-    h.add(sec, f"{label} stage / single-call engine (c), engine steps only", f"{unit} per second inside engine.step() "
-          "(Σ busy_s): pipeline / single call", p["per_busy_s"], one["per_busy_s"])
-    h.add(sec, f"{label} busy fraction, stage − single-call engine", "1 − underfull_steps/steps: pipeline (markers' "
-          "engine counters) vs single call; target: at most 5 points below", p["busy_fraction"], one["busy_fraction"],
-          BUSY_WITHIN_5_POINTS)
-    h.add(sec, f"{label} busy fraction (b), actor in-process − single call", "1 − underfull_steps/steps",
-          a["busy_fraction"], one["busy_fraction"], BUSY_WITHIN_5_POINTS)
-    h.add(sec, f"{label} batch by batch / single-call engine (the old baseline)", f"{unit}: the bare engine fed one "
-          "batch after the other / all requests in one call", b["per_s"], one["per_s"])
-    h.table(f"{label}: engine sides ({n}; medians; pipeline seconds: run wall − engine start-up)",
-            ["side", "requests", "seconds", unit, "steps", "underfull steps", "busy fraction", "mean seqs/step",
-             f"{unit} inside step()", "s outside step()"],
-            [[name, v["requests"], v["seconds"], v["per_s"], v["steps"], v["underfull_steps"], v["busy_fraction"],
-              v["mean_seqs_per_step"], v["per_busy_s"], v["idle_s"]] for name, v in s.items()])
+    h.add(
+        sec,
+        f"{label} stage / single-call engine",
+        f"{unit}: requests / (run wall − the actor's engine start-up) "
+        f"/ the bare engine given all requests in one call ({n})",
+        p["per_s"],
+        one["per_s"],
+        STAGE_VS_ENGINE,
+    )
+    h.add(
+        sec,
+        f"{label} stage / single-call engine (d), steady state",
+        f"{unit}: requests / the engine actor's span "
+        "(its first engine call to its last return, markers' span_s: includes any wait for input between calls, "
+        "leaves out the stream's fill before the first batch and the commit after the last) / single call",
+        p["span_per_s"],
+        one["per_s"],
+        STAGE_VS_ENGINE,
+    )
+    h.add(
+        sec,
+        f"{label} stage / single-call engine (b), actor in-process",
+        f"{unit}: the stage's engine actor, "
+        f"{in_flight} batches in flight, requests / (first call to last return), no Ray Data / single call",
+        a["per_s"],
+        one["per_s"],
+    )
+    h.add(
+        sec,
+        f"{label} stage / single-call engine (c), engine steps only",
+        f"{unit} per second inside engine.step() (Σ busy_s): pipeline / single call",
+        p["per_busy_s"],
+        one["per_busy_s"],
+    )
+    h.add(
+        sec,
+        f"{label} busy fraction, stage − single-call engine",
+        "1 − underfull_steps/steps: pipeline (markers' engine counters) vs single call; target: at most 5 points below",
+        p["busy_fraction"],
+        one["busy_fraction"],
+        BUSY_WITHIN_5_POINTS,
+    )
+    h.add(
+        sec,
+        f"{label} busy fraction (b), actor in-process − single call",
+        "1 − underfull_steps/steps",
+        a["busy_fraction"],
+        one["busy_fraction"],
+        BUSY_WITHIN_5_POINTS,
+    )
+    h.add(
+        sec,
+        f"{label} batch by batch / single-call engine (the old baseline)",
+        f"{unit}: the bare engine fed one batch after the other / all requests in one call",
+        b["per_s"],
+        one["per_s"],
+    )
+    h.table(
+        f"{label}: engine sides ({n}; medians; pipeline seconds: run wall − engine start-up)",
+        [
+            "side",
+            "requests",
+            "seconds",
+            unit,
+            "steps",
+            "underfull steps",
+            "busy fraction",
+            "mean seqs/step",
+            f"{unit} inside step()",
+            "s outside step()",
+        ],
+        [
+            [
+                name,
+                v["requests"],
+                v["seconds"],
+                v["per_s"],
+                v["steps"],
+                v["underfull_steps"],
+                v["busy_fraction"],
+                v["mean_seqs_per_step"],
+                v["per_busy_s"],
+                v["idle_s"],
+            ]
+            for name, v in s.items()
+        ],
+    )
     return s
 
 
@@ -243,8 +320,13 @@ def caption_rows(cfg: Any, images: Path, shards: list[str]) -> list[dict[str, An
 
     stage = CaptionStage(cfg.caption, cfg.seed)
     storage = Storage.for_path(str(images))
-    return [r for shard in shards for table in read_image_rows(storage, str(images), shard, stage.read_options)
-            for r in table.to_pylist() if r.get("needs_caption")]
+    return [
+        r
+        for shard in shards
+        for table in read_image_rows(storage, str(images), shard, stage.read_options)
+        for r in table.to_pylist()
+        if r.get("needs_caption")
+    ]
 
 
 def caption_requests(cfg: Any, images: Path, shards: list[str]) -> tuple[list, list[str]]:
@@ -256,8 +338,14 @@ def caption_requests(cfg: Any, images: Path, shards: list[str]) -> tuple[list, l
 
     messages = CaptionStage(cfg.caption, cfg.seed).prompt.messages(image=True)
     rows = caption_rows(cfg, images, shards)
-    requests = [Request(messages=messages, seed=r["caption_seed"],
-                        image=Image.frombytes("RGB", (r["pixels_w"], r["pixels_h"]), r["pixels"])) for r in rows]
+    requests = [
+        Request(
+            messages=messages,
+            seed=r["caption_seed"],
+            image=Image.frombytes("RGB", (r["pixels_w"], r["pixels_h"]), r["pixels"]),
+        )
+        for r in rows
+    ]
     return requests, [r["key"] for r in rows]
 
 
@@ -286,8 +374,13 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
         root = ctx.fresh_root(f"caption-{len(roots)}")
         roots.append(root)
         rep = pipeline_rep(ctx.cfg(root, *extra), "caption", shards)
-        log.info("caption pipeline: %.2f img/s excluding start-up (%.1fs wall, engine start %.1fs), busy %.2f",
-                 rep["per_s"] or 0, rep["wall_s"], rep["engine_start_s"], rep["busy_fraction"] or 0)
+        log.info(
+            "caption pipeline: %.2f img/s excluding start-up (%.1fs wall, engine start %.1fs), busy %.2f",
+            rep["per_s"] or 0,
+            rep["wall_s"],
+            rep["engine_start_s"],
+            rep["busy_fraction"] or 0,
+        )
         return rep
 
     def sides() -> dict[str, Any]:
@@ -304,17 +397,34 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
     same = _same_captions(roots[0], keys, reps["single"][0]["_out"])
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
-    n = (f"{len(requests)} images, batch {s.batch_size}, {in_flight} in flight, max_num_seqs {s.max_num_seqs}, "
-         f"outputs of {CAPTION_LENGTHS[0]}–{CAPTION_LENGTHS[1]} tokens")
+    n = (
+        f"{len(requests)} images, batch {s.batch_size}, {in_flight} in flight, max_num_seqs {s.max_num_seqs}, "
+        f"outputs of {CAPTION_LENGTHS[0]}–{CAPTION_LENGTHS[1]} tokens"
+    )
     summary = report_stage(ctx, "caption", "images/s", n, reps, in_flight)
     p = summary["pipeline"]
-    h.add("caption", "caption engine start-up", "s: the actor's engine start-up (markers) / the worker's in this process",
-          p["engine_start_s"], startup)
+    h.add(
+        "caption",
+        "caption engine start-up",
+        "s: the actor's engine start-up (markers) / the worker's in this process",
+        p["engine_start_s"],
+        startup,
+    )
     if p["requests"] != len(requests):
         log.warning("caption: the pipeline captioned %d images, the bare engine %d", p["requests"], len(requests))
-    return {"images": len(requests), "shards": shards, "batch_size": s.batch_size, "max_batches_in_flight": in_flight,
-            "max_num_seqs": s.max_num_seqs, "output_lengths": list(CAPTION_LENGTHS), "model": str(spec.model),
-            "bare_engine_startup_s": startup, "bare_warmup_batch_s": warm_s, **summary, "outputs_identical": same}
+    return {
+        "images": len(requests),
+        "shards": shards,
+        "batch_size": s.batch_size,
+        "max_batches_in_flight": in_flight,
+        "max_num_seqs": s.max_num_seqs,
+        "output_lengths": list(CAPTION_LENGTHS),
+        "model": str(spec.model),
+        "bare_engine_startup_s": startup,
+        "bare_warmup_batch_s": warm_s,
+        **summary,
+        "outputs_identical": same,
+    }
 
 
 def _same_captions(root: Path, keys: list[str], outs: list) -> str:
@@ -323,7 +433,12 @@ def _same_captions(root: Path, keys: list[str], outs: list) -> str:
 
     from vecap.layout import Layout
 
-    committed = dict(zip(*pq.read_table(Layout(str(root)).stage("caption"), columns=["key", "vlm_caption"]).to_pydict().values(), strict=True))
+    committed = dict(
+        zip(
+            *pq.read_table(Layout(str(root)).stage("caption"), columns=["key", "vlm_caption"]).to_pydict().values(),
+            strict=True,
+        )
+    )
     same = sum(committed.get(k) == ((g.text or "").strip() or None) for k, g in zip(keys, outs, strict=True))
     return f"{same}/{len(keys)}"
 
@@ -355,9 +470,17 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
             for r in table.to_pylist():
                 if r["is_marker"]:
                     continue
-                row = {"key": r["key"], "shard": shard, "status": r["status"], "error": r["error"],
-                       "seed": seed_for(cfg.seed, "caption", r["key"]), "model": "bench-synthetic", "prompt_id": "bench",
-                       "prompt_sha256": "0" * 64, "params_sha256": "0" * 64}
+                row = {
+                    "key": r["key"],
+                    "shard": shard,
+                    "status": r["status"],
+                    "error": r["error"],
+                    "seed": seed_for(cfg.seed, "caption", r["key"]),
+                    "model": "bench-synthetic",
+                    "prompt_id": "bench",
+                    "prompt_sha256": "0" * 64,
+                    "params_sha256": "0" * 64,
+                }
                 if r.get("needs_caption"):
                     row.update(vlm_caption=sentences[i % len(sentences)], finish_reason="stop")
                     i += 1
@@ -404,10 +527,16 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
     rows = fuse_rows(cfg0, base, shards)
     modes = {m: f"fuse.engine.enable_prefix_caching={'true' if m == 'on' else 'false'}" for m in s.fuse_prefix_modes}
     in_flight = cfg0.fuse.max_batches_in_flight
-    result: dict[str, Any] = {"requests": len(rows), "shards": shards, "batch_size": s.batch_size,
-                              "max_batches_in_flight": in_flight, "max_num_seqs": s.max_num_seqs,
-                              "output_lengths": list(FUSE_LENGTHS), "model": cfg0.fuse.model,
-                              "prefix_caching": {m: {} for m in modes}}
+    result: dict[str, Any] = {
+        "requests": len(rows),
+        "shards": shards,
+        "batch_size": s.batch_size,
+        "max_batches_in_flight": in_flight,
+        "max_num_seqs": s.max_num_seqs,
+        "output_lengths": list(FUSE_LENGTHS),
+        "model": cfg0.fuse.model,
+        "prefix_caching": {m: {} for m in modes},
+    }
     workers: dict[str, Any] = {}
     out: list = []
     for mode, override in modes.items():
@@ -431,39 +560,66 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
         shutil.copytree(base / "captions", root / "captions")
         rep = pipeline_rep(ctx.cfg(root, *extra, modes[mode]), "fuse", shards)
         shutil.rmtree(root, ignore_errors=True)
-        log.info("fuse pipeline, prefix caching %s: %.2f/s excluding start-up (%.1fs wall), busy %.2f", mode,
-                 rep["per_s"] or 0, rep["wall_s"], rep["busy_fraction"] or 0)
+        log.info(
+            "fuse pipeline, prefix caching %s: %.2f/s excluding start-up (%.1fs wall), busy %.2f",
+            mode,
+            rep["per_s"] or 0,
+            rep["wall_s"],
+            rep["busy_fraction"] or 0,
+        )
         return rep
 
     def sides(mode: str) -> dict[str, Any]:
         w = workers[mode]
-        return {"pipeline": lambda: pipe(mode),
-                "actor": lambda: actor_rep(w, rows, s.batch_size, in_flight, "needs_fuse"),
-                "single": lambda: single_rep(w.engine, requests),
-                "batches": lambda: batches_rep(w.engine, requests, s.batch_size)}
+        return {
+            "pipeline": lambda: pipe(mode),
+            "actor": lambda: actor_rep(w, rows, s.batch_size, in_flight, "needs_fuse"),
+            "single": lambda: single_rep(w.engine, requests),
+            "batches": lambda: batches_rep(w.engine, requests, s.batch_size),
+        }
 
     all_sides = {f"{name}-{mode}": fn for mode in modes for name, fn in sides(mode).items()}
     reps = h.compare("fuse", all_sides)
     outs = reps[f"single-{next(iter(modes))}"][0]["_out"]
     result["output_tokens_mean"] = statistics.mean(g.n_output_tokens or 0 for g in outs)
-    n = (f"{len(requests)} requests, batch {s.batch_size}, {in_flight} in flight, max_num_seqs {s.max_num_seqs}, "
-         f"~{result['prompt_tokens_mean']:.0f} prompt tokens, outputs of {FUSE_LENGTHS[0]}–{FUSE_LENGTHS[1]} tokens")
+    n = (
+        f"{len(requests)} requests, batch {s.batch_size}, {in_flight} in flight, max_num_seqs {s.max_num_seqs}, "
+        f"~{result['prompt_tokens_mean']:.0f} prompt tokens, outputs of {FUSE_LENGTHS[0]}–{FUSE_LENGTHS[1]} tokens"
+    )
     for mode in modes:
         by_side = {name: reps[f"{name}-{mode}"] for name in ("pipeline", "actor", "single", "batches")}
         summary = report_stage(ctx, f"fuse, prefix caching {mode}", "fusions/s", n, by_side, in_flight)
         result["prefix_caching"][mode] |= summary
         if summary["pipeline"]["requests"] != len(requests):
-            log.warning("fuse: the pipeline sent %d requests, the bare engine %d", summary["pipeline"]["requests"],
-                        len(requests))
+            log.warning(
+                "fuse: the pipeline sent %d requests, the bare engine %d",
+                summary["pipeline"]["requests"],
+                len(requests),
+            )
     pc = result["prefix_caching"]
     if "on" in pc and "off" in pc:
-        h.add("fuse", "prefix caching on / off, single-call engine", "fusions/s", pc["on"]["single"]["per_s"],
-              pc["off"]["single"]["per_s"])
-        h.add("fuse", "prefix caching on / off, fuse stage", "fusions/s excluding start-up",
-              pc["on"]["pipeline"]["per_s"], pc["off"]["pipeline"]["per_s"])
+        h.add(
+            "fuse",
+            "prefix caching on / off, single-call engine",
+            "fusions/s",
+            pc["on"]["single"]["per_s"],
+            pc["off"]["single"]["per_s"],
+        )
+        h.add(
+            "fuse",
+            "prefix caching on / off, fuse stage",
+            "fusions/s excluding start-up",
+            pc["on"]["pipeline"]["per_s"],
+            pc["off"]["pipeline"]["per_s"],
+        )
     first = pc[next(iter(modes))]
-    h.add("fuse", "fuse engine start-up", "s: the actor's engine start-up (markers) / the worker's in this process",
-          first["pipeline"]["engine_start_s"], first["bare_engine_startup_s"])
+    h.add(
+        "fuse",
+        "fuse engine start-up",
+        "s: the actor's engine start-up (markers) / the worker's in this process",
+        first["pipeline"]["engine_start_s"],
+        first["bare_engine_startup_s"],
+    )
     shutil.rmtree(base, ignore_errors=True)
     return result
 
@@ -477,10 +633,14 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
     from vecap.stages.base import engine_spec
 
     s, h = ctx.sizes, ctx.harness
-    cfg = ctx.cfg(WORK / "runs" / "backends")  # the recipe's engines: no synthetic lengths (hf has none), default max_num_seqs
+    cfg = ctx.cfg(
+        WORK / "runs" / "backends"
+    )  # the recipe's engines: no synthetic lengths (hf has none), default max_num_seqs
     out: dict[str, Any] = {}
-    for kind, section, multimodal, n in (("caption", cfg.caption, True, s.backend_caption_requests),
-                                         ("fuse", cfg.fuse, False, s.backend_fuse_requests)):
+    for kind, section, multimodal, n in (
+        ("caption", cfg.caption, True, s.backend_caption_requests),
+        ("fuse", cfg.fuse, False, s.backend_fuse_requests),
+    ):
         if kind not in ctx.requests:
             log.warning("backends: no %s requests (its section failed or did not run); skipped", kind)
             continue
@@ -491,22 +651,44 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
         hf_startup, hf_engine = timed(partial(load_engine, replace(spec, backend="hf", engine_kwargs={})))
         for e in (vllm_engine, hf_engine):
             e.generate(requests[: min(2, n)])  # warm-up
-        reps = h.compare("backends", {"vllm": partial(single_rep, vllm_engine, requests),
-                                      "hf": partial(single_rep, hf_engine, requests)})
+        reps = h.compare(
+            "backends",
+            {"vllm": partial(single_rep, vllm_engine, requests), "hf": partial(single_rep, hf_engine, requests)},
+        )
         v, f = reps["vllm"], reps["hf"]
         same = sum((a.text or "") == (b.text or "") for a, b in zip(v[0]["_out"], f[0]["_out"], strict=True))
         profiles = {"vllm": profile_call(vllm_engine, requests), "hf": profile_call(hf_engine, requests)}
-        out[kind] = {"requests": len(requests), "model": str(section.model), "max_new_tokens": section.max_new_tokens,
-                     "vllm_startup_s": vllm_startup, "hf_startup_s": hf_startup, "vllm": summarise(v), "hf": summarise(f),
-                     "outputs_identical": f"{same}/{len(requests)}", "profile": profiles}
-        h.add("backends", f"vLLM / hf, {kind} model", f"requests/s, bare engines, greedy, {len(requests)} requests in one "
-              f"call, {section.max_new_tokens} new tokens (identical outputs: {same}/{len(requests)})",
-              out[kind]["vllm"]["per_s"], out[kind]["hf"]["per_s"], VLLM_VS_HF)
+        out[kind] = {
+            "requests": len(requests),
+            "model": str(section.model),
+            "max_new_tokens": section.max_new_tokens,
+            "vllm_startup_s": vllm_startup,
+            "hf_startup_s": hf_startup,
+            "vllm": summarise(v),
+            "hf": summarise(f),
+            "outputs_identical": f"{same}/{len(requests)}",
+            "profile": profiles,
+        }
+        h.add(
+            "backends",
+            f"vLLM / hf, {kind} model",
+            f"requests/s, bare engines, greedy, {len(requests)} requests in one "
+            f"call, {section.max_new_tokens} new tokens (identical outputs: {same}/{len(requests)})",
+            out[kind]["vllm"]["per_s"],
+            out[kind]["hf"]["per_s"],
+            VLLM_VS_HF,
+        )
         head, rows = breakdown_rows(profiles)
-        h.table(f"vLLM vs hf, {kind} model: where one call of {len(requests)} requests spends its time (seconds; "
-                "`python -m bench.profile` for the same alone)", head, rows)
+        h.table(
+            f"vLLM vs hf, {kind} model: where one call of {len(requests)} requests spends its time (seconds; "
+            "`python -m bench.profile` for the same alone)",
+            head,
+            rows,
+        )
         h.note(explain_profiles(kind, profiles))
-        log.info("backends, %s model: vLLM %.2f/s, hf %.2f/s", kind, out[kind]["vllm"]["per_s"], out[kind]["hf"]["per_s"])
+        log.info(
+            "backends, %s model: vLLM %.2f/s, hf %.2f/s", kind, out[kind]["vllm"]["per_s"], out[kind]["hf"]["per_s"]
+        )
         del hf_engine
     if out:
         h.note(BACKENDS_EXPLAINED)

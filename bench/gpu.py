@@ -137,13 +137,29 @@ LLAMA_3_8B: dict[str, Any] = {
 
 def _reduced(config: dict[str, Any]) -> dict[str, Any]:
     """The same architecture at vecap's tiny scale (CPU attention needs head_dim 32, 64, ...)."""
-    small_text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 2048}
+    small_text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "max_position_embeddings": 2048,
+    }
     out = json.loads(json.dumps(config))
     if out["model_type"] == "llava":
         out["text_config"].update(small_text)
-        out["vision_config"].update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                     "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "projection_dim": 32})
+        out["vision_config"].update(
+            {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+                "projection_dim": 32,
+            }
+        )
         out["image_seq_length"] = (32 // 8) ** 2
         out["torch_dtype"] = out["text_config"]["torch_dtype"] = "float32"
     else:
@@ -187,11 +203,17 @@ def write_model(folder: Path, config: dict[str, Any]) -> Path:
         from transformers import CLIPImageProcessor, LlavaProcessor
 
         v = config["vision_config"]
-        image_processor = CLIPImageProcessor(size={"shortest_edge": v["image_size"]},
-                                             crop_size={"height": v["image_size"], "width": v["image_size"]})
-        LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v["patch_size"],
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": v["image_size"]}, crop_size={"height": v["image_size"], "width": v["image_size"]}
+        )
+        LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=v["patch_size"],
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        ).save_pretrained(folder)
     return folder
 
 
@@ -207,9 +229,20 @@ def caption_rows(n: int, image_size: int) -> list[dict[str, Any]]:
     for i in range(n):
         key = f"{i:09d}"
         pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8).tobytes()
-        rows.append({"key": key, "shard": "00000", "source": "images", "is_marker": False, "status": "ok",
-                     "pixels": pixels, "pixels_w": image_size, "pixels_h": image_size, "needs_caption": True,
-                     "caption_seed": seed_for(0, "caption", key)})
+        rows.append(
+            {
+                "key": key,
+                "shard": "00000",
+                "source": "images",
+                "is_marker": False,
+                "status": "ok",
+                "pixels": pixels,
+                "pixels_w": image_size,
+                "pixels_h": image_size,
+                "needs_caption": True,
+                "caption_seed": seed_for(0, "caption", key),
+            }
+        )
     return rows
 
 
@@ -244,8 +277,18 @@ def fuse_rows(n: int, tokenizer, target_tokens: int = 250, prefix_tokens: int = 
         label = "Alt-text: " if k % 2 else "Caption: "
         messages = [{"role": "system", "content": system.strip()}, {"role": "user", "content": label + " ".join(words)}]
         key = f"{k:09d}"
-        rows.append({"key": key, "shard": "00000", "source": "captions", "is_marker": False, "status": "ok",
-                     "needs_fuse": True, "fuse_messages": json.dumps(messages), "fuse_seed": seed_for(0, "fuse", key)})
+        rows.append(
+            {
+                "key": key,
+                "shard": "00000",
+                "source": "captions",
+                "is_marker": False,
+                "status": "ok",
+                "needs_fuse": True,
+                "fuse_messages": json.dumps(messages),
+                "fuse_seed": seed_for(0, "fuse", key),
+            }
+        )
     return rows
 
 
@@ -279,15 +322,23 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     in_flight, reps = args.in_flight, args.reps
     if args.reduced:
         n, batch, max_num_seqs, in_flight, reps = min(n, 16), min(batch, 4), min(max_num_seqs, 4), 2, 1
-    engine_kwargs: dict[str, Any] = {"load_format": "dummy", "max_model_len": 2048 if caption else 1024,
-                                     "max_num_seqs": max_num_seqs}
+    engine_kwargs: dict[str, Any] = {
+        "load_format": "dummy",
+        "max_model_len": 2048 if caption else 1024,
+        "max_num_seqs": max_num_seqs,
+    }
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
         engine_kwargs["enforce_eager"] = True
-    spec = EngineSpec(backend="vllm", model=str(folder), multimodal=caption,
-                      sampling=Sampling(max_new_tokens=hi, temperature=0.0, top_p=1.0, synthetic_lengths=(lo, hi)),
-                      dtype="bfloat16" if gpu else "float32", engine_kwargs=engine_kwargs)
+    spec = EngineSpec(
+        backend="vllm",
+        model=str(folder),
+        multimodal=caption,
+        sampling=Sampling(max_new_tokens=hi, temperature=0.0, top_p=1.0, synthetic_lengths=(lo, hi)),
+        dtype="bfloat16" if gpu else "float32",
+        engine_kwargs=engine_kwargs,
+    )
     worker: Any  # a CaptionWorker or a FuseWorker
     if caption:
         from vecap.prompting import load_prompt
@@ -307,9 +358,14 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     warm_s, _ = timed(lambda: engine.generate([worker.request(r) for r in warm]))
     requests = [worker.request(r) for r in rows]  # the same requests (seeds, so output lengths) as the actor builds
     harness = Harness({stage: args.budget_s}, reps=reps)
-    sides = harness.compare(stage, {"stage": lambda: actor_rep(worker, rows, batch, in_flight, flag),
-                                    "single": lambda: single_rep(engine, requests),
-                                    "batches": lambda: batches_rep(engine, requests, batch)})
+    sides = harness.compare(
+        stage,
+        {
+            "stage": lambda: actor_rep(worker, rows, batch, in_flight, flag),
+            "single": lambda: single_rep(engine, requests),
+            "batches": lambda: batches_rep(engine, requests, batch),
+        },
+    )
     outs = sides["single"][0]["_out"]
     summary = {name: summarise(r) for name, r in sides.items()}
     one, st, bb = summary["single"], summary["stage"], summary["batches"]
@@ -366,8 +422,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduced", action="store_true", help="tiny configs on the CPU, a few requests (CI)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"),
-                   help="JSON results (and the same name with .md) (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "gpu.json"),
+        help="JSON results (and the same name with .md) (default: %(default)s)",
+    )
     p.add_argument("--stages", default="caption,fuse")
     # requests > batch x in-flight > max_num_seqs: the actor refills a full engine as batches finish
     p.add_argument("--caption-requests", type=int, default=1024)
@@ -377,8 +436,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-max-num-seqs", type=int, default=256, help="as the gpu recipe")
     p.add_argument("--fuse-max-num-seqs", type=int, default=512, help="as the gpu recipe")
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per actor (max_batches_in_flight)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense BF16 TFLOP/s of one GPU (default: vecap.plan.GPUS by device name)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense BF16 TFLOP/s of one GPU (default: vecap.plan.GPUS by device name)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--reps", type=int, default=1, help="passes over the requests per side (median; 1 with --reduced)")
     p.add_argument("--budget-s", type=float, default=150.0, help="seconds per model after which no new pass starts")
@@ -416,34 +479,67 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             harness.results.setdefault("peak_tflops", r["peak_tflops"])
             targets = not args.reduced
-            how = (f"{r['requests']} requests, outputs of {r['output_lengths'][0]}–{r['output_lengths'][1]} tokens, "
-                   f"max_num_seqs {r['max_num_seqs']}, {r['model']} on {r['device']}")
-            harness.add("gpu", f"{stage}: stage / single-call engine", f"{r['unit']}: the stage's engine actor ({r['in_flight']} "
-                        f"batches of {r['batch_size']} in flight) / one call of all requests ({how})", r["stage_per_s"],
-                        r["per_s"], STAGE_VS_SINGLE if targets else None)
-            harness.add("gpu", f"{stage}: busy fraction, stage − single call", "1 − underfull_steps/steps",
-                        r["busy_fraction_stage"], r["busy_fraction_single"], BUSY_WITHIN_5_POINTS if targets else None)
-            harness.add("gpu", f"{stage}: batch by batch / single call (the old baseline)", f"{r['unit']}",
-                        r["batches_per_s"], r["per_s"])
-            harness.add("gpu", f"{stage}: share of the wall inside engine.step(), stage / single call", "Σ busy_s / "
-                        "seconds (below 1: the engine waited, e.g. for requests being added)", r["step_share_stage"],
-                        r["step_share_single"])
-            harness.add("gpu", f"{stage}: stage per GPU / compute ceiling", f"{r['unit']}: the stage's actor / peak "
-                        f"{r['peak_tflops']:.0f} TFLOP/s ÷ {r['tflop_per_request']:.3g} TFLOP per request",
-                        r["stage_per_s"], r["ceiling_per_s"])
-            print(f"{stage}: stage {r['stage_per_s']:.2f} {r['unit']} per GPU, single call {r['per_s']:.2f} "
-                  f"(stage/single {r['stage_vs_single']:.3f}), busy fraction stage {r['busy_fraction_stage']} vs single "
-                  f"{r['busy_fraction_single']}; ceiling {r['ceiling_per_s']:.1f} "
-                  f"({r['tflop_per_request']:.2f} TFLOP/request "
-                  f"at {r['peak_tflops']:.0f} TFLOP/s); {r['prompt_tokens_mean']:.0f} "
-                  f"prompt + {r['output_tokens_mean']:.0f} "
-                  f"output tokens, engine start {r['engine_startup_s']:.0f}s", file=sys.stderr)
+            how = (
+                f"{r['requests']} requests, outputs of {r['output_lengths'][0]}–{r['output_lengths'][1]} tokens, "
+                f"max_num_seqs {r['max_num_seqs']}, {r['model']} on {r['device']}"
+            )
+            harness.add(
+                "gpu",
+                f"{stage}: stage / single-call engine",
+                f"{r['unit']}: the stage's engine actor ({r['in_flight']} "
+                f"batches of {r['batch_size']} in flight) / one call of all requests ({how})",
+                r["stage_per_s"],
+                r["per_s"],
+                STAGE_VS_SINGLE if targets else None,
+            )
+            harness.add(
+                "gpu",
+                f"{stage}: busy fraction, stage − single call",
+                "1 − underfull_steps/steps",
+                r["busy_fraction_stage"],
+                r["busy_fraction_single"],
+                BUSY_WITHIN_5_POINTS if targets else None,
+            )
+            harness.add(
+                "gpu",
+                f"{stage}: batch by batch / single call (the old baseline)",
+                f"{r['unit']}",
+                r["batches_per_s"],
+                r["per_s"],
+            )
+            harness.add(
+                "gpu",
+                f"{stage}: share of the wall inside engine.step(), stage / single call",
+                "Σ busy_s / seconds (below 1: the engine waited, e.g. for requests being added)",
+                r["step_share_stage"],
+                r["step_share_single"],
+            )
+            harness.add(
+                "gpu",
+                f"{stage}: stage per GPU / compute ceiling",
+                f"{r['unit']}: the stage's actor / peak "
+                f"{r['peak_tflops']:.0f} TFLOP/s ÷ {r['tflop_per_request']:.3g} TFLOP per request",
+                r["stage_per_s"],
+                r["ceiling_per_s"],
+            )
+            print(
+                f"{stage}: stage {r['stage_per_s']:.2f} {r['unit']} per GPU, single call {r['per_s']:.2f} "
+                f"(stage/single {r['stage_vs_single']:.3f}), busy fraction stage {r['busy_fraction_stage']} vs single "
+                f"{r['busy_fraction_single']}; ceiling {r['ceiling_per_s']:.1f} "
+                f"({r['tflop_per_request']:.2f} TFLOP/request "
+                f"at {r['peak_tflops']:.0f} TFLOP/s); {r['prompt_tokens_mean']:.0f} "
+                f"prompt + {r['output_tokens_mean']:.0f} "
+                f"output tokens, engine start {r['engine_startup_s']:.0f}s",
+                file=sys.stderr,
+            )
         harness.results["seconds"] = time.time() - harness.t_start
     if args.reduced:
         harness.note("Reduced configs on the CPU: these figures only show that the script runs.")
-    harness.note("Sides: stage = the stage's engine actor class driven in-process with batches in flight (Ray Data "
-                 "not included); single = the same engine given every request in one call; batches = one batch after "
-                 "the other. Output lengths drawn from each request's seed (EOS ignored), the same on every side.")
+    harness.note(
+        "Sides: stage = the stage's engine actor class driven in-process with batches in flight (Ray Data "
+        "not included); single = the same engine given every request in one call; batches = one batch after "
+        "the other. Output lengths drawn from each request's seed (EOS ignored), the same on every side."
+    )
     out = Path(args.out)
     harness.write(out.parent, out.stem, "vecap GPU engines: stage against single-call engine and the compute ceiling")
     print(json.dumps(json.loads(out.read_text())))  # the last line of stdout: the same JSON
@@ -453,12 +549,37 @@ def main(argv: list[str] | None = None) -> int:
 def _run_child(stage: str, args: argparse.Namespace, work: str, tmp: Path) -> dict[str, Any]:
     """One model in its own process (GPU memory is freed between models)."""
     child_out = tmp / f"{stage}.json"
-    cmd = [sys.executable, "-m", "bench.gpu", "--stage", stage, "--child-out", str(child_out), "--work", work,
-           "--caption-requests", str(args.caption_requests), "--fuse-requests", str(args.fuse_requests),
-           "--caption-batch", str(args.caption_batch), "--fuse-batch", str(args.fuse_batch),
-           "--caption-max-num-seqs", str(args.caption_max_num_seqs), "--fuse-max-num-seqs", str(args.fuse_max_num_seqs),
-           "--in-flight", str(args.in_flight), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--reps", str(args.reps), "--budget-s", str(args.budget_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu",
+        "--stage",
+        stage,
+        "--child-out",
+        str(child_out),
+        "--work",
+        work,
+        "--caption-requests",
+        str(args.caption_requests),
+        "--fuse-requests",
+        str(args.fuse_requests),
+        "--caption-batch",
+        str(args.caption_batch),
+        "--fuse-batch",
+        str(args.fuse_batch),
+        "--caption-max-num-seqs",
+        str(args.caption_max_num_seqs),
+        "--fuse-max-num-seqs",
+        str(args.fuse_max_num_seqs),
+        "--in-flight",
+        str(args.in_flight),
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
+        "--reps",
+        str(args.reps),
+        "--budget-s",
+        str(args.budget_s),
+    ]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.reduced:

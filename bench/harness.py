@@ -67,7 +67,7 @@ def fmt(x: Any, nd: int = 2) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        if x != 0 and abs(x) < 10 ** -nd:
+        if x != 0 and abs(x) < 10**-nd:
             return f"{x:.{nd}g}"
         return f"{x:.{nd}f}"
     return str(x)
@@ -133,8 +133,16 @@ class Row:
         return [self.name, self.measured, fmt(self.a), fmt(self.b), fmt(self.ratio), str(self.target or ""), met]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"section": self.section, "name": self.name, "measured": self.measured, "a": self.a, "b": self.b,
-                "ratio": self.ratio, "target": str(self.target) if self.target else None, "met": self.met}
+        return {
+            "section": self.section,
+            "name": self.name,
+            "measured": self.measured,
+            "a": self.a,
+            "b": self.b,
+            "ratio": self.ratio,
+            "target": str(self.target) if self.target else None,
+            "met": self.met,
+        }
 
 
 @dataclass
@@ -144,7 +152,12 @@ class Table:
     rows: list[list[Any]]
 
     def markdown(self) -> str:
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.headers) + " |", "|" + "|".join("---" for _ in self.headers) + "|"]
+        lines = [
+            f"**{self.title}**",
+            "",
+            "| " + " | ".join(self.headers) + " |",
+            "|" + "|".join("---" for _ in self.headers) + "|",
+        ]
         lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in self.rows]
         return "\n".join(lines)
 
@@ -227,8 +240,9 @@ class Harness:
         return self.results[name]
 
     # --- results -------------------------------------------------------------------
-    def add(self, section: str, name: str, measured: str, a: float | None, b: float | None,
-            target: Target | None = None) -> Row:
+    def add(
+        self, section: str, name: str, measured: str, a: float | None, b: float | None, target: Target | None = None
+    ) -> Row:
         row = Row(section, name, measured, a, b, target)
         self.rows.append(row)
         return row
@@ -283,8 +297,12 @@ class Harness:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         m = self.meta(**meta)
-        doc = {"meta": m, "rows": [r.to_dict() for r in self.rows],
-               "verdicts": {r.name: r.met for r in self.rows if r.target}, **self.results}
+        doc = {
+            "meta": m,
+            "rows": [r.to_dict() for r in self.rows],
+            "verdicts": {r.name: r.met for r in self.rows if r.target},
+            **self.results,
+        }
         (out / f"{name}.json").write_text(json.dumps(jsonable(doc), indent=2, default=str) + "\n")
         md = self.markdown(title, m)
         (out / f"{name}.md").write_text(md)
@@ -404,7 +422,12 @@ class TreeSampler:
             if p.pid not in self._cpu_first:
                 self._cpu_first[p.pid] = total if first else 0.0
             self._cpu_last[p.pid] = total
-        for key, value in (("rss_sum", rss_sum), ("pss_sum", pss_sum), ("largest_rss", biggest), ("processes", len(procs))):
+        for key, value in (
+            ("rss_sum", rss_sum),
+            ("pss_sum", pss_sum),
+            ("largest_rss", biggest),
+            ("processes", len(procs)),
+        ):
             self._peak[key] = max(self._peak.get(key, 0), value)
         if self.threads:
             for tid, (name, cpu_s) in _thread_cpu(self.pid).items():
@@ -434,7 +457,9 @@ class TreeSampler:
             for tid, (name, cpu_s) in self._threads_last.items():
                 label = _thread_group(self._py_names.get(tid) or name)
                 groups[label] = groups.get(label, 0.0) + cpu_s - self._threads_first[tid][1]
-            out["threads_cpu_s"] = {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+            out["threads_cpu_s"] = {
+                k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v >= 0.005
+            }
         return out
 
 

@@ -66,7 +66,9 @@ def plain_loop(images: Path, shards: list[str], resize_to: int | None = None) ->
                         im = Image.open(io.BytesIO(data)).convert("RGB")
                         if resize_to and min(im.size) > resize_to:
                             scale = resize_to / min(im.size)
-                            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+                            im = im.resize(
+                                (round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC
+                            )
                     n += 1
     return n
 
@@ -84,15 +86,36 @@ def bench_io(ctx: Ctx) -> dict[str, Any]:
         return result
 
     plain_loop(ctx.images, shards)  # page cache warm for every side
-    sides = {"vecap": vecap, "plain": lambda: timed(partial(plain_loop, ctx.images, shards)),
-             "plain_resize": lambda: timed(partial(plain_loop, ctx.images, shards, s.io_image_size))}
+    sides = {
+        "vecap": vecap,
+        "plain": lambda: timed(partial(plain_loop, ctx.images, shards)),
+        "plain_resize": lambda: timed(partial(plain_loop, ctx.images, shards, s.io_image_size)),
+    }
     reps = h.compare("io", sides, n=max(3, s.reps))
     samples = reps["plain"][0][1]  # image members of the tars; the vecap side also has rows for failed downloads
     per_s = {k: samples / statistics.median(t for t, _ in v) for k, v in reps.items()}
     log.info("io: %s samples/s over %d samples", {k: round(v, 1) for k, v in per_s.items()}, samples)
-    h.add("io", "I/O: vecap path / plain loop", f"samples/s: read + decode + resize to {s.io_image_size} + Parquet commit / "
-          f"tarfile + PIL decode ({samples} samples, {len(shards)} shards)", per_s["vecap"], per_s["plain"], IO_VS_PLAIN)
-    h.add("io", "I/O: vecap path / plain loop + resize", f"samples/s: as above / tarfile + PIL decode + resize to "
-          f"{s.io_image_size}", per_s["vecap"], per_s["plain_resize"])
-    return {"samples": samples, "vecap_rows": reps["vecap"][0][1], "shards": len(shards), "image_size": s.io_image_size,
-            **{f"{k}_per_s": v for k, v in per_s.items()}, "seconds": {k: [t for t, _ in v] for k, v in reps.items()}}
+    h.add(
+        "io",
+        "I/O: vecap path / plain loop",
+        f"samples/s: read + decode + resize to {s.io_image_size} + Parquet commit / "
+        f"tarfile + PIL decode ({samples} samples, {len(shards)} shards)",
+        per_s["vecap"],
+        per_s["plain"],
+        IO_VS_PLAIN,
+    )
+    h.add(
+        "io",
+        "I/O: vecap path / plain loop + resize",
+        f"samples/s: as above / tarfile + PIL decode + resize to {s.io_image_size}",
+        per_s["vecap"],
+        per_s["plain_resize"],
+    )
+    return {
+        "samples": samples,
+        "vecap_rows": reps["vecap"][0][1],
+        "shards": len(shards),
+        "image_size": s.io_image_size,
+        **{f"{k}_per_s": v for k, v in per_s.items()},
+        "seconds": {k: [t for t, _ in v] for k, v in reps.items()},
+    }

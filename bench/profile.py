@@ -34,24 +34,73 @@ from typing import Any
 # (substrings of "file:function"): the vision tower's attention is the vision tower's, a
 # decoder forward under the model runner is the decoder's.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("image preprocessing", ("image_processing", "image_processor", "image_transforms", "image_utils", "/PIL/",
-                             "multimodal/processing", "processing_llava", "multimodal/inputs", "multimodal/hasher",
-                             "multimodal/cache", "multimodal/parse")),
-    ("vision tower + projector", ("models/clip", "clip/modeling_clip", ":get_image_features", ":_process_image_input",
-                                  ":embed_multimodal", ":_image_pixels_to_features", "MultiModalProjector")),
+    (
+        "image preprocessing",
+        (
+            "image_processing",
+            "image_processor",
+            "image_transforms",
+            "image_utils",
+            "/PIL/",
+            "multimodal/processing",
+            "processing_llava",
+            "multimodal/inputs",
+            "multimodal/hasher",
+            "multimodal/cache",
+            "multimodal/parse",
+        ),
+    ),
+    (
+        "vision tower + projector",
+        (
+            "models/clip",
+            "clip/modeling_clip",
+            ":get_image_features",
+            ":_process_image_input",
+            ":embed_multimodal",
+            ":_image_pixels_to_features",
+            "MultiModalProjector",
+        ),
+    ),
     ("LM head / logits", (":compute_logits", "logits_processor.py")),
     ("attention (kernels and metadata)", ("attention", "attn", "sdpa", "paged")),
-    ("decoder layers", ("models/llama.py", "modeling_llama", "layers/layernorm", "layers/linear", "layers/activation",
-                        "rotary_embedding", "layers/rotary", "vocab_parallel_embedding")),
+    (
+        "decoder layers",
+        (
+            "models/llama.py",
+            "modeling_llama",
+            "layers/layernorm",
+            "layers/linear",
+            "layers/activation",
+            "rotary_embedding",
+            "layers/rotary",
+            "vocab_parallel_embedding",
+        ),
+    ),
     ("sampling", ("v1/sample/", "logits_process")),
     ("KV cache (hf DynamicCache)", ("cache_utils",)),
     ("scheduling", ("v1/core/sched", "kv_cache_manager", "block_pool", "kv_cache_utils", "single_type_kv_cache")),
     ("model-input preparation", ("model_runner", "input_batch", "block_table", "v1/worker/", "forward_context")),
-    ("output handling (detokenise, settle)", ("detokenizer", "process_outputs", ":settle", "logprobs", ":decode",
-                                              ":_decode", ":batch_decode")),
-    ("request intake (chat template, tokenise)", ("add_request", "input_processor", "process_inputs", "inputs/preprocess",
-                                                  "chat_utils", "jinja2", "apply_chat_template", ":_render", ":_input",
-                                                  "sampling_params", "tokenization_")),
+    (
+        "output handling (detokenise, settle)",
+        ("detokenizer", "process_outputs", ":settle", "logprobs", ":decode", ":_decode", ":batch_decode"),
+    ),
+    (
+        "request intake (chat template, tokenise)",
+        (
+            "add_request",
+            "input_processor",
+            "process_inputs",
+            "inputs/preprocess",
+            "chat_utils",
+            "jinja2",
+            "apply_chat_template",
+            ":_render",
+            ":_input",
+            "sampling_params",
+            "tokenization_",
+        ),
+    ),
     ("generate loop (hf)", ("generation/utils.py", "generation/stopping_criteria", "masking_utils", "modeling_utils")),
     ("engine step loop (vLLM)", ("v1/engine/", "v1/executor", "executor/", ":_feed")),
 )
@@ -157,7 +206,9 @@ def model_parts(model: Any) -> dict[str, tuple[Any, Any] | None]:
     """The timed spans of a LLaVA or Llama model, vLLM's or transformers': the vision tower, the
     projector, the decoder (first to last layer: vLLM calls its decoder module without hooks) and
     the LM head (vLLM's logits processor)."""
-    inner = getattr(model, "model", None)  # transformers: Llava...ForConditionalGeneration.model, LlamaForCausalLM.model
+    inner = getattr(
+        model, "model", None
+    )  # transformers: Llava...ForConditionalGeneration.model, LlamaForCausalLM.model
     vision = getattr(model, "vision_tower", None) or getattr(inner, "vision_tower", None)
     projector = getattr(model, "multi_modal_projector", None) or getattr(inner, "multi_modal_projector", None)
     lm = getattr(model, "language_model", None) or getattr(inner, "language_model", None)
@@ -169,9 +220,12 @@ def model_parts(model: Any) -> dict[str, tuple[Any, Any] | None]:
     head = getattr(model, "lm_head", None) or getattr(lm, "lm_head", None)
     logits = getattr(lm if lm is not None else model, "logits_processor", None)  # vLLM computes logits here
     head = logits or head
-    return {"vision": (vision, vision) if vision is not None else None,
-            "projector": (projector, projector) if projector is not None else None,
-            "decoder": (layers[0], layers[-1]), "lm_head": (head, head) if head is not None else None}
+    return {
+        "vision": (vision, vision) if vision is not None else None,
+        "projector": (projector, projector) if projector is not None else None,
+        "decoder": (layers[0], layers[-1]),
+        "lm_head": (head, head) if head is not None else None,
+    }
 
 
 def _work_thread(engine: Any) -> int:
@@ -230,8 +284,12 @@ def breakdown_rows(profiles: dict[str, dict[str, Any]]) -> tuple[list[str], list
     sides = list(profiles)
     rows: list[list[Any]] = [["wall (one call)", *[profiles[s]["wall_s"] for s in sides]]]
     for p in PHASES:
-        rows.append([f"model: {p} (hooks; calls)", *[f"{profiles[s]['phases_s'][p]:.2f} ({profiles[s]['phase_calls'][p]})"
-                                                       for s in sides]])
+        rows.append(
+            [
+                f"model: {p} (hooks; calls)",
+                *[f"{profiles[s]['phases_s'][p]:.2f} ({profiles[s]['phase_calls'][p]})" for s in sides],
+            ]
+        )
     rows.append(["outside the model forward", *[profiles[s]["outside_model_s"] for s in sides]])
     cats: list[str] = []
     for s in sides:
@@ -269,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=8, help="requests in the one call (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="profiled calls per side, in alternating order (median)")
     p.add_argument("--models", default="caption,fuse")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "profile.json"),
-                   help="JSON of the profiles, and the same name with .md (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results" / "profile.json"),
+        help="JSON of the profiles, and the same name with .md (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bench.context import QUICK, WORK, prepare, set_env
@@ -295,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             section, multimodal = cfg.fuse, False
         requests = requests[: args.requests]
         spec = engine_spec(section, multimodal)
-        engines = {backend: load_engine(replace(spec, backend=backend, engine_kwargs=spec.engine_kwargs if backend == "vllm" else {}))
-                   for backend in ("vllm", "hf")}
+        engines = {
+            backend: load_engine(
+                replace(spec, backend=backend, engine_kwargs=spec.engine_kwargs if backend == "vllm" else {})
+            )
+            for backend in ("vllm", "hf")
+        }
         for engine in engines.values():
             engine.generate(requests[:2])  # warm-up
         runs: dict[str, list[dict[str, Any]]] = {b: [] for b in engines}
@@ -327,12 +392,21 @@ def render_markdown(out: dict[str, Any]) -> str:
         profiles = out[kind]
         reps = next(iter(profiles.values())).get("reps", 1)
         head, rows = breakdown_rows(profiles)
-        lines += [f"**{kind} model, {next(iter(profiles.values()))['requests']} requests in one call, median of {reps} "
-                  "profiled calls per side (alternating order)**", "",
-                  markdown_table(head, ([r[0], *[fmt(v) if isinstance(v, float) else str(v) for v in r[1:]]] for r in rows)),
-                  "", explain_profiles(kind, profiles), ""]
-    lines += [BACKENDS_EXPLAINED, "", f"Load average {out.get('load_start')} at the start, {out.get('load_end')} at the "
-              "end (a shared machine).", ""]
+        lines += [
+            f"**{kind} model, {next(iter(profiles.values()))['requests']} requests in one call, median of {reps} "
+            "profiled calls per side (alternating order)**",
+            "",
+            markdown_table(head, ([r[0], *[fmt(v) if isinstance(v, float) else str(v) for v in r[1:]]] for r in rows)),
+            "",
+            explain_profiles(kind, profiles),
+            "",
+        ]
+    lines += [
+        BACKENDS_EXPLAINED,
+        "",
+        f"Load average {out.get('load_start')} at the start, {out.get('load_end')} at the end (a shared machine).",
+        "",
+    ]
     return "\n".join(lines)
 
 

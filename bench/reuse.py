@@ -49,8 +49,13 @@ def _run(images: Path, root: Path, base: list[str], *overrides: str) -> dict[str
     run(cfg, progress=False)
     wall = time.perf_counter() - t0
     (caption_calls, caption_busy), (fuse_calls, fuse_busy) = _engine(root, "caption"), _engine(root, "fuse")
-    return {"wall_s": wall, "caption_calls": caption_calls, "fuse_calls": fuse_calls,
-            "caption_step_s": caption_busy, "fuse_step_s": fuse_busy}
+    return {
+        "wall_s": wall,
+        "caption_calls": caption_calls,
+        "fuse_calls": fuse_calls,
+        "caption_step_s": caption_busy,
+        "fuse_step_s": fuse_busy,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     models = build_tiny_models(WORK / "models", scale=args.scale)
     images = make_sample_data(
         WORK / "data" / f"reuse-{args.images}-{args.shard_size}-{args.duplicates}",
-        n_images=args.images, shard_size=args.shard_size, duplicates=args.duplicates,
+        n_images=args.images,
+        shard_size=args.shard_size,
+        duplicates=args.duplicates,
     )
     base = [f"caption.model={models['llava']}", f"fuse.model={models['llama']}", *SYNTHETIC]
     start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -78,26 +85,36 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
     _run(images, out / "warmup", base, "caption.dedup=false")  # Ray workers and engine imports warm for both sides
     for rep in range(args.reps):
-        for name in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
+        for name in list(sides) if rep % 2 == 0 else list(sides)[::-1]:
             results[name].append(_run(images, out / name.replace(" ", "-"), base, *sides[name]))
     cache = out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     _run(images, out / "fill-cache", base, f"caption.cache={cache}")
     results["cached"] = [_run(images, out / "cached", base, f"caption.cache={cache}")]
 
-    print(f"corpus: {args.images} images, {args.duplicates:.0%} duplicates, shards of {args.shard_size}; "
-          f"models: {args.scale}; {args.reps} repetition(s), medians")
-    print(f"{'side':<10} {'wall s':>8} {'caption calls':>14} "
-          f"{'fuse calls':>11} {'caption step s':>15} {'fuse step s':>12}")
+    print(
+        f"corpus: {args.images} images, {args.duplicates:.0%} duplicates, shards of {args.shard_size}; "
+        f"models: {args.scale}; {args.reps} repetition(s), medians"
+    )
+    print(
+        f"{'side':<10} {'wall s':>8} {'caption calls':>14} "
+        f"{'fuse calls':>11} {'caption step s':>15} {'fuse step s':>12}"
+    )
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
     for name, m in med.items():
-        print(f"{name:<10} {m['wall_s']:>8.1f} {m['caption_calls']:>14.0f} {m['fuse_calls']:>11.0f} "
-              f"{m['caption_step_s']:>15.1f} {m['fuse_step_s']:>12.1f}")
+        print(
+            f"{name:<10} {m['wall_s']:>8.1f} {m['caption_calls']:>14.0f} {m['fuse_calls']:>11.0f} "
+            f"{m['caption_step_s']:>15.1f} {m['fuse_step_s']:>12.1f}"
+        )
     d, n = med["dedup"], med["no dedup"]
-    print(f"dedup vs no dedup: caption calls x{d['caption_calls'] / n['caption_calls']:.2f}, "
-          f"wall x{d['wall_s'] / n['wall_s']:.2f}")
-    print(f"cached rerun vs no dedup: caption calls {med['cached']['caption_calls']:.0f}, "
-          f"wall x{med['cached']['wall_s'] / n['wall_s']:.2f}")
+    print(
+        f"dedup vs no dedup: caption calls x{d['caption_calls'] / n['caption_calls']:.2f}, "
+        f"wall x{d['wall_s'] / n['wall_s']:.2f}"
+    )
+    print(
+        f"cached rerun vs no dedup: caption calls {med['cached']['caption_calls']:.0f}, "
+        f"wall x{med['cached']['wall_s'] / n['wall_s']:.2f}"
+    )
     return 0
 
 

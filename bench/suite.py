@@ -68,8 +68,14 @@ def _sections() -> dict[str, Callable[[Ctx], dict[str, Any]]]:
     from bench.iopath import bench_io
     from bench.memory import bench_memory
 
-    return {"io": bench_io, "driver": bench_driver, "memory": bench_memory, "caption": bench_caption,
-            "fuse": bench_fuse, "backends": bench_backends}
+    return {
+        "io": bench_io,
+        "driver": bench_driver,
+        "memory": bench_memory,
+        "caption": bench_caption,
+        "fuse": bench_fuse,
+        "backends": bench_backends,
+    }
 
 
 def main(quick: bool = False, sections: Sequence[str] = SECTIONS, out_dir: str | Path = RESULTS) -> int:
@@ -97,7 +103,14 @@ def main(quick: bool = False, sections: Sequence[str] = SECTIONS, out_dir: str |
         shutil.rmtree(ray_tmp, ignore_errors=True)
         for note in NOTES.split("\n"):
             harness.note(note)
-        md = harness.write(out_dir, "results", "vecap benchmarks", sizes=asdict(sizes), sections=list(sections),
-                           config_overrides=ctx.overrides, data=str(ctx.images))
+        md = harness.write(
+            out_dir,
+            "results",
+            "vecap benchmarks",
+            sizes=asdict(sizes),
+            sections=list(sections),
+            config_overrides=ctx.overrides,
+            data=str(ctx.images),
+        )
     log.info("benchmark results (%s):\n%s", md, md.read_text())
     return 1 if harness.failed() else 0

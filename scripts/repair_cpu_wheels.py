@@ -15,13 +15,13 @@ import subprocess
 import sys
 
 MARK = "# vecap: guarded register_fake"
-GUARD = f'''{MARK}
+GUARD = f"""{MARK}
 def _vecap_register_fake(name):
     if torchvision.extension._has_ops():
         return torch.library.register_fake(name)
     return lambda fn: fn
 
-'''
+"""
 
 
 def remove_broken_packages() -> None:

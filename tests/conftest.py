@@ -48,12 +48,15 @@ def bad_images() -> dict[str, bytes]:
     rotated = Image.new("RGB", (60, 30), (200, 10, 10))
     exif = rotated.getexif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90
+
     # A PNG whose header claims 100k x 100k pixels: a decompression bomb (tiny file).
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    bomb = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    )
     frames = [Image.new("P", (20, 20), i) for i in (1, 50, 100)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])

@@ -39,7 +39,9 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def sample_members(key: str, image: bytes, alt: str | None = "an alt text", ext: str = "jpg") -> list[tuple[str, bytes]]:
+def sample_members(
+    key: str, image: bytes, alt: str | None = "an alt text", ext: str = "jpg"
+) -> list[tuple[str, bytes]]:
     members = [(f"{key}.{ext}", image)]
     if alt is not None:
         members.append((f"{key}.txt", alt.encode()))
@@ -50,8 +52,13 @@ def sample_members(key: str, image: bytes, alt: str | None = "an alt text", ext:
 def write_img2dataset_parquet(path: Path, rows: list[dict]) -> Path:
     """Rows with key/url/caption/status/error_message, like img2dataset's per-shard Parquet."""
     full = [
-        {"key": r["key"], "url": r.get("url", f"http://x/{r['key']}"), "caption": r.get("caption"),
-         "status": r.get("status", "success"), "error_message": r.get("error_message")}
+        {
+            "key": r["key"],
+            "url": r.get("url", f"http://x/{r['key']}"),
+            "caption": r.get("caption"),
+            "status": r.get("status", "success"),
+            "error_message": r.get("error_message"),
+        }
         for r in rows
     ]
     pq.write_table(pa.Table.from_pylist(full), path)

@@ -25,7 +25,11 @@ VLLM_ENGINE = {"max_model_len": 2048, "enforce_eager": True}
 def _images():
     from PIL import Image
 
-    imgs = [prepare_image(data, 32, 10**8, 1 << 24).to_pil() for key, data in sorted(bad_images().items()) if key >= "9900004"]
+    imgs = [
+        prepare_image(data, 32, 10**8, 1 << 24).to_pil()
+        for key, data in sorted(bad_images().items())
+        if key >= "9900004"
+    ]
     imgs.append(Image.new("RGB", (50, 40), (0, 90, 200)))
     return imgs
 
@@ -37,14 +41,23 @@ def _caption_requests():
 
 def _fuse_requests():
     prompt = load_prompt("fuse", "vecap")
-    pairs = [("Nike Air Max 90 in Paris", "white shoes on a street"), ("Kyoto temple, 2019", "a red wooden gate"),
-             ("Le Creuset pot", "an orange pot on a stove")]
+    pairs = [
+        ("Nike Air Max 90 in Paris", "white shoes on a street"),
+        ("Kyoto temple, 2019", "a red wooden gate"),
+        ("Le Creuset pot", "an orange pot on a stove"),
+    ]
     return [Request(messages=prompt.messages(alt_text=a, vlm_caption=v), seed=i) for i, (a, v) in enumerate(pairs)]
 
 
 def _texts(backend: str, model, multimodal: bool, requests, **extra):
-    spec = EngineSpec(backend=backend, model=str(model), multimodal=multimodal, dtype="float32",
-                      sampling=Sampling(max_new_tokens=12), **extra)
+    spec = EngineSpec(
+        backend=backend,
+        model=str(model),
+        multimodal=multimodal,
+        dtype="float32",
+        sampling=Sampling(max_new_tokens=12),
+        **extra,
+    )
     engine = load_engine(spec)
     try:
         out = engine.generate(requests)
@@ -72,8 +85,13 @@ def test_hf_and_vllm_give_the_same_greedy_outputs(tiny_models, kind):
 def test_a_failing_request_is_one_error_not_a_lost_batch(tiny_models):
     requests = _fuse_requests()
     too_long = Request(messages=[{"role": "user", "content": "word " * 3000}], seed=9)
-    spec = EngineSpec(backend="vllm", model=str(tiny_models["llama"]), dtype="float32",
-                      sampling=Sampling(max_new_tokens=8), engine_kwargs=VLLM_ENGINE)
+    spec = EngineSpec(
+        backend="vllm",
+        model=str(tiny_models["llama"]),
+        dtype="float32",
+        sampling=Sampling(max_new_tokens=8),
+        engine_kwargs=VLLM_ENGINE,
+    )
     engine = load_engine(spec)
     try:
         out = engine.generate([requests[0], too_long, requests[1]])
@@ -104,9 +122,24 @@ def _free_port() -> int:
 def test_openai_backend_against_a_real_vllm_server(tiny_models, tmp_path):
     port = _free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["llava"]),
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
-           "--dtype", "float32", "--served-model-name", "tiny-llava"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_models["llava"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "tiny-llava",
+    ]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -47,8 +47,15 @@ def _free_port() -> int:
 # --- hf ----------------------------------------------------------------------------------------
 def test_hf_backend_in_a_pipeline_run_matches_vllm(make_root, demo_config, pipeline_root):
     root = make_root("hf")
-    cfg = demo_config(root, "caption.backend=hf", "fuse.backend=hf", "caption.engine={}", "fuse.engine={}",
-                      "caption.batch_size=8", "fuse.batch_size=8")
+    cfg = demo_config(
+        root,
+        "caption.backend=hf",
+        "fuse.backend=hf",
+        "caption.engine={}",
+        "fuse.engine={}",
+        "caption.batch_size=8",
+        "fuse.batch_size=8",
+    )
     result = run(cfg, shards=SHARDS, progress=False)
     assert not result.failed
     for step in STAGES:
@@ -65,9 +72,11 @@ def test_hf_backend_in_a_pipeline_run_matches_vllm(make_root, demo_config, pipel
         fused, ref = _rows(root, "fuse", shard), _rows(pipeline_root, "fuse", shard)
         # the same rows reached the LLM (the rest settled without it, the same way)
         assert {k for k, r in fused.items() if r["n_output_tokens"] is not None} == {
-            k for k, r in ref.items() if r["n_output_tokens"] is not None}
+            k for k, r in ref.items() if r["n_output_tokens"] is not None
+        }
         assert (root / "clip" / f"{shard}.tar").exists() or not any(
-            r["status"] == schemas.OK for r in _rows(root, "write", shard).values())
+            r["status"] == schemas.OK for r in _rows(root, "write", shard).values()
+        )
 
 
 # --- openai against a real vLLM server ------------------------------------------------------------
@@ -77,9 +86,24 @@ def llm_server(tiny_models, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["llama"]),
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
-           "--dtype", "float32", "--served-model-name", "tiny-llama"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_models["llama"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "tiny-llama",
+    ]
     log = open(log_path, "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -100,8 +124,14 @@ def llm_server(tiny_models, tmp_path_factory):
 
 
 def _openai(base_url: str, *more: str) -> list[str]:
-    return ["fuse.backend=openai", f"fuse.base_url={base_url}", "fuse.model=tiny-llama", "fuse.engine={}",
-            "fuse.request_concurrency=4", *more]
+    return [
+        "fuse.backend=openai",
+        f"fuse.base_url={base_url}",
+        "fuse.model=tiny-llama",
+        "fuse.engine={}",
+        "fuse.request_concurrency=4",
+        *more,
+    ]
 
 
 def test_openai_backend_in_a_pipeline_run_matches_vllm(llm_server, pipeline_root, tmp_path, demo_config):
@@ -138,15 +168,17 @@ def _fuse_root(root: Path, demo_config, alts: dict[str, str]) -> Path:
     for i, (key, alt) in enumerate(sorted(alts.items())):
         members += sample_members(key, jpeg_bytes(color=(30 * i, 60, 90)), alt=alt)
         rows.append({"key": key, "caption": alt})
-        captions.append({"key": key, "shard": "00000", "status": schemas.OK, "vlm_caption": VLM, "seed": i,
-                         "finish_reason": "stop"})
+        captions.append(
+            {"key": key, "shard": "00000", "status": schemas.OK, "vlm_caption": VLM, "seed": i, "finish_reason": "stop"}
+        )
     write_tar(root / "images" / "00000.tar", members)
     write_img2dataset_parquet(root / "images" / "00000.parquet", rows)
     from vecap.pipeline import build_stages
 
     fp = build_stages(demo_config(root), ["caption"])["caption"].fingerprint()
     stage_output(root, "caption").commit(
-        "00000", schemas.table(captions, schemas.CAPTIONS), {"n_rows": len(captions), "fingerprint": fp})
+        "00000", schemas.table(captions, schemas.CAPTIONS), {"n_rows": len(captions), "fingerprint": fp}
+    )
     return root
 
 
@@ -160,7 +192,9 @@ def test_openai_4xx_for_one_prompt_is_that_row_model_error(llm_server, tmp_path,
     rows = _rows(root, "fuse", "00000")
     bad = rows["0000001"]
     assert bad["status"] == schemas.OK and bad["vec_source"] == "vlm" and bad["vec_caption"] == VLM
-    assert bad["error"].startswith("model_error") and ("400" in bad["error"] or "BadRequest" in bad["error"]), bad["error"]
+    assert bad["error"].startswith("model_error") and ("400" in bad["error"] or "BadRequest" in bad["error"]), bad[
+        "error"
+    ]
     for key in ("0000000", "0000002"):
         assert rows[key]["n_output_tokens"] > 0 and not (rows[key]["error"] or "").startswith("model_error"), rows[key]
     stats = stage_output(root, "fuse").read_stats("00000")
@@ -175,8 +209,13 @@ class _NoUsage(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _NoUsage.requests.append(body)
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": FUSED}, "finish_reason": "stop"}]}
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": FUSED}, "finish_reason": "stop"}],
+        }
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -227,7 +266,9 @@ def test_openai_unreachable_server_stops_the_run(tmp_path, demo_config):
     no shard is committed with quiet fallbacks."""
     root = _fuse_root(tmp_path / "root", demo_config, {f"000000{i}": ALT for i in range(3)})
     base = f"http://127.0.0.1:{_free_port()}/v1"
-    cfg = demo_config(root, *_openai(base, "fuse.request_timeout_s=2", "fuse.request_retries=0"), "faults.max_consecutive_fatal=2")
+    cfg = demo_config(
+        root, *_openai(base, "fuse.request_timeout_s=2", "fuse.request_retries=0"), "faults.max_consecutive_fatal=2"
+    )
     with pytest.raises(RunFailed) as err:
         run(cfg, ["fuse"], progress=False)
     assert "00000" in err.value.failed and "fatal" in err.value.failed["00000"], err.value.failed

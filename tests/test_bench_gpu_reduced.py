@@ -12,10 +12,31 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 STAGE_KEYS = {
-    "model", "reduced", "device", "dtype", "requests", "batch_size", "engine_startup_s", "warmup_s", "seconds",
-    "per_s", "unit", "prompt_tokens_mean", "output_tokens_mean", "tflop_per_request", "achieved_tflops",
-    "ceiling_per_s", "fraction_of_ceiling", "nominal_tflop_per_request", "nominal_ceiling_per_s",
-    "stage_per_s", "batches_per_s", "stage_vs_single", "busy_fraction_stage", "busy_fraction_single", "peak_tflops",
+    "model",
+    "reduced",
+    "device",
+    "dtype",
+    "requests",
+    "batch_size",
+    "engine_startup_s",
+    "warmup_s",
+    "seconds",
+    "per_s",
+    "unit",
+    "prompt_tokens_mean",
+    "output_tokens_mean",
+    "tflop_per_request",
+    "achieved_tflops",
+    "ceiling_per_s",
+    "fraction_of_ceiling",
+    "nominal_tflop_per_request",
+    "nominal_ceiling_per_s",
+    "stage_per_s",
+    "batches_per_s",
+    "stage_vs_single",
+    "busy_fraction_stage",
+    "busy_fraction_single",
+    "peak_tflops",
 }
 
 
@@ -23,14 +44,20 @@ def test_gpu_bench_reduced_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--reduced", "--out", str(out), "--work", str(tmp_path / "m")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == result  # the last line of stdout is the same JSON
     assert result["mode"] == "reduced" and result["peak_tflops"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# vecap GPU engines")  # the harness's markdown beside it
-    assert {"caption: stage / single-call engine", "fuse: busy fraction, stage − single call"} <= {r["name"] for r in result["rows"]}
+    assert {"caption: stage / single-call engine", "fuse: busy fraction, stage − single call"} <= {
+        r["name"] for r in result["rows"]
+    }
     for stage, unit in (("caption", "images/s"), ("fuse", "fusions/s")):
         r = result[stage]
         assert STAGE_KEYS <= set(r), STAGE_KEYS - set(r)
@@ -49,5 +76,8 @@ def test_gpu_script_counts_flops_with_the_planner():
     from bench import gpu
     from vecap import plan
 
-    for full, compact, prompt, output in ((gpu.LLAVA_15_7B, plan.LLAVA_15_7B, 616, 30), (gpu.LLAMA_3_8B, plan.LLAMA_3_8B, 250, 60)):
+    for full, compact, prompt, output in (
+        (gpu.LLAVA_15_7B, plan.LLAVA_15_7B, 616, 30),
+        (gpu.LLAMA_3_8B, plan.LLAMA_3_8B, 250, 60),
+    ):
         assert plan.flops_per_request(full, prompt, output) == plan.flops_per_request(compact, prompt, output)

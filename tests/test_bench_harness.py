@@ -16,8 +16,9 @@ from bench.harness import Harness, Target  # noqa: E402
 
 
 def test_python_m_bench_help():
-    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--sections" in proc.stdout and "driver" in proc.stdout
 

@@ -25,8 +25,15 @@ def test_profile_call_splits_prefill_and_decode(tiny_models, backend):
     from bench.profile import CATEGORIES, breakdown_rows, profile_call
 
     kwargs = {"engine_kwargs": {"max_model_len": 2048, "enforce_eager": True}} if backend == "vllm" else {}
-    engine = load_engine(EngineSpec(backend=backend, model=str(tiny_models["llama"]), dtype="float32",
-                                    sampling=Sampling(max_new_tokens=8), **kwargs))
+    engine = load_engine(
+        EngineSpec(
+            backend=backend,
+            model=str(tiny_models["llama"]),
+            dtype="float32",
+            sampling=Sampling(max_new_tokens=8),
+            **kwargs,
+        )
+    )
     try:
         p = profile_call(engine, _requests(), interval_s=0.001)
     finally:

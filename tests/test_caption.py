@@ -76,7 +76,12 @@ def test_same_inputs_same_parquet_in_a_fresh_root(make_root, demo_config, pipeli
     """Determinism across runs (greedy): a caption-only run with two actors and batches of 4 writes
     the Parquet of the whole demo run (one actor, batches of 16, fusing beside it)."""
     a = make_root("a")
-    run(demo_config(a, "caption.actors=2", "caption.batch_size=4"), ["caption"], shards=[BAD_SHARD, "00000"], progress=False)
+    run(
+        demo_config(a, "caption.actors=2", "caption.batch_size=4"),
+        ["caption"],
+        shards=[BAD_SHARD, "00000"],
+        progress=False,
+    )
     for shard in (BAD_SHARD, "00000"):
         ta = pq.read_table(a / "captions" / f"{shard}.parquet")
         tb = pq.read_table(pipeline_root / "captions" / f"{shard}.parquet")
@@ -92,7 +97,9 @@ def test_changed_prompt_is_refused_unless_overwrite(make_root, demo_config):
     kept = marker_path(root, "caption", "00001").read_bytes()
     with pytest.raises(ConfigMismatch, match="prompt"):
         run(demo_config(root, "caption.prompt=detailed"), ["caption"], shards=["00000"], progress=False)
-    result = run(demo_config(root, "caption.prompt=detailed"), ["caption"], shards=["00000"], overwrite=True, progress=False)
+    result = run(
+        demo_config(root, "caption.prompt=detailed"), ["caption"], shards=["00000"], overwrite=True, progress=False
+    )
     assert result.tallies["caption"].shards == 1
     assert set(pq.read_table(root / "captions" / "00000.parquet").column("prompt_id").to_pylist()) == {"detailed"}
     assert marker_path(root, "caption", "00001").read_bytes() == kept  # not selected: not invalidated

@@ -34,7 +34,11 @@ def vecap(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproce
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, "-m", "vecap.cli", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "vecap.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -50,7 +54,9 @@ def _sources(folder: Path) -> dict[str, bytes]:
 
     folder.mkdir()
     files = {}
-    for i, (fmt, ext) in enumerate([("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("JPEG", "jpg"), ("PNG", "png")]):
+    for i, (fmt, ext) in enumerate(
+        [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("JPEG", "jpg"), ("PNG", "png")]
+    ):
         buf = io.BytesIO()
         Image.new("RGB", (40 + 8 * i, 30 + 4 * i), (40 * i, 255 - 40 * i, 90)).save(buf, format=fmt)
         files[f"img {i}.{ext}"] = buf.getvalue()  # a space: %20 in the URL
@@ -86,8 +92,22 @@ def test_download_csv_tsv_parquet_from_a_loopback_server(tmp_path, fmt):
     cols = ["--url-col", "link", "--caption-col", "alt"] if fmt == "tsv" else []
     with serve_folder(tmp_path / "src") as base:
         ids = _url_list(fmt, url_list, base, sorted(files))
-        proc = vecap("download", url_list, out, "--shard-size", "2", *cols, "-o", "processes_count=1",
-                     "-o", "thread_count=2", "-o", "timeout=5", "--option", "save_additional_columns=[source_id]")
+        proc = vecap(
+            "download",
+            url_list,
+            out,
+            "--shard-size",
+            "2",
+            *cols,
+            "-o",
+            "processes_count=1",
+            "-o",
+            "thread_count=2",
+            "-o",
+            "timeout=5",
+            "--option",
+            "save_additional_columns=[source_id]",
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(out) in proc.stdout
     # img2dataset's own lines (main and worker processes) in its log beside the folder, not on the terminal
@@ -97,7 +117,8 @@ def test_download_csv_tsv_parquet_from_a_loopback_server(tmp_path, fmt):
     shards = sorted(p.stem for p in out.glob("*.tar"))
     assert shards == ["00000", "00001", "00002"]  # 6 URLs, --shard-size 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}{suffix}" for s in shards for suffix in (".tar", ".parquet", "_stats.json"))
+        f"{s}{suffix}" for s in shards for suffix in (".tar", ".parquet", "_stats.json")
+    )
     rows = {}
     for s in shards:
         table = pq.read_table(out / f"{s}.parquet").to_pylist()
@@ -194,8 +215,12 @@ def root_copy(pipeline_root, tmp_path_factory):
 
 
 def _committed(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for d in ("captions", "fused", "vecap", "clip")
-            for p in sorted((root / d).rglob("*")) if p.is_file() and p.name != "_run.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for d in ("captions", "fused", "vecap", "clip")
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file() and p.name != "_run.json"
+    }
 
 
 @pytest.mark.parametrize("command", STAGE_COMMANDS)
@@ -214,8 +239,12 @@ def test_a_config_error_exits_2_naming_the_key(command, tmp_path):
 
 @pytest.mark.parametrize(
     "command,change,key",
-    [("caption", "caption.prompt=detailed", "prompt_id"), ("fuse", "fuse.temperature=0.5", "params_sha256"),
-     ("write", "write.mix=alt", "mix"), ("run", "fuse.validation.max_words=20", "checks_sha256")],
+    [
+        ("caption", "caption.prompt=detailed", "prompt_id"),
+        ("fuse", "fuse.temperature=0.5", "params_sha256"),
+        ("write", "write.mix=alt", "mix"),
+        ("run", "fuse.validation.max_words=20", "checks_sha256"),
+    ],
 )
 def test_a_config_change_is_refused_with_exit_2(command, change, key, root_copy, tiny_models):
     before = _committed(root_copy)
@@ -237,8 +266,18 @@ def test_vecap_write_overwrite_one_shard(root_copy, tiny_models):
     """A real `vecap write --overwrite --shards 00000` with another mix: exit 0, its summary, that
     shard's tar rewritten with the new mix, the others byte for byte, sizes.json equal to the tars."""
     before = _committed(root_copy)
-    proc = vecap("write", "--set", f"root={root_copy}", *_models(tiny_models), "--set", "write.mix=vec",
-                 "--overwrite", "--shards", "00000", "--no-progress")
+    proc = vecap(
+        "write",
+        "--set",
+        f"root={root_copy}",
+        *_models(tiny_models),
+        "--set",
+        "write.mix=vec",
+        "--overwrite",
+        "--shards",
+        "00000",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "write" in proc.stdout and str(root_copy / "clip") in proc.stdout and "wall time" in proc.stdout
     after = _committed(root_copy)
@@ -334,6 +373,7 @@ def test_status_reads_the_root_of_the_recipe_given_with_c(pipeline_root, tmp_pat
     assert by_recipe.returncode == 0 and by_root.returncode == 0, by_recipe.stderr + by_root.stderr
     a, b = json.loads(by_recipe.stdout), json.loads(by_root.stdout)
     assert a.pop("now") <= b.pop("now") and a == b
-    assert [s["done"] for s in a["stages"]] == [len(list((pipeline_root / d / "_done").glob("*.json")))
-                                               for d in ("captions", "fused", "vecap")]
+    assert [s["done"] for s in a["stages"]] == [
+        len(list((pipeline_root / d / "_done").glob("*.json"))) for d in ("captions", "fused", "vecap")
+    ]
     assert a["root"] == str(pipeline_root)

@@ -54,8 +54,16 @@ def test_set_overrides_are_typed_and_validated():
 
 
 def test_set_takes_text_as_typed_where_the_schema_wants_a_string():
-    cfg = load_config("demo", ["ray.env.VLLM_ENABLE_V1_MULTIPROCESSING=1", "caption.env.VERSION=1.10",
-                               "fuse.env.FLAG=true", "caption.model=7", "ray.address=null"])
+    cfg = load_config(
+        "demo",
+        [
+            "ray.env.VLLM_ENABLE_V1_MULTIPROCESSING=1",
+            "caption.env.VERSION=1.10",
+            "fuse.env.FLAG=true",
+            "caption.model=7",
+            "ray.address=null",
+        ],
+    )
     assert cfg.ray.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     assert cfg.caption.env == {"VERSION": "1.10"} and cfg.fuse.env["FLAG"] == "true"
     assert cfg.caption.model == "7" and cfg.ray.address is None

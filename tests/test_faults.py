@@ -522,7 +522,8 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
         worker = cluster.add_node(num_cpus=6, object_store_memory=250_000_000)
         ray.init(address=cluster.address, log_to_driver=False)
         root = Path({str(root)!r})
-        cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models["llava"]}", "fuse.model={tiny_models["llama"]}",
+        cfg = load_config("demo", [f"root={{root}}", "caption.model={tiny_models["llava"]}",
+                                   "fuse.model={tiny_models["llama"]}",
                                    "caption.cpus_per_actor=1", "fuse.cpus_per_actor=1", "caption.batch_size=4",
                                    "fuse.batch_size=4", "max_inflight_shards=2"])
         removed, seen_on_worker = [], set()
@@ -549,8 +550,8 @@ def test_a_worker_node_stopped_mid_run_leaves_every_key_exactly_once(sample_imag
 
         threading.Thread(target=chaos, daemon=True).start()
         result = run(cfg, progress=False)
-        print("RESULT " + json.dumps({{"removed_after": removed, "failed": result.failed, "seen": sorted(seen_on_worker),
-                                     "nodes": len(ray.nodes())}}), flush=True)
+        print("RESULT " + json.dumps({{"removed_after": removed, "failed": result.failed,
+                                      "seen": sorted(seen_on_worker), "nodes": len(ray.nodes())}}), flush=True)
         ray.shutdown()
         cluster.shutdown()
         """

@@ -57,9 +57,18 @@ FINGERPRINT_FIELDS = [
 
 # Settings that change how a run is executed, never what it writes: never a refusal.
 OPERATIONAL = [
-    "caption.actors=3", "caption.batch_size=5", "caption.cpus_per_actor=1", "caption.max_batches_in_flight=1",
-    "caption.call_timeout_s=30", "fuse.actors=2", "fuse.batch_size=3", "fuse.request_concurrency=2",
-    "max_inflight_shards=1", "ray.num_cpus=4", "faults.max_consecutive_fatal=2", "lease_ttl_s=30",
+    "caption.actors=3",
+    "caption.batch_size=5",
+    "caption.cpus_per_actor=1",
+    "caption.max_batches_in_flight=1",
+    "caption.call_timeout_s=30",
+    "fuse.actors=2",
+    "fuse.batch_size=3",
+    "fuse.request_concurrency=2",
+    "max_inflight_shards=1",
+    "ray.num_cpus=4",
+    "faults.max_consecutive_fatal=2",
+    "lease_ttl_s=30",
 ]
 
 
@@ -113,7 +122,9 @@ def assert_sizes_equal_tars(root: Path) -> None:
 
 
 @pytest.mark.parametrize("override,step,key", FINGERPRINT_FIELDS, ids=[f[0].split("=")[0] for f in FINGERPRINT_FIELDS])
-def test_every_fingerprint_field_is_refused_then_overwritten_for_the_selected_shards_only(tmp_path, override, step, key):
+def test_every_fingerprint_field_is_refused_then_overwritten_for_the_selected_shards_only(
+    tmp_path, override, step, key
+):
     root = _written_root(tmp_path / "root", _cfg(tmp_path / "root"))
     layout, storage = Layout(str(root)), Storage.for_path(str(root))
     changed = _cfg(root, override)
@@ -160,7 +171,9 @@ def test_operational_settings_are_not_part_of_the_fingerprint(tmp_path, override
     snapshot = _snapshot(root)
     changed = _cfg(root, override)
     assert _fingerprints(changed) == _fingerprints(_cfg(root))
-    invalidate_stale(build_stages(changed, STAGES), Layout(str(root)), Storage.for_path(str(root)), None, overwrite=False)
+    invalidate_stale(
+        build_stages(changed, STAGES), Layout(str(root)), Storage.for_path(str(root)), None, overwrite=False
+    )
     assert _snapshot(root) == snapshot
 
 
@@ -172,18 +185,23 @@ def test_a_new_shard_with_other_settings_is_refused_even_with_shards(tmp_path):
         stage_output(root, step).invalidate("00002")
     with pytest.raises(ConfigMismatch):
         invalidate_stale(
-            build_stages(_cfg(root, "caption.prompt=detailed"), ["caption"]), Layout(str(root)),
-            Storage.for_path(str(root)), {"00002"}, overwrite=False,
+            build_stages(_cfg(root, "caption.prompt=detailed"), ["caption"]),
+            Layout(str(root)),
+            Storage.for_path(str(root)),
+            {"00002"},
+            overwrite=False,
         )
 
 
 @pytest.mark.parametrize(
     "overrides,step",
-    [(["caption.image_size=64"], "caption"),  # the pixels the VLM sees
-     (["caption.max_image_pixels=1000"], "caption"),  # which images become image_too_large
-     (["caption.max_image_bytes=1000"], "caption"),
-     (["fuse.max_alt_text_words=5"], "fuse"),  # the prompt the LLM sees
-     (["caption.temperature=0.7", "seed=1"], "caption")],  # sampled decoding: the per-sample seeds
+    [
+        (["caption.image_size=64"], "caption"),  # the pixels the VLM sees
+        (["caption.max_image_pixels=1000"], "caption"),  # which images become image_too_large
+        (["caption.max_image_bytes=1000"], "caption"),
+        (["fuse.max_alt_text_words=5"], "fuse"),  # the prompt the LLM sees
+        (["caption.temperature=0.7", "seed=1"], "caption"),
+    ],  # sampled decoding: the per-sample seeds
     ids=["image_size", "max_image_pixels", "max_image_bytes", "max_alt_text_words", "seed_when_sampling"],
 )
 def test_settings_that_change_outputs_are_in_the_fingerprint(tmp_path, overrides, step):
@@ -229,10 +247,16 @@ def test_overwrite_recomputes_the_stage_and_every_later_stage_of_exactly_those_s
 
     # `vecap run --overwrite --shards 00001`: the rest of 00001 only, from its new captions.
     result = run(cfg, shards=["00001"], overwrite=True, progress=False)
-    assert (result.tallies["caption"].shards, result.tallies["fuse"].shards, result.tallies["write"].shards) == (0, 1, 1)
+    assert (result.tallies["caption"].shards, result.tallies["fuse"].shards, result.tallies["write"].shards) == (
+        0,
+        1,
+        1,
+    )
     final = _snapshot(root)
     touched = {p for p in final if "00001" in p} | {"clip/sizes.json"}
-    assert {p: b for p, b in final.items() if p not in touched} == {p: b for p, b in snapshot.items() if p not in touched}
+    assert {p: b for p, b in final.items() if p not in touched} == {
+        p: b for p, b in snapshot.items() if p not in touched
+    }
     assert set(final) == set(snapshot)
     for step in STAGES:
         assert stage_output(root, step).done() == set(shards)

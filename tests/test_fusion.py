@@ -57,7 +57,9 @@ INSTRUCTIONS = yaml.safe_load((Path(__file__).parent / "data" / "validation_case
 
 def _reason(output, finish="stop", alt=ALT, vlm=VLM, **kw):
     instructions = INSTRUCTIONS
-    return fusion.rejection_reason(output, finish_reason=finish, alt_text=alt, vlm_caption=vlm, instructions=instructions, **kw)
+    return fusion.rejection_reason(
+        output, finish_reason=finish, alt_text=alt, vlm_caption=vlm, instructions=instructions, **kw
+    )
 
 
 @pytest.mark.parametrize(

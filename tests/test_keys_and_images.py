@@ -28,8 +28,10 @@ def _picture(seed: int) -> bytes:
     draw = ImageDraw.Draw(im)
     for _ in range(4):
         x0, y0 = int(rng.integers(0, 40)), int(rng.integers(0, 30))
-        draw.rectangle((x0, y0, x0 + int(rng.integers(8, 24)), y0 + int(rng.integers(8, 18))),
-                       fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw.rectangle(
+            (x0, y0, x0 + int(rng.integers(8, 24)), y0 + int(rng.integers(8, 18))),
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -122,8 +124,11 @@ def test_captions_depend_on_the_image(pipeline_root):
 
     vec = pd.read_parquet(pipeline_root / "vecap")
     captions = pd.read_parquet(pipeline_root / "captions")
-    ok = captions[captions.status.isin([schemas.OK, schemas.CAPTION_REJECTED])].drop(columns="sha256").merge(
-        vec[["key", "sha256"]].dropna(), on="key")
+    ok = (
+        captions[captions.status.isin([schemas.OK, schemas.CAPTION_REJECTED])]
+        .drop(columns="sha256")
+        .merge(vec[["key", "sha256"]].dropna(), on="key")
+    )
     pictures = ok.groupby("sha256").vlm_caption.first()
     assert len(pictures) >= 10
     distinct = pictures.nunique()

@@ -101,11 +101,23 @@ def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_metrics_report_interval_ms="1000")
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        sys.executable, "-c", _DRIVER, "run", "--dashboard", "--no-progress", "--config", str(_recipe(tmp_path, root, tiny_models)),
-        "--shards", *SHARDS, "--set", f"ray.metrics_export_port={port}",
+        sys.executable,
+        "-c",
+        _DRIVER,
+        "run",
+        "--dashboard",
+        "--no-progress",
+        "--config",
+        str(_recipe(tmp_path, root, tiny_models)),
+        "--shards",
+        *SHARDS,
+        "--set",
+        f"ray.metrics_export_port={port}",
     ]
     out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err, text=True, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.time() + 600
@@ -130,7 +142,9 @@ def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root
                 break
             time.sleep(2)
         assert by_status == want
-        assert total(samples, "ray_vecap_samples_total", ("stage",)) == {(s,): float(c["rows"]) for s, c in expected.items()}
+        assert total(samples, "ray_vecap_samples_total", ("stage",)) == {
+            (s,): float(c["rows"]) for s, c in expected.items()
+        }
         fallbacks = {k: float(v) for k, v in expected["fuse"]["fallbacks"].items()}
         assert total(samples, "ray_vecap_fallbacks_total", ("reason",)) == {(k,): v for k, v in fallbacks.items()}
         tokens = total(samples, "ray_vecap_tokens_total", ("stage", "kind"))
@@ -151,7 +165,11 @@ def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root
         (tmp_path / "metrics.txt").write_text(urllib.request.urlopen(url, timeout=10).read().decode())
         # every metric the Grafana dashboard queries exists (those that only count trouble may not yet)
         dashboard = set(re.findall(r"ray_vecap_\w+", (REPO / "docs" / "grafana-dashboard.json").read_text()))
-        trouble = {"ray_vecap_engine_restarts_total", "ray_vecap_shards_failed_total", "ray_vecap_vllm_prefix_cache_hits_total"}
+        trouble = {
+            "ray_vecap_engine_restarts_total",
+            "ray_vecap_shards_failed_total",
+            "ray_vecap_vllm_prefix_cache_hits_total",
+        }
         assert dashboard - trouble - live - {n for n, _, _ in samples} == set()
 
         # the terminal: the dashboard and the endpoint, vecap's progress, no Ray chatter

@@ -119,8 +119,12 @@ def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_m
     cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.Popen(
-        cmd, env=env | {"VECAP_FAULT_KILL_AFTER_FUSED": "1"}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cmd,
+        env=env | {"VECAP_FAULT_KILL_AFTER_FUSED": "1"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 120
@@ -156,10 +160,17 @@ def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_m
     assert "driver.log" in storage.names(logs)
     assert not os.path.exists(staging_dir(logs))
     assert {s: storage.read_bytes(layout.marker("fuse", s)) for s in committed} == committed  # kept, not redone
-    keys = [k for s in sorted(StageOutput(layout, "write", storage).done())
-            for k in StageOutput(layout, "write", storage).read_table(s)["key"].to_pylist()]
-    expected = [k for s in storage.names(layout.images) if s.endswith(".parquet")
-                for k in storage.read_table(f"{layout.images}/{s}")["key"].to_pylist()]
+    keys = [
+        k
+        for s in sorted(StageOutput(layout, "write", storage).done())
+        for k in StageOutput(layout, "write", storage).read_table(s)["key"].to_pylist()
+    ]
+    expected = [
+        k
+        for s in storage.names(layout.images)
+        if s.endswith(".parquet")
+        for k in storage.read_table(f"{layout.images}/{s}")["key"].to_pylist()
+    ]
     assert len(keys) == len(set(keys)) and set(expected) <= set(keys)  # nothing lost, nothing twice
     sizes = json.loads(storage.read_bytes(layout.sizes))
     assert set(sizes) == {n for n in storage.names(layout.clip) if n.endswith(".tar")}

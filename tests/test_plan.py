@@ -18,7 +18,9 @@ def test_flops_match_the_published_figures():
     """~9 TFLOP per 336 px LLaVA-1.5-7B image (576 image tokens + prompt, 2·params·tokens) and ~4.4 TFLOP
     per fusion of 250 input + 60 output tokens on an 8B model, within ±15 %."""
     assert plan.image_tokens(plan.LLAVA_15_7B) == 576
-    caption = plan.flops_per_request(plan.LLAVA_15_7B, 576 + plan.CAPTION_TEXT_TOKENS, plan.CAPTION_OUTPUT_TOKENS) / 1e12
+    caption = (
+        plan.flops_per_request(plan.LLAVA_15_7B, 576 + plan.CAPTION_TEXT_TOKENS, plan.CAPTION_OUTPUT_TOKENS) / 1e12
+    )
     fuse = plan.flops_per_request(plan.LLAMA_3_8B, 250, 60) / 1e12
     assert within(caption, 9.0) and within(fuse, 4.4), (caption, fuse)
     # the decoder's matmul parameters: ~6.5B for Vicuna-7B, ~7.0B for Llama-3-8B (embeddings and LM head apart)
@@ -57,9 +59,12 @@ def test_plan_from_the_ceiling_says_it_is_assumed():
 
 
 def test_plan_from_a_gpu_benchmark(tmp_path):
-    doc = {"mode": "full", "peak_tflops": 989.0,
-           "caption": {"model": "LLaVA-1.5-7B", "device": "NVIDIA H200", "per_s": 40.0, "stage_per_s": 38.0},
-           "fuse": {"model": "Llama-3-8B", "device": "NVIDIA H200", "per_s": 100.0, "stage_per_s": 96.0}}
+    doc = {
+        "mode": "full",
+        "peak_tflops": 989.0,
+        "caption": {"model": "LLaVA-1.5-7B", "device": "NVIDIA H200", "per_s": 40.0, "stage_per_s": 38.0},
+        "fuse": {"model": "Llama-3-8B", "device": "NVIDIA H200", "per_s": 100.0, "stage_per_s": 96.0},
+    }
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(doc))
     cfg = load_config("gpu")
@@ -81,8 +86,10 @@ def test_cpu_cost_per_step():
 def test_cli_plan(capsys):
     from vecap.cli import main
 
-    assert main(["plan", "-c", "gpu", "--images", "300000000", "--gpu", "h100", "--deadline-days", "7",
-                 "--price", "2.5"]) == 0
+    assert (
+        main(["plan", "-c", "gpu", "--images", "300000000", "--gpu", "h100", "--deadline-days", "7", "--price", "2.5"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "GPU-hours" in out and "Nodes for the deadline" in out and "Cost:" in out
     assert main(["plan", "-c", "gpu", "--images", "1000", "--gpu", "h100", "--json"]) == 0
@@ -101,8 +108,15 @@ def test_cpu_cost_from_a_dry_run_root(tmp_path):
     layout = Layout(f"{root}/{DRY_RUN_DIR}", input_root=str(root))
     empty = pa.table({"key": pa.array([], pa.string())})
     for shard, rows in (("00000", 100), ("00001", 300)):
-        StageOutput(layout, "fuse").commit(shard, empty, {"n_rows": rows, "timings": {
-            "cpu_read": 0.004 * rows, "t_read": 1.0, "cpu_fuse_check": 0.001 * rows}, "engine": {"fuse_steps": 3}})
+        StageOutput(layout, "fuse").commit(
+            shard,
+            empty,
+            {
+                "n_rows": rows,
+                "timings": {"cpu_read": 0.004 * rows, "t_read": 1.0, "cpu_fuse_check": 0.001 * rows},
+                "engine": {"fuse_steps": 3},
+            },
+        )
         StageOutput(layout, "write").commit(shard, empty, {"n_rows": rows, "timings": {"t_write": 0.002 * rows}})
     steps, samples = plan.cpu_cost_from_dry_run(str(root))
     assert samples == 400

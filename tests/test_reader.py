@@ -18,12 +18,17 @@ def _read(images):
 
 def test_plain_shard_keys_images_and_alt_texts(tmp_path):
     images = tmp_path / "images"
-    members = sample_members("0000001", jpeg_bytes(), "Nike shoe &amp; box") + sample_members("0000002", png_bytes(), "Kyoto")
+    members = sample_members("0000001", jpeg_bytes(), "Nike shoe &amp; box") + sample_members(
+        "0000002", png_bytes(), "Kyoto"
+    )
     write_tar(images / "00000.tar", members)
     write_img2dataset_parquet(
         images / "00000.parquet",
-        [{"key": "0000001", "caption": "Nike shoe &amp; box"}, {"key": "0000002", "caption": "Kyoto"},
-         {"key": "0000003", "caption": "lost", "status": "failed_to_download", "error_message": "404"}],
+        [
+            {"key": "0000001", "caption": "Nike shoe &amp; box"},
+            {"key": "0000002", "caption": "Kyoto"},
+            {"key": "0000003", "caption": "lost", "status": "failed_to_download", "error_message": "404"},
+        ],
     )
     samples, report = _read(images)
     assert list_shards(str(images)) == ["00000"]

@@ -118,10 +118,14 @@ def test_readme_inspect_report_status_and_plan_lines_run(pipeline_root, tmp_path
         line
         for block in blocks("bash")
         for line in _commands(block)
-        if line.startswith(("vecap inspect", "vecap report", "vecap status", "vecap plan")) and "--measured" not in line and "s3://" not in line
+        if line.startswith(("vecap inspect", "vecap report", "vecap status", "vecap plan"))
+        and "--measured" not in line
+        and "s3://" not in line
     ]
     assert lines
     for line in lines:
         argv = shlex.split(line)
-        proc = subprocess.run([sys.executable, "-m", "vecap.cli", *argv[1:]], cwd=work, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "vecap.cli", *argv[1:]], cwd=work, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0 and proc.stdout.strip(), (line, proc.stderr[-2000:])

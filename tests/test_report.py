@@ -27,7 +27,7 @@ from vecap.report import LegacyLayoutError, ReportData, build_report, load_repor
 from vecap.report.data import example_rank
 
 VOID = {"img", "meta", "br", "hr", "input", "link", "col"}
-SCRIPT_TAG = "\"><script>alert(1)</script>"
+SCRIPT_TAG = '"><script>alert(1)</script>'
 JS_URL = "javascript:alert(1)"
 IMG_TAG = "<img src=x onerror=alert(1)>"
 HOSTILE = (SCRIPT_TAG, JS_URL, IMG_TAG)
@@ -103,7 +103,9 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
         "finished_at": "2025-01-01T00:00:00Z", "versions": {"vecap": "0.1.0"}}))  # fmt: skip
     # The fuse stage's markers carry the fallback reasons the report shows beside the rows'.
     for shard in ("00000", "00001"):
-        write_stage(root, "fuse", shard, [], schemas.FUSED, {"n_rows": 0, "fallbacks": {"lost_entities": 1, "no_vlm": 1}})
+        write_stage(
+            root, "fuse", shard, [], schemas.FUSED, {"n_rows": 0, "fallbacks": {"lost_entities": 1, "no_vlm": 1}}
+        )
     return all_rows
 
 
@@ -215,7 +217,7 @@ def decodes(uri: str) -> tuple[int, int]:
 
     prefix = "data:image/jpeg;base64,"
     assert uri.startswith(prefix)
-    with Image.open(io.BytesIO(base64.b64decode(uri[len(prefix):], validate=True))) as im:
+    with Image.open(io.BytesIO(base64.b64decode(uri[len(prefix) :], validate=True))) as im:
         assert im.format == "JPEG"
         im.load()
         return im.size
@@ -297,7 +299,11 @@ def test_quality_columns_are_shown_when_present(tmp_path):
     assert q["q_lang"].kind == "categorical" and q["q_lang"].values == Counter({"en": 2, "fr": 2})
     page = assert_no_live_markup(render_html(data))
     assert page.counts["fused/q_lang:en"] == 2 and page.counts["fused/q_lang:null"] == 2
-    assert ("div", "data-quality", "fuse:q_clip_score") in page.attrs and ("div", "data-quality", "fuse:q_lang") in page.attrs
+    assert ("div", "data-quality", "fuse:q_clip_score") in page.attrs and (
+        "div",
+        "data-quality",
+        "fuse:q_lang",
+    ) in page.attrs
     assert page.quantiles["fuse:q_clip_score:p50"] == pytest.approx(0.2) and page.rejections == {}
     assert "q_lang: en=2, fr=2, null=2" in inspect_path(root / "fused" / "00000.parquet")
 
@@ -323,7 +329,9 @@ def test_report_of_a_root_with_only_fused(tmp_path):
     fused[4].update(vec_caption=None, vec_source=None, error="HTTP 404")
     write_stage(root, "fuse", "00000", fused, schemas.FUSED,
                 {"fallbacks": {"truncated": 2}, "statuses": {"ok": 4, "download_failed": 1}})  # fmt: skip
-    (root / "fused" / "00001.parquet").write_bytes((root / "fused" / "00000.parquet").read_bytes())  # no marker: not done
+    (root / "fused" / "00001.parquet").write_bytes(
+        (root / "fused" / "00000.parquet").read_bytes()
+    )  # no marker: not done
 
     out = build_report(root, tmp_path / "r.html")
     page = assert_no_live_markup(out.read_text())
@@ -340,7 +348,10 @@ def test_report_of_captions_and_of_images_only(tmp_path):
     """A root with only captions joins the alt-text from images/; with no stage at all, the input is shown."""
     root = tmp_path / "root"
     keys = ["a1", "a2", "a3"]
-    write_tar(root / "images" / "00000.tar", [m for k in keys[:2] for m in sample_members(k, jpeg_bytes(), alt=f"Big Ben {k}")])
+    write_tar(
+        root / "images" / "00000.tar",
+        [m for k in keys[:2] for m in sample_members(k, jpeg_bytes(), alt=f"Big Ben {k}")],
+    )
     write_img2dataset_parquet(root / "images" / "00000.parquet", [
         {"key": k, "caption": f"Big Ben {k}", "status": "success" if k != "a3" else "failed_to_download",
          "error_message": "HTTP 500" if k == "a3" else None} for k in keys])  # fmt: skip
@@ -348,10 +359,14 @@ def test_report_of_captions_and_of_images_only(tmp_path):
     assert data.stage == "images" and data.counts("status") == Counter({"ok": 2, "download_failed": 1})
     assert [r["error"] for r in data.failed_rows] == ["HTTP 500"]
 
-    caps = [{"key": k, "shard": "00000", "status": "ok", "vlm_caption": "a clock tower", "model": "m", "prompt_id": "p"}
-            for k in keys[:2]]
+    caps = [
+        {"key": k, "shard": "00000", "status": "ok", "vlm_caption": "a clock tower", "model": "m", "prompt_id": "p"}
+        for k in keys[:2]
+    ]
     caps += [{"key": "a3", "shard": "00000", "status": "download_failed", "error": "HTTP 500"}]
-    write_stage(root, "caption", "00000", caps, schemas.CAPTIONS, {"n_rows": 3, "statuses": {"ok": 2, "download_failed": 1}})
+    write_stage(
+        root, "caption", "00000", caps, schemas.CAPTIONS, {"n_rows": 3, "statuses": {"ok": 2, "download_failed": 1}}
+    )
     data = load_report_data(str(root), n_samples=5)
     assert data.stage == "caption" and [r["alt_text"] for r in data.rows] == ["Big Ben a1", "Big Ben a2", "Big Ben a3"]
     assert [r["url"] for r in data.rows][0] == "http://x/a1" and len(data.thumbnails) == 2
@@ -424,7 +439,8 @@ def test_inspect_reuses_the_report_data(tmp_path):
     text = inspect_path(layout.parquet("write", "00000"), n_rows=2)
     assert "8 rows" in text and "status: ok=6, download_failed=2" in text and "0000000" in text
     assert inspect_path(layout.tar("00000")) == (
-        f"{layout.tar('00000')}: 6 keys; members by extension: jpg=1, json=6, png=3, txt=6, webp=2")
+        f"{layout.tar('00000')}: 6 keys; members by extension: jpg=1, json=6, png=3, txt=6, webp=2"
+    )
     assert json.loads(inspect_path(layout.marker("write", "00001")))["statuses"] == {"ok": 6, "download_failed": 2}
 
     text = inspect_path(root / "vecap")
@@ -435,7 +451,9 @@ def test_inspect_reuses_the_report_data(tmp_path):
 
     (root / "clip" / "00009.tar").write_bytes(b"")
     text = inspect_path(root / "clip")
-    assert "3 tar(s)" in text and "sizes.json: 11 samples in 2 tar(s)" in text and "not in sizes.json: 00009.tar" in text
+    assert (
+        "3 tar(s)" in text and "sizes.json: 11 samples in 2 tar(s)" in text and "not in sizes.json: 00009.tar" in text
+    )
 
     text = inspect_path(root)
     assert text.startswith(f"{root}: rows of vecap/ (2 shard(s)): 16, 12 ok") and "vecap/: 2 done shard(s)" in text
@@ -499,7 +517,9 @@ def rejected_in_parquet(step: str, df) -> dict[str, list[tuple[str, str]]]:
     if step == "caption":
         mask = df["status"] == schemas.CAPTION_REJECTED
     else:
-        mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == schemas.NO_TEXT)) & reason.isin(validation.FUSE_REASONS)
+        mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == schemas.NO_TEXT)) & reason.isin(
+            validation.FUSE_REASONS
+        )
     out: dict[str, list[tuple[str, str]]] = {}
     for r, shard, key in zip(reason[mask], df["shard"][mask], df["key"][mask], strict=True):
         out.setdefault(r, []).append((shard, key))
@@ -533,7 +553,9 @@ def assert_quality_is_the_parquets(root: Path, page: Page, data: ReportData, ste
             n_numeric += 1
             for label, p in QUANTILES.items():
                 # float32 columns: pandas interpolates in float32, the report in float64
-                assert page.quantiles[f"{step}:{name}:{label}"] == pytest.approx(float(column.quantile(p)), rel=1e-6, abs=1e-6), (name, label)
+                assert page.quantiles[f"{step}:{name}:{label}"] == pytest.approx(
+                    float(column.quantile(p)), rel=1e-6, abs=1e-6
+                ), (name, label)
         assert n_numeric, step
         expected = rejected_in_parquet(step, df)
         assert page.rejections == {**{k: v for k, v in page.rejections.items() if not k.startswith(step + ":")},
@@ -571,8 +593,17 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
                 "q_lang_out": None if i == 8 else ["en", "fr", "ja"][i % 3],
                 **({"q_only_here": 0.5 * i} if s == 1 else {}),
             })  # fmt: skip
-        write_stage(root, "caption", shard, caps, schemas.CAPTIONS, {"n_rows": 9, "statuses": dict(Counter(c["status"] for c in caps))})
-        write_img2dataset_parquet(root / "images" / f"{shard}.parquet", [{"key": c["key"], "caption": alts[c["key"]]} for c in caps])
+        write_stage(
+            root,
+            "caption",
+            shard,
+            caps,
+            schemas.CAPTIONS,
+            {"n_rows": 9, "statuses": dict(Counter(c["status"] for c in caps))},
+        )
+        write_img2dataset_parquet(
+            root / "images" / f"{shard}.parquet", [{"key": c["key"], "caption": alts[c["key"]]} for c in caps]
+        )
         fused = []
         for i in range(9):
             key = f"{s}{i:06d}"
@@ -603,6 +634,7 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
     html = render_html(data)
     page = assert_no_live_markup(html)
     assert_quality_is_the_parquets(root, page, data)
+
     def quality_section(page_html: str) -> str:
         return page_html.split("<h2>Samples")[0].split("<h2>Quality")[1]
 

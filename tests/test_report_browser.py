@@ -110,7 +110,9 @@ def _hostile_root(root: Path) -> int:
             row["error"] = long_reason if i % 2 else SCRIPT_TAG + " " + "y" * 200
         if row["status"] != "ok":
             row["status"], row["error"] = "image_undecodable_" + "z" * 120, SCRIPT_TAG * 8
-    write_stage(root, "write", "00001", shard, schemas.VECAP, {"n_rows": len(shard), "statuses": {"ok": 6, "x" * 150: 2}})
+    write_stage(
+        root, "write", "00001", shard, schemas.VECAP, {"n_rows": len(shard), "statuses": {"ok": 6, "x" * 150: 2}}
+    )
     (Path(layout.marker("fuse", "00001"))).write_text(json.dumps({"fallbacks": {long_reason: 2}}))
     # captions/ and fused/ with q_* columns and rejected rows whose texts are long unbroken words
     caps, fused = [], []

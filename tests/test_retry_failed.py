@@ -17,13 +17,19 @@ from vecap.layout import STAGES
 from vecap.pipeline import run
 
 pytestmark = pytest.mark.slow
-FAILED = {"00000": ["model_error: RuntimeError: simulated", "engine_crash: this sample made the engine process exit"],
-          "00001": ["model_error: APIStatusError: 500"]}
+FAILED = {
+    "00000": ["model_error: RuntimeError: simulated", "engine_crash: this sample made the engine process exit"],
+    "00001": ["model_error: APIStatusError: 500"],
+}
 
 
 def _committed(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for d in ("captions", "fused", "vecap", "clip")
-            for p in sorted((root / d).rglob("*")) if p.is_file() and p.name != "_run.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for d in ("captions", "fused", "vecap", "clip")
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file() and p.name != "_run.json"
+    }
 
 
 def _fail_rows(root) -> dict[str, set[str]]:
@@ -35,8 +41,14 @@ def _fail_rows(root) -> dict[str, set[str]]:
         called = [r for r in rows if r["n_output_tokens"] is not None][: len(errors)]
         assert len(called) == len(errors)
         for r, error in zip(called, errors, strict=True):
-            r.update(vec_caption=r["vlm_caption"], vec_source="vlm", error=error, finish_reason=None,
-                     n_prompt_tokens=None, n_output_tokens=None)
+            r.update(
+                vec_caption=r["vlm_caption"],
+                vec_source="vlm",
+                error=error,
+                finish_reason=None,
+                n_prompt_tokens=None,
+                n_output_tokens=None,
+            )
         fused.commit(shard, schemas.table(rows, schemas.FUSED), fused.read_stats(shard))
         chosen[shard] = {r["key"] for r in called}
     return chosen
@@ -76,7 +88,8 @@ def test_retry_failed_fuse_sends_only_the_failed_keys_to_the_engine(pipeline_roo
     untouched = {p for p in before if not any(s in p for s in failed)} - {"clip/sizes.json"}
     assert {p: after[p] for p in untouched} == {p: before[p] for p in untouched}
     assert {p for p in after if any(s in p for s in failed)} == {
-        p for p in before if any(s in p for s in failed) and p.startswith(("captions/", "fused/"))}
+        p for p in before if any(s in p for s in failed) and p.startswith(("captions/", "fused/"))
+    }
 
     # Nothing failed any more: a second retry has nothing to do.
     again = run(cfg, ["fuse"], retry_failed=True, progress=False)
@@ -87,4 +100,5 @@ def test_retry_failed_fuse_sends_only_the_failed_keys_to_the_engine(pipeline_roo
     for shard in failed:
         assert (root / "clip" / f"{shard}.tar").read_bytes() == (pipeline_root / "clip" / f"{shard}.tar").read_bytes()
     assert json.loads((root / "clip" / "sizes.json").read_text()) == json.loads(
-        (pipeline_root / "clip" / "sizes.json").read_text())
+        (pipeline_root / "clip" / "sizes.json").read_text()
+    )

@@ -35,7 +35,9 @@ def dup_images(tmp_path_factory) -> Path:
     """The corpus, made as a user makes it: `vecap sample-data --duplicates 0.3`."""
     root = tmp_path_factory.mktemp("dups")
     cmd = ["sample-data", "--root", str(root), "--n-images", str(N_IMAGES), "--shard-size", str(SHARD_SIZE)]
-    subprocess.run([sys.executable, "-m", "vecap.cli", *cmd, "--duplicates", str(DUPLICATES)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "vecap.cli", *cmd, "--duplicates", str(DUPLICATES)], check=True, capture_output=True
+    )
     return root / "images"
 
 
@@ -125,7 +127,9 @@ def test_a_second_run_takes_cached_captions_without_the_vlm(dup_run, sample_imag
     run(demo_config(root, f"caption.cache={cache}"), ["caption"], progress=False)
 
     before = pd.read_parquet(first_root / "captions")
-    cached = before[(before["caption_source"] == COMPUTED) & before["status"].isin([schemas.OK, schemas.CAPTION_REJECTED])]
+    cached = before[
+        (before["caption_source"] == COMPUTED) & before["status"].isin([schemas.OK, schemas.CAPTION_REJECTED])
+    ]
     captions = pd.read_parquet(root / "captions")
     seen = captions[~captions["status"].isin(schemas.IMAGE_FAILURES)]
     hits = seen[seen["sha256"].isin(set(cached["sha256"]))]
@@ -145,7 +149,9 @@ def test_a_cache_made_with_other_settings_is_not_used(dup_run, dup_images, demo_
     _, cache, cfg = dup_run
     made = build_stages(cfg, ["caption"])["caption"].cache
     assert made is not None and made.files()
-    other = build_stages(demo_config(tmp_path, f"caption.cache={cache}", "caption.prompt=detailed"), ["caption"])["caption"].cache
+    other = build_stages(demo_config(tmp_path, f"caption.cache={cache}", "caption.prompt=detailed"), ["caption"])[
+        "caption"
+    ].cache
     assert other.folder != made.folder and other.files() == []
     assert json.loads(Path(made.folder, "_fingerprint.json").read_text())["prompt_id"] == cfg.caption.prompt
 
@@ -191,5 +197,12 @@ def test_a_kill_during_a_cache_update_leaves_a_readable_cache(tmp_path, dup_imag
     assert len(os.listdir(cache.folder)) == len(files) + len(leftovers) + 1  # + _fingerprint.json
 
     # And a run's resolution reads it as it is.
-    out = resolve(["00000", "00001"], str(dup_images), Storage.for_path(str(dup_images)), str(tmp_path / "reuse"), dedup=True, cache=cache)
+    out = resolve(
+        ["00000", "00001"],
+        str(dup_images),
+        Storage.for_path(str(dup_images)),
+        str(tmp_path / "reuse"),
+        dedup=True,
+        cache=cache,
+    )
     assert out.n_cache == 0 and out.n_duplicate >= 1

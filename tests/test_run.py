@@ -103,7 +103,9 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(pipeline_root,
         run(demo_config(staged), [step], progress=False)
     for stage in ("captions", "fused", "vecap"):
         for shard in list_shards(str(root / stage), ".parquet"):
-            assert pq.read_table(root / stage / f"{shard}.parquet").equals(pq.read_table(staged / stage / f"{shard}.parquet"))
+            assert pq.read_table(root / stage / f"{shard}.parquet").equals(
+                pq.read_table(staged / stage / f"{shard}.parquet")
+            )
     for name in sizes:
         assert (root / "clip" / name).read_bytes() == (staged / "clip" / name).read_bytes()
 
@@ -226,38 +228,91 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--object-store-memory=400000000",
-         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
-         "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-        env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--object-store-memory=400000000",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={_free_port()}",
+            f"--min-worker-port={_free_port()}",
+            "--max-worker-port=0",
+            "--node-manager-port=0",
+            "--object-manager-port=0",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
     )
     worker = None
     try:
         _wait_for_port(gcs)
         worker = subprocess.Popen(
-            [ray_bin, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=6", "--resources={\"worker_node\": 1}",
-             "--object-store-memory=300000000", "--disable-usage-stats", f"--min-worker-port={_free_port()}",
-             "--max-worker-port=0", "--node-manager-port=0", "--object-manager-port=0",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-            env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
+            [
+                ray_bin,
+                "start",
+                "--block",
+                f"--address=127.0.0.1:{gcs}",
+                "--num-cpus=6",
+                '--resources={"worker_node": 1}',
+                "--object-store-memory=300000000",
+                "--disable-usage-stats",
+                f"--min-worker-port={_free_port()}",
+                "--max-worker-port=0",
+                "--node-manager-port=0",
+                "--object-manager-port=0",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+            ],
+            env=env,
+            start_new_session=True,
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
         )
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                  sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
+        submit = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--",
+            sys.executable,
+            "-m",
+            "vecap.cli",
+            "run",
+            "--config",
+            str(recipe),
+            "--no-progress",
+        ]
         deadline = time.time() + 120
         while True:  # the dashboard takes a few seconds to come up
             out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
             if out.returncode == 0 or time.time() > deadline or "Connection" not in out.stderr + out.stdout:
                 break
             time.sleep(3)
-        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:], (tmp_path / "head.log").read_text()[-3000:])
+        assert out.returncode == 0, (
+            out.stdout[-3000:],
+            out.stderr[-3000:],
+            (tmp_path / "head.log").read_text()[-3000:],
+        )
         assert "succeeded" in out.stdout.lower()
         from ray.util.state import list_nodes, list_tasks
 
         address = f"http://127.0.0.1:{dash}"
         assert len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2
-        nodes = {t.node_id for t in list_tasks(address=address, limit=10000, raise_on_missing_output=False) if t.node_id}
+        nodes = {
+            t.node_id for t in list_tasks(address=address, limit=10000, raise_on_missing_output=False) if t.node_id
+        }
         assert len(nodes) == 2, "the job's tasks and actors should run on both nodes"
     finally:
         for proc in (worker, head):

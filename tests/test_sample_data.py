@@ -173,7 +173,7 @@ def test_download_csv(sample: Path, tmp_path: Path, capfd: pytest.CaptureFixture
     files = ["cmyk.jpg", "rgba.png", "rgba.webp"]
     with serve_folder(src) as base:
         lines = ["url,caption,source_id"]
-        lines += [f"{base}/{name},\"alt, with comma {i}\",id{i}" for i, name in enumerate(files)]
+        lines += [f'{base}/{name},"alt, with comma {i}",id{i}' for i, name in enumerate(files)]
         lines.append(f"{base}/nope.jpg,gone,id9")
         url_list = tmp_path / "urls.csv"
         url_list.write_text("\n".join(lines) + "\n")

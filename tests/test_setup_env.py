@@ -36,15 +36,30 @@ def supported() -> list[str]:
 
 def hidden_pip_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """This process's environment without the machine's pip configuration; no venv for the script."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
-                                                           "PIP_NO_INDEX", "PIP_CONSTRAINT", "PIP_CONFIG_FILE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "PIP_FIND_LINKS",
+            "PIP_INDEX_URL",
+            "PIP_EXTRA_INDEX_URL",
+            "PIP_NO_INDEX",
+            "PIP_CONSTRAINT",
+            "PIP_CONFIG_FILE",
+        )
+    }
     home = tmp_path / "home"
     (home / ".config").mkdir(parents=True, exist_ok=True)
     env.update(
         PIP_CONFIG_FILE=os.devnull,  # pip then reads no configuration file at all
-        HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_CONFIG_DIRS=str(home / ".config"),
-        PIP_RETRIES="0", PIP_DEFAULT_TIMEOUT="20",  # offline, the probe fails fast (and decides the same)
-        PYTHON=sys.executable, VECAP_VENV=str(tmp_path / "no-venv"),
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_CONFIG_DIRS=str(home / ".config"),
+        PIP_RETRIES="0",
+        PIP_DEFAULT_TIMEOUT="20",  # offline, the probe fails fast (and decides the same)
+        PYTHON=sys.executable,
+        VECAP_VENV=str(tmp_path / "no-venv"),
     )
     env.update(extra)
     return env
@@ -64,8 +79,9 @@ def test_without_the_machines_pip_configuration_the_pytorch_cpu_index_is_added(t
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["--extra-index-url", TORCH_CPU_INDEX]
     notes = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert notes == [f"setup: {torch_pin()} is not on the configured package indexes: "
-                     f"adding PyTorch's CPU index ({TORCH_CPU_INDEX})"]
+    assert notes == [
+        f"setup: {torch_pin()} is not on the configured package indexes: adding PyTorch's CPU index ({TORCH_CPU_INDEX})"
+    ]
 
 
 def test_no_index_at_all_still_decides_for_the_pytorch_index(tmp_path):

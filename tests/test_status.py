@@ -30,7 +30,14 @@ def _ts(t: float) -> str:
 
 def _marker(path: Path, shard: str, stage: str, committed: float, statuses: dict, **extra) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    stats = {"stage": stage, "shard": shard, "n_rows": sum(statuses.values()), "statuses": statuses, "committed_at": _ts(committed), **extra}
+    stats = {
+        "stage": stage,
+        "shard": shard,
+        "n_rows": sum(statuses.values()),
+        "statuses": statuses,
+        "committed_at": _ts(committed),
+        **extra,
+    }
     (path / f"{shard}.json").write_text(json.dumps(stats))
 
 
@@ -51,11 +58,19 @@ def build_root(root: Path) -> Path:
         _marker(root / "captions" / "_done", shard, "caption", committed, ok, prompt_tokens=100, output_tokens=20)
     _parquet(root / "captions" / "_parts" / "00003" / "aaaa.parquet", ["000300000"])
     _parquet(root / "captions" / "_parts" / "00003" / "bbbb.parquet", ["000300001"])
-    (root / "captions" / "_run.json").write_text(json.dumps({
-        "run_id": PREVIOUS, "step": "caption", "seconds": 500.0, "samples_per_s": 0.5, "finished_at": _ts(NOW - 900),
-        "totals": {"shards": 1, "rows": 8}, "failed_shards": {"00004": "OSError: [Errno 5] Input/output error",
-                                                              "00002": "done since: not listed"},
-    }))
+    (root / "captions" / "_run.json").write_text(
+        json.dumps(
+            {
+                "run_id": PREVIOUS,
+                "step": "caption",
+                "seconds": 500.0,
+                "samples_per_s": 0.5,
+                "finished_at": _ts(NOW - 900),
+                "totals": {"shards": 1, "rows": 8},
+                "failed_shards": {"00004": "OSError: [Errno 5] Input/output error", "00002": "done since: not listed"},
+            }
+        )
+    )
     _parquet(root / "fused" / "00000.parquet", [f"00000{i:04d}" for i in range(8)])
     _marker(root / "fused" / "_done", "00000", "fuse", NOW - 990, ok, fallbacks={"truncated": 3, "no_alt_text": 2})
     _parquet(root / "fused" / "_parts" / "00001" / "cccc.parquet", ["000100000"])
@@ -70,17 +85,30 @@ def row(text: str, stage: str) -> str:
 
 
 def lease(root: Path, heartbeat_age: float, pid: int, host: str | None = None) -> None:
-    (root / "_lease.json").write_text(json.dumps({
-        "run_id": RUN, "host": host or socket.gethostname(), "pid": pid, "started_at": NOW - 100,
-        "heartbeat_at": NOW - heartbeat_age, "ttl_s": 120.0,
-    }))
+    (root / "_lease.json").write_text(
+        json.dumps(
+            {
+                "run_id": RUN,
+                "host": host or socket.gethostname(),
+                "pid": pid,
+                "started_at": NOW - 100,
+                "heartbeat_at": NOW - heartbeat_age,
+                "ttl_s": 120.0,
+            }
+        )
+    )
 
 
 def test_status_of_a_running_run_with_shards_done_in_progress_and_failed(tmp_path):
     root = build_root(tmp_path / "root")
     st = load_status(str(root), now=NOW)
     assert st.input_shards == 5 and st.running
-    assert st.lease.run_id == RUN and st.lease.pid == os.getpid() and st.lease.heartbeat_age_s == 5 and st.lease.dead is None
+    assert (
+        st.lease.run_id == RUN
+        and st.lease.pid == os.getpid()
+        and st.lease.heartbeat_age_s == 5
+        and st.lease.dead is None
+    )
     cap, fuse, write = st.stages
     assert (cap.done, cap.samples, cap.statuses) == (3, 24, {"ok": 21, "image_undecodable": 3})
     assert (cap.prompt_tokens, cap.output_tokens) == (300, 60)
@@ -165,7 +193,9 @@ def test_status_of_an_s3_root_equals_the_local_one(tmp_path, s3):
     storage.fs.put(str(local) + "/", "s3://vecap-status/root/", recursive=True)
     remote = load_status("s3://vecap-status/root", s3, now=NOW)
     here = load_status(str(local), now=NOW)
-    assert [s.__dict__ | {"folder": None} for s in remote.stages] == [s.__dict__ | {"folder": None} for s in here.stages]
+    assert [s.__dict__ | {"folder": None} for s in remote.stages] == [
+        s.__dict__ | {"folder": None} for s in here.stages
+    ]
     assert remote.lease == here.lease and remote.log_dir == f"s3://vecap-status/root/logs/{RUN}"
 
 

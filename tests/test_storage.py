@@ -121,7 +121,9 @@ def test_second_lease_on_a_root_is_refused_and_a_dead_one_taken_over(tmp_path):
     first.release()
     assert not (tmp_path / "_lease.json").exists()
     # A lease whose heartbeat is older than its ttl belongs to a dead run: taken over.
-    (tmp_path / "_lease.json").write_text(json.dumps({"run_id": "old", "host": "elsewhere", "heartbeat_at": 0, "ttl_s": 60}))
+    (tmp_path / "_lease.json").write_text(
+        json.dumps({"run_id": "old", "host": "elsewhere", "heartbeat_at": 0, "ttl_s": 60})
+    )
     lease = Lease(storage, path, "run-c").acquire()
     assert lease.took_over["run_id"] == "old"
     lease.release()

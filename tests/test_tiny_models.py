@@ -16,6 +16,7 @@ from vecap.demo.tiny_models import MARKER, build_tiny_models
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_models(tmp_path_factory.mktemp("models"))
@@ -51,8 +52,11 @@ def test_llava_checkpoint_has_llava_hf_layout(models: dict[str, Path]) -> None:
     with safe_open(str(models["llava"] / "model.safetensors"), "pt") as f:
         prefixes = {".".join(k.split(".")[:2]) for k in f.keys()}
     assert prefixes == {
-        "vision_tower.vision_model", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
-        "language_model.model", "language_model.lm_head",
+        "vision_tower.vision_model",
+        "multi_modal_projector.linear_1",
+        "multi_modal_projector.linear_2",
+        "language_model.model",
+        "language_model.lm_head",
     }
     # (a tuple with output_loading_info; transformers types the return as the model alone)
     loaded: Any = LlavaForConditionalGeneration.from_pretrained(models["llava"], output_loading_info=True)

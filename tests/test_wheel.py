@@ -55,7 +55,11 @@ print(json.dumps({
 
 def _probe(cwd: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", PROBE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,7 +75,11 @@ def _plan_gpu(cwd: Path, config: str, env: dict[str, str] | None = None) -> None
     """The command line itself, with a recipe by name or path (``vecap plan`` needs no Ray)."""
     proc = subprocess.run(
         [sys.executable, "-m", "vecap.cli", "plan", "--config", config, "--images", "1000000"],
-        cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU-hours" in proc.stdout
@@ -82,15 +90,18 @@ def wheel(tmp_path_factory) -> Path:
     """Built from a copy of the source tree (git's files, tracked or not ignored): setuptools builds in the
     tree it is given, and a build/ left in the checkout would carry files the checkout no longer has."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for name in filter(None, listed.split("\0")):
         if (REPO / name).is_file():  # (a file deleted but not yet committed is listed too)
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return next(out.glob("vecap-*.whl"))
@@ -98,13 +109,24 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_the_library_and_its_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"vecap/prompts/caption/concise.yaml", "vecap/prompts/fuse/vecap.yaml", "vecap/pipelines/demo.yaml",
-            "vecap/pipelines/gpu.yaml", "vecap/prompting.py", "vecap/pipeline.py", "vecap/demo/tiny_models.py"} <= names
+    assert {
+        "vecap/prompts/caption/concise.yaml",
+        "vecap/prompts/fuse/vecap.yaml",
+        "vecap/pipelines/demo.yaml",
+        "vecap/pipelines/gpu.yaml",
+        "vecap/prompting.py",
+        "vecap/pipeline.py",
+        "vecap/demo/tiny_models.py",
+    } <= names
     assert any(n.startswith("vecap/report/templates/") for n in names)
     # pyproject.toml lists the packages: every module of vecap/ and every file of the data folders is shipped.
     source = {p.relative_to(REPO).as_posix() for p in (REPO / "vecap").rglob("*.py")}
-    data = {"vecap/" + p.relative_to(REPO).as_posix() for folder in ("pipelines", "prompts")
-            for p in (REPO / folder).rglob("*") if p.suffix in (".yaml", ".py")}
+    data = {
+        "vecap/" + p.relative_to(REPO).as_posix()
+        for folder in ("pipelines", "prompts")
+        for p in (REPO / folder).rglob("*")
+        if p.suffix in (".yaml", ".py")
+    }
     assert source | data <= names, sorted((source | data) - names)
     tops = {n.split("/", 1)[0] for n in names}
     assert all(t == "vecap" or t.endswith(".dist-info") for t in tops), tops  # no bench/, tests/, docs/
@@ -116,7 +138,9 @@ def test_installed_wheel_finds_recipes_and_prompts_outside_any_checkout(wheel, t
     site = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(site), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"

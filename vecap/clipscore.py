@@ -64,15 +64,20 @@ class ClipScorer:
         chunks = []
         for i in range(0, len(images), self.batch_size):
             pix = self.processor.image_processor(images=images[i : i + self.batch_size], return_tensors="pt")
-            chunks.append(self._features(self.model.get_image_features(pixel_values=pix["pixel_values"].to(self.device))))
+            chunks.append(
+                self._features(self.model.get_image_features(pixel_values=pix["pixel_values"].to(self.device)))
+            )
         return self.torch.cat(chunks)
 
     def _text_embeds(self, texts: list[str]) -> Any:
         chunks = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.processor.tokenizer(
-                texts[i : i + self.batch_size], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                texts[i : i + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             chunks.append(self._features(self.model.get_text_features(**enc)))
@@ -89,8 +94,12 @@ class ClipScorer:
                 raise ValueError(f"texts[{name!r}] has {len(column)} entries for {n} images")
         out: dict[str, list[float | None]] = {name: [None] * n for name in texts}
         have = [i for i, im in enumerate(images) if im is not None]
-        pairs = [(name, i, text) for name, column in texts.items() for i in have
-                 if isinstance(text := column[i], str) and text.strip()]
+        pairs = [
+            (name, i, text)
+            for name, column in texts.items()
+            for i in have
+            if isinstance(text := column[i], str) and text.strip()
+        ]
         if not pairs:
             return out
         with self.torch.inference_mode():

@@ -64,6 +64,7 @@ INPUT_FORMATS: tuple[str, ...] = (
     "txt",
 )
 
+
 def infer_input_format(url_list: str | Path) -> str:
     """img2dataset's ``input_format`` from a file name (or the files of a folder)."""
     path = Path(url_list)

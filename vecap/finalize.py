@@ -52,7 +52,9 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
             name = _part_name(rows["key"].to_pylist())
             from_captions = "captions" in pc.unique(rows["source"]).to_pylist()
             # Duplicates read from the images wait for their caption: they are fused in a second pass.
-            waiting = pc.fill_null(pc.and_(pc.equal(rows["source"], "images"), pc.equal(rows["caption_source"], "duplicate")), False)
+            waiting = pc.fill_null(
+                pc.and_(pc.equal(rows["source"], "images"), pc.equal(rows["caption_source"], "duplicate")), False
+            )
             for stage in stages:
                 if stage.name == "caption" and from_captions:
                     continue  # the captions of this shard are committed already
@@ -60,7 +62,12 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
                 if mine.num_rows:
                     storage.write_table(f"{layout.parts(stage.name, shard)}/{name}", stage.output_table(mine))
         out.append(
-            {"shard": shard, "n_rows": rows.num_rows, "report": reports[0] if reports else None, "timings": json.dumps(timings)}
+            {
+                "shard": shard,
+                "n_rows": rows.num_rows,
+                "report": reports[0] if reports else None,
+                "timings": json.dumps(timings),
+            }
         )
     return pa.Table.from_pylist(out, schema=MANIFEST)
 

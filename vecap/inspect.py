@@ -180,7 +180,9 @@ def _images_summary(storage: Storage, folder: str) -> str:
 
 def root_summary(data: ReportData) -> str:
     """A dataset root in a few lines: what each stage holds and the rows of the newest one."""
-    lines = [f"{data.root}: rows of {data.folder}/ ({len(data.shards)} shard(s)): {len(data.rows)}, {len(data.ok_rows)} ok"]
+    lines = [
+        f"{data.root}: rows of {data.folder}/ ({len(data.shards)} shard(s)): {len(data.rows)}, {len(data.ok_rows)} ok"
+    ]
     for step in STAGES:
         lines.append(f"  {STAGE_DIRS[step]}/: {len(data.done.get(step, []))} done shard(s)")
     if data.sizes is not None or data.tars:

@@ -44,7 +44,9 @@ def new_run_id() -> str:
 
 
 class Lease:
-    def __init__(self, storage: Storage, path: str, run_id: str, ttl_s: float = 120.0, heartbeat_s: float = 15.0) -> None:
+    def __init__(
+        self, storage: Storage, path: str, run_id: str, ttl_s: float = 120.0, heartbeat_s: float = 15.0
+    ) -> None:
         self.storage = storage
         self.path = path
         self.run_id = run_id
@@ -91,7 +93,11 @@ class Lease:
                     f"last heartbeat {age:.0f}s ago). One run per root: wait for it, or use another root. A lease "
                     f"whose heartbeat is older than {held.get('ttl_s', self.ttl_s):.0f}s is taken over automatically."
                 )
-            log.warning("taking over the lease of run %s (its process is gone, or no heartbeat for %.0fs)", held.get("run_id"), age)
+            log.warning(
+                "taking over the lease of run %s (its process is gone, or no heartbeat for %.0fs)",
+                held.get("run_id"),
+                age,
+            )
             self.took_over = held
             self.storage.remove(self.path)
         raise RootBusy(f"could not take the lease {self.path}: another run is starting on this root")

@@ -116,7 +116,12 @@ def record_commit(done: Mapping[str, Mapping[str, Any]]) -> None:
             for reason, n in (stats.get("fallbacks") or {}).items():
                 _inc(FALLBACKS, "VeC captions that fell back, by reason", n, {"stage": stage, "reason": str(reason)})
             for kind in ("prompt", "output"):
-                _inc(TOKENS, "model tokens of committed samples", stats.get(f"{kind}_tokens") or 0, {"stage": stage, "kind": kind})
+                _inc(
+                    TOKENS,
+                    "model tokens of committed samples",
+                    stats.get(f"{kind}_tokens") or 0,
+                    {"stage": stage, "kind": kind},
+                )
             _inc(SHARDS_COMMITTED, "shards committed, by stage", 1, {"stage": stage})
 
 
@@ -158,11 +163,18 @@ class EngineMetrics:
                     _inc(ENGINE_RESTARTS, "engines loaded again in a restarted actor", 1, tags)
                 if start_s is not None:
                     _metric(
-                        "histogram", ENGINE_START_SECONDS, "seconds to load an engine", ("stage",),
+                        "histogram",
+                        ENGINE_START_SECONDS,
+                        "seconds to load an engine",
+                        ("stage",),
                         boundaries=_SECONDS_BOUNDARIES,
                     ).observe(start_s, tags={"stage": stage})
         log.info(
-            "%s engine (%s) loaded in %.1fs%s", stage, backend, start_s or 0.0, " in a restarted actor" if restarted else ""
+            "%s engine (%s) loaded in %.1fs%s",
+            stage,
+            backend,
+            start_s or 0.0,
+            " in a restarted actor" if restarted else "",
         )
         return self
 
@@ -181,7 +193,10 @@ class EngineMetrics:
                     tags = {"stage": self.stage}
                     _inc(ENGINE_REQUESTS, "requests handed to engines", n_requests, tags)
                     _metric(
-                        "histogram", ENGINE_BATCH_SECONDS, "seconds per engine call", ("stage",),
+                        "histogram",
+                        ENGINE_BATCH_SECONDS,
+                        "seconds per engine call",
+                        ("stage",),
                         boundaries=_SECONDS_BOUNDARIES,
                     ).observe(time.perf_counter() - t0, tags=tags)
                 if engine is not None:

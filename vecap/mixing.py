@@ -24,7 +24,9 @@ def unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def choose_txt(mode: str, p_vec: float, seed: int, key: str, alt: str | None, vec: str | None) -> tuple[str, str] | None:
+def choose_txt(
+    mode: str, p_vec: float, seed: int, key: str, alt: str | None, vec: str | None
+) -> tuple[str, str] | None:
     """(text, source) for ``<key>.txt``; the other caption stands in when the chosen one is empty.
 
     Returns None when neither caption has text (the sample cannot be trained on).
@@ -45,9 +47,7 @@ def choose_txt(mode: str, p_vec: float, seed: int, key: str, alt: str | None, ve
     return None
 
 
-def pick_caption(
-    probs: dict[str, float] | None = None, seed: int | None = None, json_key: str = "json"
-):
+def pick_caption(probs: dict[str, float] | None = None, seed: int | None = None, json_key: str = "json"):
     """A webdataset pipeline stage: set ``sample["txt"]`` to a caption drawn from the ``.json``.
 
     ``probs`` maps caption fields of the vecap ``.json`` (``alt_text``, ``vec_caption``,

@@ -96,7 +96,9 @@ def check_layout(layout: Layout, storage: Storage) -> None:
     """Refuse a root written in the old layout, saying how to convert it."""
     for step in STAGES:
         names = storage.names(layout.stage(step))
-        if any(n.endswith(LEGACY_STATS_SUFFIX) for n in names) or (step == "write" and any(n.endswith(".tar") for n in names)):
+        if any(n.endswith(LEGACY_STATS_SUFFIX) for n in names) or (
+            step == "write" and any(n.endswith(".tar") for n in names)
+        ):
             raise LegacyLayoutError(
                 f"{layout.stage(step)} was written by vecap 0.1 (markers '*{LEGACY_STATS_SUFFIX}' beside the Parquet, "
                 f"tars in vecap/). Convert it in place with: vecap migrate {layout.root}"

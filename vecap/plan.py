@@ -49,14 +49,30 @@ GPUS: dict[str, GPU] = {
 LLAVA_15_7B: dict[str, Any] = {
     "model_type": "llava",
     "vision_feature_layer": -2,
-    "text_config": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
-    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                      "image_size": 336, "patch_size": 14},
+    "text_config": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "image_size": 336,
+        "patch_size": 14,
+    },
 }
 LLAMA_3_8B: dict[str, Any] = {
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
 }
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "llava-hf/llava-1.5-7b-hf": LLAVA_15_7B,
@@ -74,12 +90,19 @@ FUSE_PROMPT_TOKENS, FUSE_OUTPUT_TOKENS = 250, 60
 # a dry run of the `gpu` recipe (336 px), 500 samples in one shard, one node, 2 shared cores (AMD
 # EPYC, 2026-11-29). Per step (process CPU; the write stage's wall seconds), and the whole Ray
 # process tree's CPU per sample (driver, raylet, workers, object transfers: Ray's own costs too).
-DEFAULT_CPU_STEPS = {"cpu_read": 0.0049, "cpu_caption_check": 0.0003, "cpu_fuse_prep": 0.0001,
-                     "cpu_fuse_check": 0.0010, "t_write": 0.0010}
+DEFAULT_CPU_STEPS = {
+    "cpu_read": 0.0049,
+    "cpu_caption_check": 0.0003,
+    "cpu_fuse_prep": 0.0001,
+    "cpu_fuse_check": 0.0010,
+    "t_write": 0.0010,
+}
 DEFAULT_CPU_TREE_S_PER_SAMPLE = 0.026
 DEFAULT_CPU_S_PER_SAMPLE = DEFAULT_CPU_TREE_S_PER_SAMPLE  # the plan's default: the conservative, whole-tree figure
-DEFAULT_CPU_SOURCE = (f"default: the bench's dry run of the gpu recipe, whole Ray process tree; its steps alone: "
-                      f"{1000 * sum(DEFAULT_CPU_STEPS.values()):.1f} ms")
+DEFAULT_CPU_SOURCE = (
+    f"default: the bench's dry run of the gpu recipe, whole Ray process tree; its steps alone: "
+    f"{1000 * sum(DEFAULT_CPU_STEPS.values()):.1f} ms"
+)
 DEFAULT_UTILISATION = 0.35  # share of the dense BF16 peak an engine sustains: an assumption, not a measurement
 DEFAULT_PIPELINE_EFFICIENCY = 0.95  # stage / bare engine (the benchmark's target)
 
@@ -263,26 +286,35 @@ def measured_throughput(path: str, gpu: GPU) -> dict[str, Throughput]:
     """Per-GPU rates from ``python -m bench.gpu``'s results; measured on another GPU, scaled by dense BF16 peak."""
     doc = json.loads(Path(path).read_text())
     if doc.get("mode") == "reduced":
-        raise ValueError(f"{path} comes from `python -m bench.gpu --reduced` (tiny models on a CPU): not a GPU measurement")
+        raise ValueError(
+            f"{path} comes from `python -m bench.gpu --reduced` (tiny models on a CPU): not a GPU measurement"
+        )
     out: dict[str, Throughput] = {}
     for stage in ("caption", "fuse"):
         r = doc.get(stage)
         if not isinstance(r, dict) or "error" in r or not r.get("per_s"):
             raise ValueError(f"{path} has no {stage} result")
         # The stage's own engine actor (continuous feeding) if measured, else the single-call engine.
-        per_s, what = (r["stage_per_s"], "the stage's engine actor") if r.get("stage_per_s") else (r["per_s"], "bare engine")
+        per_s, what = (
+            (r["stage_per_s"], "the stage's engine actor") if r.get("stage_per_s") else (r["per_s"], "bare engine")
+        )
         device = str(r.get("device", "?"))
         source = f"measured: {path}, {what}, {r.get('model', '?')} on {device}"
         measured_on = card_of(device)
         if measured_on is None or measured_on.name != gpu.name:
-            peak = measured_on.bf16_tflops if measured_on else float(r.get("peak_tflops") or doc.get("peak_tflops") or 0)
+            peak = (
+                measured_on.bf16_tflops if measured_on else float(r.get("peak_tflops") or doc.get("peak_tflops") or 0)
+            )
             if not peak:
                 raise ValueError(f"{path}: {stage} was measured on {device!r}, whose peak TFLOP/s is unknown")
             per_s *= gpu.bf16_tflops / peak
-            source += (f", scaled to the {gpu.name} by dense BF16 peak ({gpu.bf16_tflops:.0f} / {peak:.0f} TFLOP/s; "
-                       "memory bandwidth, which bounds decoding, is not scaled)")
-        out[stage] = Throughput(stage, str(r.get("model", "?")), per_s, source, r.get("tflop_per_request"),
-                                r.get("ceiling_per_s"))
+            source += (
+                f", scaled to the {gpu.name} by dense BF16 peak ({gpu.bf16_tflops:.0f} / {peak:.0f} TFLOP/s; "
+                "memory bandwidth, which bounds decoding, is not scaled)"
+            )
+        out[stage] = Throughput(
+            stage, str(r.get("model", "?")), per_s, source, r.get("tflop_per_request"), r.get("ceiling_per_s")
+        )
     return out
 
 
@@ -295,9 +327,11 @@ def ceiling_throughput(stage: str, model: str, gpu: GPU, utilisation: float, pip
     tflop = flops_per_request(config, prompt, output) / 1e12
     ceiling = gpu.bf16_tflops / tflop
     per_s = ceiling * utilisation * pipeline_efficiency
-    source = (f"compute ceiling: {gpu.bf16_tflops:.0f} TFLOP/s / {tflop:.2f} TFLOP per request ({prompt:.0f} prompt + "
-              f"{output:.0f} output tokens) = {ceiling:.1f}/s, x {utilisation:.2f} ASSUMED utilisation x "
-              f"{pipeline_efficiency:.2f} stage/engine")
+    source = (
+        f"compute ceiling: {gpu.bf16_tflops:.0f} TFLOP/s / {tflop:.2f} TFLOP per request ({prompt:.0f} prompt + "
+        f"{output:.0f} output tokens) = {ceiling:.1f}/s, x {utilisation:.2f} ASSUMED utilisation x "
+        f"{pipeline_efficiency:.2f} stage/engine"
+    )
     return Throughput(stage, model, per_s, source, tflop, ceiling)
 
 
@@ -341,9 +375,19 @@ def make_plan(
         cpu, cpu_source = sum(steps.values()), f"dry run under {dry_run_root} ({n:,} samples)"
     else:
         cpu, cpu_source, steps = DEFAULT_CPU_S_PER_SAMPLE, DEFAULT_CPU_SOURCE, dict(DEFAULT_CPU_STEPS)
-    plan = Plan(images=images, gpu=card, gpus_per_node=gpus_per_node, deadline_days=deadline_days,
-                price_per_gpu_hour=price_per_gpu_hour, fuse_fraction=fuse_fraction, caption=rates["caption"],
-                fuse=rates["fuse"], cpu_s_per_sample=cpu, cpu_steps=steps, cpu_source=cpu_source)
+    plan = Plan(
+        images=images,
+        gpu=card,
+        gpus_per_node=gpus_per_node,
+        deadline_days=deadline_days,
+        price_per_gpu_hour=price_per_gpu_hour,
+        fuse_fraction=fuse_fraction,
+        caption=rates["caption"],
+        fuse=rates["fuse"],
+        cpu_s_per_sample=cpu,
+        cpu_steps=steps,
+        cpu_source=cpu_source,
+    )
     rc, rf = plan.caption.per_s, plan.fuse.per_s
     caption_s, fuse_s = 1.0 / rc, fuse_fraction / rf  # GPU-seconds per image in each stage
     plan.caption_share = caption_s / (caption_s + fuse_s)
@@ -392,10 +436,14 @@ def render(plan: Plan, recipe: str = "") -> str:
         "cpus_per_actor (vLLM's own CPU work: image preprocessing, scheduling, detokenising)",
     ]
     if plan.cpu_steps:
-        lines.append("    per step: " + ", ".join(f"{CPU_STEPS.get(k, k)} {v * 1000:.2f} ms" for k, v in plan.cpu_steps.items()))
+        lines.append(
+            "    per step: " + ", ".join(f"{CPU_STEPS.get(k, k)} {v * 1000:.2f} ms" for k, v in plan.cpu_steps.items())
+        )
     if plan.cost is not None and plan.price_per_gpu_hour is not None:
-        lines.append(f"Cost: {plan.gpu_hours_billed:,.0f} GPU-hours x {plan.price_per_gpu_hour:g}/GPU-hour = "
-                     f"{plan.cost:,.0f} (the work alone: {plan.gpu_hours_work * plan.price_per_gpu_hour:,.0f})")
+        lines.append(
+            f"Cost: {plan.gpu_hours_billed:,.0f} GPU-hours x {plan.price_per_gpu_hour:g}/GPU-hour = "
+            f"{plan.cost:,.0f} (the work alone: {plan.gpu_hours_work * plan.price_per_gpu_hour:,.0f})"
+        )
     lines += [f"Note: {n}" for n in plan.notes]
     lines.append("Not counted: engine start-up (minutes per actor), downloads, storage and egress.")
     return "\n".join(lines)

@@ -172,7 +172,9 @@ class ShardReader:
                 progress_at = emitted
                 if failures > io_retries:
                     raise
-                log.warning("shard %s: reading the tar failed after %d samples (%s); reopening", self.shard, emitted, err)
+                log.warning(
+                    "shard %s: reading the tar failed after %d samples (%s); reopening", self.shard, emitted, err
+                )
                 time.sleep(delay)
                 delay *= 2
 

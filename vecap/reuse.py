@@ -91,7 +91,12 @@ class CaptionCache:
             storage.write_json(f"{self.folder}/_fingerprint.json", self.fingerprint)
         table = pa.Table.from_pylist(
             [
-                {"sha256": r["sha256"], "key": r["key"], "shard": shard, "entry": json.dumps({f: r.get(f) for f in CAPTION_FIELDS})}
+                {
+                    "sha256": r["sha256"],
+                    "key": r["key"],
+                    "shard": shard,
+                    "entry": json.dumps({f: r.get(f) for f in CAPTION_FIELDS}),
+                }
                 for r in rows
             ],
             schema=CACHE_SCHEMA,
@@ -164,15 +169,27 @@ def _assign(group: pa.Table, dedup: bool) -> pa.Table:
     if cached:
         c = cached[0]
         out = [
-            {"shard": r["shard"], "key": r["key"], "caption_source": CACHE, "caption_from": c["key"],
-             "caption_from_shard": c["shard"], "entry": c["entry"]}
+            {
+                "shard": r["shard"],
+                "key": r["key"],
+                "caption_source": CACHE,
+                "caption_from": c["key"],
+                "caption_from_shard": c["shard"],
+                "entry": c["entry"],
+            }
             for r in inputs
         ]
     elif dedup and len(inputs) > 1:
         first = inputs[0]
         out = [
-            {"shard": r["shard"], "key": r["key"], "caption_source": DUPLICATE, "caption_from": first["key"],
-             "caption_from_shard": first["shard"], "entry": None}
+            {
+                "shard": r["shard"],
+                "key": r["key"],
+                "caption_source": DUPLICATE,
+                "caption_from": first["key"],
+                "caption_from_shard": first["shard"],
+                "entry": None,
+            }
             for r in inputs[1:]
         ]
     return pa.Table.from_pylist(out, schema=REUSE_SCHEMA)
@@ -183,7 +200,11 @@ def _write_shard(group: pa.Table, storage: Storage, folder: str) -> pa.Table:
     shard = group["shard"][0].as_py()
     storage.write_table(f"{folder}/{shard}.parquet", group.sort_by("key"))
     sources = group["caption_source"].to_pylist()
-    waits = {s for s, src in zip(group["caption_from_shard"].to_pylist(), sources, strict=True) if src == DUPLICATE and s != shard}
+    waits = {
+        s
+        for s, src in zip(group["caption_from_shard"].to_pylist(), sources, strict=True)
+        if src == DUPLICATE and s != shard
+    }
     return pa.table(
         {
             "shard": [shard],
@@ -213,22 +234,32 @@ def resolve(
         n = len(shards)
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(n, 64)).map_batches(
             _input_hashes,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
-            fn_kwargs={"storage": storage, "images_dir": images_dir}, batch_format="pyarrow", batch_size=1
+            fn_kwargs={"storage": storage, "images_dir": images_dir},
+            batch_format="pyarrow",
+            batch_size=1,
         )
         if cache_files:
-            entries = ray.data.from_items([{"path": p} for p in cache_files], override_num_blocks=min(len(cache_files), 64))
-            ds = ds.union(entries.map_batches(
-                _cache_entries,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
-                fn_kwargs={"cache": cache}, batch_format="pyarrow", batch_size=1,
-            ))
+            entries = ray.data.from_items(
+                [{"path": p} for p in cache_files], override_num_blocks=min(len(cache_files), 64)
+            )
+            ds = ds.union(
+                entries.map_batches(
+                    _cache_entries,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
+                    fn_kwargs={"cache": cache},
+                    batch_format="pyarrow",
+                    batch_size=1,
+                )
+            )
         partitions = max(1, min(64, n))
         reused = ds.groupby("sha256", num_partitions=partitions).map_groups(
             _assign,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
-            fn_kwargs={"dedup": dedup}, batch_format="pyarrow"
+            fn_kwargs={"dedup": dedup},
+            batch_format="pyarrow",
         )
         summary = reused.groupby("shard", num_partitions=partitions).map_groups(
             _write_shard,  # type: ignore[arg-type]  # Ray's stubs: fn takes the batch alone
-            fn_kwargs={"storage": storage, "folder": folder}, batch_format="pyarrow"
+            fn_kwargs={"storage": storage, "folder": folder},
+            batch_format="pyarrow",
         )
         rows = summary.take_all()
     finally:
@@ -257,7 +288,9 @@ def fill_duplicates(table: pa.Table, shard: str, read_committed) -> pa.Table:
     if "caption_source" not in table.column_names:
         return table
     rows = table.to_pylist()
-    todo = [r for r in rows if r["caption_source"] == DUPLICATE and r["status"] == schemas.OK and r["vlm_caption"] is None]
+    todo = [
+        r for r in rows if r["caption_source"] == DUPLICATE and r["status"] == schemas.OK and r["vlm_caption"] is None
+    ]
     if not todo:
         return table
     firsts: dict[str, dict[str, Any]] = {r["key"]: r for r in rows if r["caption_source"] != DUPLICATE}
@@ -269,7 +302,10 @@ def fill_duplicates(table: pa.Table, shard: str, read_committed) -> pa.Table:
         first = firsts.get(r["caption_from"])
         if first is None or first["status"] not in REUSABLE | schemas.RETRYABLE:
             why = "not found" if first is None else f"status {first['status']}"
-            r.update(status=schemas.MODEL_ERROR, error=f"model_error: duplicate of {r['caption_from']}, whose caption is unusable ({why})")
+            r.update(
+                status=schemas.MODEL_ERROR,
+                error=f"model_error: duplicate of {r['caption_from']}, whose caption is unusable ({why})",
+            )
             continue
         r.update({f: first.get(f) for f in CAPTION_FIELDS}, n_prompt_tokens=0, n_output_tokens=0)
     return pa.Table.from_pylist(rows, schema=table.schema)

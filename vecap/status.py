@@ -102,8 +102,12 @@ def read_lease(storage: Storage, layout: Layout, now: float) -> LeaseInfo | None
     age = now - float(beat) if isinstance(beat, (int, float)) else None
     ttl = held.get("ttl_s")
     info = LeaseInfo(
-        run_id=str(held.get("run_id")), host=held.get("host"), pid=held.get("pid"),
-        started_at=held.get("started_at"), heartbeat_age_s=age, ttl_s=ttl,
+        run_id=str(held.get("run_id")),
+        host=held.get("host"),
+        pid=held.get("pid"),
+        started_at=held.get("started_at"),
+        heartbeat_age_s=age,
+        ttl_s=ttl,
     )
     if age is None:
         info.dead = "no heartbeat time in the lease"
@@ -114,7 +118,9 @@ def read_lease(storage: Storage, layout: Layout, now: float) -> LeaseInfo | None
     return info
 
 
-def load_status(root: str, storage_options: dict[str, Any] | None = None, *, dry_run: bool = False, now: float | None = None) -> RunStatus:
+def load_status(
+    root: str, storage_options: dict[str, Any] | None = None, *, dry_run: bool = False, now: float | None = None
+) -> RunStatus:
     """Read a root's progress (``dry_run``: the dry run's outputs under ``<root>/_dry_run``)."""
     root = root.rstrip("/") or "/"
     storage = Storage.for_path(root, storage_options)
@@ -190,11 +196,15 @@ def render_status(st: RunStatus) -> str:
     if lease is not None:
         where = f"host {lease.host}, pid {lease.pid}" + (" (this host)" if lease.host == socket.gethostname() else "")
         started = f", started {_duration(st.now - lease.started_at)} ago" if lease.started_at else ""
-        beat = f"heartbeat {_duration(lease.heartbeat_age_s)} ago" if lease.heartbeat_age_s is not None else "no heartbeat"
+        beat = (
+            f"heartbeat {_duration(lease.heartbeat_age_s)} ago" if lease.heartbeat_age_s is not None else "no heartbeat"
+        )
         state = "running" if lease.dead is None else f"LOOKS DEAD: {lease.dead}"
         lines.append(f"run      {lease.run_id} on {where}{started}; {beat} — {state}")
     else:
-        last = max((p.last_run for p in st.stages if p.last_run), key=lambda r: r.get("finished_at") or "", default=None)
+        last = max(
+            (p.last_run for p in st.stages if p.last_run), key=lambda r: r.get("finished_at") or "", default=None
+        )
         if last is not None:
             lines.append(
                 f"run      none holds the root; the last run, {last.get('run_id')}, finished {last.get('finished_at')} "
@@ -206,8 +216,10 @@ def render_status(st: RunStatus) -> str:
         lines.append(f"logs     {st.log_dir}/")
     rate_label = "samples/s" + ("" if st.running else "*")
     lines.append("")
-    lines.append(f"{'stage':<8} {'done':>9} {'samples':>8} {rate_label:>10} "
-                 f"{'ETA':>7} {'in progress':>11} {'failed':>6}  statuses | fallbacks")
+    lines.append(
+        f"{'stage':<8} {'done':>9} {'samples':>8} {rate_label:>10} "
+        f"{'ETA':>7} {'in progress':>11} {'failed':>6}  statuses | fallbacks"
+    )
     for p in st.stages:
         rate = f"{p.samples_per_s:.2f}" if p.samples_per_s is not None else "-"
         eta = _duration(p.eta_s) if p.eta_s is not None else ("done" if p.done >= st.input_shards > 0 else "-")
@@ -221,7 +233,10 @@ def render_status(st: RunStatus) -> str:
     for p in st.stages:
         if p.in_progress:
             parts = ", ".join(f"{s} ({n} part(s))" for s, n in sorted(p.in_progress.items()))
-            lines.append(f"in progress  {p.stage}: {parts}" + ("" if st.running else " — left by a run that stopped; redone by the next"))
+            lines.append(
+                f"in progress  {p.stage}: {parts}"
+                + ("" if st.running else " — left by a run that stopped; redone by the next")
+            )
     for p in st.stages:
         by_reason: dict[str, list[str]] = {}
         for shard, why in sorted(p.failed.items()):

@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TMP_MARK = ".tmp-"
 _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-_INSTALL_HINT = {"s3": "pip install 'vecap[s3]' (s3fs)", "gs": "pip install 'vecap[gcs]' (gcsfs)", "gcs": "pip install 'vecap[gcs]' (gcsfs)"}
+_INSTALL_HINT = {
+    "s3": "pip install 'vecap[s3]' (s3fs)",
+    "gs": "pip install 'vecap[gcs]' (gcsfs)",
+    "gcs": "pip install 'vecap[gcs]' (gcsfs)",
+}
 
 
 def is_uri(path: str) -> bool:
@@ -55,7 +59,9 @@ def retry_io(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: f
         except OSError as err:
             if attempt == attempts:
                 raise
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt, attempts - 1, delay
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -96,6 +102,7 @@ class Storage:
 
     def names(self, folder: str) -> list[str]:
         """File and folder names directly under ``folder``; [] when it does not exist."""
+
         def ls() -> list[str]:
             self.fs.invalidate_cache(folder)  # other processes write here: never trust a cached listing
             try:
@@ -203,6 +210,7 @@ class Storage:
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Delete a file (or a folder with ``recursive``); a missing one is fine."""
+
         def rm() -> None:
             try:
                 self.fs.rm(path, recursive=recursive)

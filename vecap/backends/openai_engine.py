@@ -61,7 +61,7 @@ class OpenAIEngine(ChatEngine):
         try:
             resp = self.client.chat.completions.create(
                 model=self.model,
-                messages=to_openai_messages(r.messages, r.image),
+                messages=to_openai_messages(r.messages, r.image),  # type: ignore[arg-type]  # plain dicts of that shape
                 max_tokens=s.max_new_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,

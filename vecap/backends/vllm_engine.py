@@ -104,11 +104,16 @@ class VLLMEngine(ChatEngine):
 
         self._sampling_params = SamplingParams
         # Stats on: vecap.metrics exports them through Ray (LLM() turns them off by default).
-        kwargs = {"enable_prefix_caching": True, "seed": 0, "disable_log_stats": False}
+        kwargs: dict[str, Any] = {"enable_prefix_caching": True, "seed": 0, "disable_log_stats": False}
         if spec.multimodal:
             kwargs["limit_mm_per_prompt"] = {"image": 1}
         kwargs.update(spec.engine_kwargs)
-        self.llm = LLM(model=spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, **kwargs)
+        self.llm = LLM(
+            model=spec.model,
+            dtype=spec.dtype,  # type: ignore[arg-type]  # vLLM checks the name
+            trust_remote_code=spec.trust_remote_code,
+            **kwargs,
+        )
         self._render, _ = load_chat_renderer(spec.model, spec.trust_remote_code)
         self._inbox: queue.SimpleQueue[tuple[list[Request], Future]] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the calls in flight, shared by the feeder and the watcher
@@ -164,7 +169,7 @@ class VLLMEngine(ChatEngine):
         with self._lock:
             call = self._calls.get(future)
             return Progress(
-                steps=self._counters["steps"], tokens=self._tokens, call_tokens=sum(call.tokens) if call else 0
+                steps=int(self._counters["steps"]), tokens=self._tokens, call_tokens=sum(call.tokens) if call else 0
             )
 
     # --- the feeder thread --------------------------------------------------------------------
@@ -203,7 +208,7 @@ class VLLMEngine(ChatEngine):
                     if rid not in self._running:
                         continue
                     call, i = self._running[rid]
-                    comp = out.outputs[0]
+                    comp = out.outputs[0]  # type: ignore[index]  # a generation, never a pooling output
                     self._tokens += len(comp.token_ids) - call.tokens[i]
                     call.tokens[i] = len(comp.token_ids)
                     if not out.finished:

@@ -31,7 +31,7 @@ class PoisonVLLMEngine(VLLMEngine):
     def submit(self, requests: Sequence[Request]) -> Future:
         poisoned = sorted(self.poison & {r.key for r in requests if r.key})
         if poisoned:
-            victims = [p.pid for p in self.core_processes] or [os.getpid()]
+            victims = [p.pid for p in self.core_processes if p.pid is not None] or [os.getpid()]
             log.error("poison input %s: SIGKILL of engine process %s", poisoned, victims)
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)

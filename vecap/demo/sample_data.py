@@ -257,7 +257,13 @@ def _write_sources(src: Path, n_images: int, seed: int, duplicates: float = 0.0)
     for spec in specs:
         (src / spec.name).write_bytes(_encode(spec, rng))
         rows.append(
-            {"file": spec.name, "format": spec.fmt.lower(), "mode": spec.mode, "width": spec.size[0], "height": spec.size[1]}
+            {
+                "file": spec.name,
+                "format": spec.fmt.lower(),
+                "mode": spec.mode,
+                "width": spec.size[0],
+                "height": spec.size[1],
+            }
         )
     if n_copies:
         copy_rng = np.random.default_rng([seed, 1])  # apart: the set without copies stays the same

@@ -41,16 +41,38 @@ SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         # vLLM's CPU attention supports head_dim 32, 64, 80, ... only (not 16).
-        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                 "num_attention_heads": 2, "num_key_value_heads": 2},
-        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        },
+        "vision": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
     },
     "bench": {
-        "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
-                 "num_attention_heads": 8, "num_key_value_heads": 8},
-        "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+        "text": {
+            "hidden_size": 512,
+            "intermediate_size": 1408,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+        },
+        "vision": {
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 8,
+        },
     },
 }
 MAX_POSITIONS = 4096
@@ -137,7 +159,8 @@ def _spec(kind: str, scale: str) -> dict[str, Any]:
         "text": sizes["text"],
         "description": (
             "random-weight LlavaForConditionalGeneration (CLIP vision + Llama text), llava-hf key layout"
-            if kind == "llava" else "random-weight LlamaForCausalLM chat model"
+            if kind == "llava"
+            else "random-weight LlamaForCausalLM chat model"
         ),
     }
     if kind == "llava":
@@ -192,16 +215,89 @@ def training_sentences(n: int = 600, seed: int = SEED) -> list[str]:
     prompt the pipeline sends tokenizes into a few tokens.
     """
     rng = random.Random(seed)
-    colors = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray",
-              "pink", "golden", "silver", "dark", "bright"]
-    objects = ["dog", "cat", "car", "bicycle", "bottle", "chair", "table", "laptop", "phone", "shoe",
-               "house", "tree", "flower", "bird", "horse", "boat", "train", "bus", "cup", "book",
-               "lamp", "guitar", "umbrella", "backpack", "clock", "sign", "pizza", "cake", "kite", "ball"]
-    places = ["on a beach", "in a park", "on a city street", "in a kitchen", "in a living room",
-              "near a river", "in the mountains", "at a market", "in a garden", "at the airport",
-              "in a forest", "on a wooden table", "in front of a store", "at night", "in the snow"]
-    brands = ["Nike", "Apple", "Toyota", "Coca-Cola", "Samsung", "Adidas", "IKEA", "Sony", "Lego",
-              "Canon", "Ford", "Nikon", "Puma", "Honda", "Starbucks"]
+    colors = [
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "black",
+        "white",
+        "orange",
+        "purple",
+        "brown",
+        "gray",
+        "pink",
+        "golden",
+        "silver",
+        "dark",
+        "bright",
+    ]
+    objects = [
+        "dog",
+        "cat",
+        "car",
+        "bicycle",
+        "bottle",
+        "chair",
+        "table",
+        "laptop",
+        "phone",
+        "shoe",
+        "house",
+        "tree",
+        "flower",
+        "bird",
+        "horse",
+        "boat",
+        "train",
+        "bus",
+        "cup",
+        "book",
+        "lamp",
+        "guitar",
+        "umbrella",
+        "backpack",
+        "clock",
+        "sign",
+        "pizza",
+        "cake",
+        "kite",
+        "ball",
+    ]
+    places = [
+        "on a beach",
+        "in a park",
+        "on a city street",
+        "in a kitchen",
+        "in a living room",
+        "near a river",
+        "in the mountains",
+        "at a market",
+        "in a garden",
+        "at the airport",
+        "in a forest",
+        "on a wooden table",
+        "in front of a store",
+        "at night",
+        "in the snow",
+    ]
+    brands = [
+        "Nike",
+        "Apple",
+        "Toyota",
+        "Coca-Cola",
+        "Samsung",
+        "Adidas",
+        "IKEA",
+        "Sony",
+        "Lego",
+        "Canon",
+        "Ford",
+        "Nikon",
+        "Puma",
+        "Honda",
+        "Starbucks",
+    ]
     verbs = ["sitting", "standing", "lying", "parked", "shown", "placed", "hanging", "floating"]
     counts = ["a", "one", "two", "three", "several", "many", "a few", "four"]
     templates = [
@@ -230,8 +326,16 @@ def training_sentences(n: int = 600, seed: int = SEED) -> list[str]:
         col, col2 = rng.sample(colors, 2)
         count = rng.choice(counts)
         text = rng.choice(templates).format(
-            c=count, C=count.capitalize(), col=col, col2=col2, o=obj, o2=obj2, p=rng.choice(places),
-            v=rng.choice(verbs), brand=rng.choice(brands), year=rng.randint(1950, 2024),
+            c=count,
+            C=count.capitalize(),
+            col=col,
+            col2=col2,
+            o=obj,
+            o2=obj2,
+            p=rng.choice(places),
+            v=rng.choice(verbs),
+            brand=rng.choice(brands),
+            year=rng.randint(1950, 2024),
         )
         out.append(text)
     return out
@@ -375,7 +479,7 @@ def llava_hf_key(name: str) -> str:
     """The llava-hf checkpoint key for a parameter of transformers' ``LlavaForConditionalGeneration``."""
     for old, new in _LLAVA_HF_PREFIXES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     raise ValueError(f"unexpected LLaVA parameter name {name!r}")
 
 
@@ -392,10 +496,21 @@ def _rewrite_llava_hf_layout(model: Any, out: Path) -> None:
 # --------------------------------------------------------------------------- CLIP (for CLIPScore)
 
 CLIP_SIZES: dict[str, Any] = {
-    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "max_position_embeddings": 77},
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+    },
     "projection_dim": 16,
 }
 # CLIP's own special tokens; EOS must not get id 2 (transformers' CLIP then pools at the

@@ -416,7 +416,9 @@ def done_shards(storage: Storage, layout: Layout, step: str) -> list[str]:
     parquets = {n[:-8] for n in storage.names(layout.stage(step)) if n.endswith(".parquet")}
     missing = markers - parquets
     if missing:
-        log.warning("%s: %d marker(s) without Parquet (e.g. %s), ignored", layout.stage(step), len(missing), min(missing))
+        log.warning(
+            "%s: %d marker(s) without Parquet (e.g. %s), ignored", layout.stage(step), len(missing), min(missing)
+        )
     return sorted(markers & parquets)
 
 
@@ -468,9 +470,14 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
             column.extend([None] * (n_rows - len(column)))
         if step not in ("caption", "fuse"):
             continue
-        cols = {c: table[c].to_pylist() if c in base else [None] * table.num_rows for c in ("key", "status", "error", "vec_source")}
+        cols = {
+            c: table[c].to_pylist() if c in base else [None] * table.num_rows
+            for c in ("key", "status", "error", "vec_source")
+        }
         shard_picks: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        for i, (key, status, error, source) in enumerate(zip(cols["key"], cols["status"], cols["error"], cols["vec_source"], strict=True)):
+        for i, (key, status, error, source) in enumerate(
+            zip(cols["key"], cols["status"], cols["error"], cols["vec_source"], strict=True)
+        ):
             reason = rejection_reason(step, status, error, source)
             if reason is not None:
                 counts[reason] += 1
@@ -601,9 +608,15 @@ def _models(data: ReportData) -> list[ModelInfo]:
         ran = data.stage == "write" or bool(data.done.get(step))
         if ran and isinstance(fp, dict) and fp.get("model"):
             sha = str(fp.get("prompt_sha256") or "")[:12]
-            out.append(ModelInfo(step, str(fp["model"]), str(fp.get("prompt_id") or ""), f"prompt sha256 {sha}…" if sha else ""))
+            out.append(
+                ModelInfo(
+                    step, str(fp["model"]), str(fp.get("prompt_id") or ""), f"prompt sha256 {sha}…" if sha else ""
+                )
+            )
             continue
-        pairs = Counter((r.get(f"{step}_model"), r.get(f"{step}_prompt_id")) for r in data.rows if r.get(f"{step}_model"))
+        pairs = Counter(
+            (r.get(f"{step}_model"), r.get(f"{step}_prompt_id")) for r in data.rows if r.get(f"{step}_model")
+        )
         for (model, prompt), n in pairs.most_common():
             out.append(ModelInfo(step, str(model), str(prompt or ""), f"{n} rows (Parquet)"))
     return out

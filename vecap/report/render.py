@@ -139,7 +139,9 @@ def _length_figures(hist: LengthHistograms) -> list[dict[str, Any]]:
         labels, ticks = [], []
         for i, lo in enumerate(hist.edges):
             last = hist.overflow and i == len(hist.edges) - 1
-            labels.append(f"≥{lo} words" if last else f"{lo} words" if hist.width == 1 else f"{lo}–{lo + hist.width - 1} words")
+            labels.append(
+                f"≥{lo} words" if last else f"{lo} words" if hist.width == 1 else f"{lo}–{lo + hist.width - 1} words"
+            )
             ticks.append(f"≥{lo}" if last else str(lo))
         s = hist.summaries[column]
         summary = (
@@ -211,13 +213,17 @@ def _card(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
     from vecap.fusion import kept_entities
 
     txt_col = {"alt": "alt_text", "vec": "vec_caption"}.get(row.get("txt_source") or "")
-    badges = [{"cls": "st-ok" if row.get("status") == "ok" else "st-bad", "text": row.get("status") or NULL, "title": None}]
+    badges = [
+        {"cls": "st-ok" if row.get("status") == "ok" else "st-bad", "text": row.get("status") or NULL, "title": None}
+    ]
     if row.get("vec_source"):
         badges.append({"cls": "src", "text": f"vec: {row['vec_source']}", "title": None})
     if row.get("txt_source"):
         badges.append({"cls": "txt", "text": f"txt: {row['txt_source']}", "title": None})
     if row.get("vec_source") in ("vlm", "alt") and row.get("error"):
-        badges.append({"cls": "warn", "text": f"fallback: {_cut(row['error'], MAX_BADGE_CHARS)}", "title": row["error"]})
+        badges.append(
+            {"cls": "warn", "text": f"fallback: {_cut(row['error'], MAX_BADGE_CHARS)}", "title": row["error"]}
+        )
     kept, total = kept_entities(row.get("alt_text") or "", row.get("vec_caption") or "")
     dims = f"{row['width']}×{row['height']} {row.get('image_ext') or ''}".strip() if row.get("width") else ""
     caps = [
@@ -263,15 +269,18 @@ def page_context(data: ReportData) -> dict[str, Any]:
         "panels": panels,
         "has_fused_markers": marker_fallbacks is not None,
         "lengths": _length_figures(data.lengths),
-        "retention": [
-            {**vars(r), "pct": _pct(r.kept, r.total), "color": r.column} for r in data.retention
-        ],
+        "retention": [{**vars(r), "pct": _pct(r.kept, r.total), "color": r.column} for r in data.retention],
         "n_with_alt_entities": data.n_with_alt_entities,
         "stage_quality": [_stage_quality(sq) for sq in data.stage_quality],
         "cards": [_card(r, data.thumbnails.get((r["shard"], r["key"]))) for r in data.samples],
         "failed": [
-            {"key": r["key"], "shard": r["shard"], "status": r.get("status") or NULL,
-             "error": _cut(r.get("error"), MAX_ERROR_CHARS), "alt_text": _cut(r.get("alt_text"), 140)}
+            {
+                "key": r["key"],
+                "shard": r["shard"],
+                "status": r.get("status") or NULL,
+                "error": _cut(r.get("error"), MAX_ERROR_CHARS),
+                "alt_text": _cut(r.get("alt_text"), 140),
+            }
             for r in failed[:MAX_FAILED_ROWS]
         ],  # fmt: skip
         "n_failed": len(failed),

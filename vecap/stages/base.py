@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -314,7 +314,9 @@ class EngineWorker:
         t0 = time.perf_counter()
         self.engine = load_engine(spec)
         # Engine counters not yet reported: start-up first, then requests and engine steps.
-        self._pending: Counter = Counter({"engine_starts": 1, "engine_start_s": time.perf_counter() - t0})
+        self._pending: defaultdict[str, float] = defaultdict(
+            float, engine_starts=1, engine_start_s=time.perf_counter() - t0
+        )
         if self._registry is not None:  # the run's count of starts and restarts, by stage
             import ray
             from ray.exceptions import RayActorError
@@ -379,7 +381,7 @@ class EngineWorker:
             name = f"{self.stage}_{k}"
             stats[name] = stats.get(name, 0) + v
         row["engine_stats"] = json.dumps(stats)
-        self._pending = Counter()
+        self._pending = defaultdict(float)
 
     async def _run(self, ready: dict[str, tuple[dict[str, Any], Request]]) -> None:
         """Call the engine on the batch's requests, isolating inputs that killed it before."""

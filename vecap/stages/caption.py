@@ -98,7 +98,7 @@ def read_image_rows(
         }
         again = (reused or {}).get(sample.key)
         if sample.status == schemas.OK and not _tar_format(sample.image, opts):
-            fmt = sniff_image_format(sample.image)  # never captioned: the CLIP tar would not take it
+            fmt = sniff_image_format(sample.image or b"")  # never captioned: the CLIP tar would not take it
             row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{fmt} images are not read by CLIP loaders")
         elif sample.status == schemas.OK and again is not None:
             row.update(reused_row(again))
@@ -140,9 +140,13 @@ def reused_row(again: dict[str, Any]) -> dict[str, Any]:
     if again["caption_source"] == reuse.CACHE:
         entry = json.loads(again["entry"])
         row.update(
-            status=entry["status"], error=entry["error"], vlm_caption=entry["vlm_caption"],
-            caption_finish_reason=entry["finish_reason"], caption_seed=entry["seed"],
-            caption_n_prompt_tokens=0, caption_n_output_tokens=0,
+            status=entry["status"],
+            error=entry["error"],
+            vlm_caption=entry["vlm_caption"],
+            caption_finish_reason=entry["finish_reason"],
+            caption_seed=entry["seed"],
+            caption_n_prompt_tokens=0,
+            caption_n_output_tokens=0,
             caption_quality=json.dumps({n: entry.get(n) for n, _ in schemas.QUALITY_CAPTION}),
         )
     return row
@@ -239,7 +243,9 @@ class CaptionStage(Stage):
                 {**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}
             ),
             "image": {
-                "size": o.image_size, "max_pixels": o.max_pixels, "max_bytes": o.max_bytes,
+                "size": o.image_size,
+                "max_pixels": o.max_pixels,
+                "max_bytes": o.max_bytes,
                 **({"formats": sorted(o.image_exts)} if o.image_exts is not None else {}),
             },
             "seed": o.run_seed if self.cfg.temperature > 0 else None,
@@ -249,16 +255,25 @@ class CaptionStage(Stage):
         c = self.cfg
         return [
             Step(
-                "caption", CaptionWorker, {"spec": self.spec, "prompt": self.prompt, "faults": self.faults},
+                "caption",
+                CaptionWorker,
+                {"spec": self.spec, "prompt": self.prompt, "faults": self.faults},
                 inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
-                actors=c.actors, batch_size=c.batch_size, num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor,
-                batches_in_flight=c.max_batches_in_flight, env=dict(c.env),
-                max_restarts=self.faults.max_restarts, max_task_retries=self.faults.max_task_retries,
+                actors=c.actors,
+                batch_size=c.batch_size,
+                num_cpus=c.cpus_per_actor,
+                num_gpus=c.gpus_per_actor,
+                batches_in_flight=c.max_batches_in_flight,
+                env=dict(c.env),
+                max_restarts=self.faults.max_restarts,
+                max_task_retries=self.faults.max_task_retries,
             ),
             Step(
-                "caption-check", check_captions,
+                "caption-check",
+                check_captions,
                 {"checks": c.validation, "instructions": (self.prompt.system or "") + "\n" + self.prompt.template},
-                inputs=("vlm_caption", "caption_finish_reason"), num_cpus=0.25,
+                inputs=("vlm_caption", "caption_finish_reason"),
+                num_cpus=0.25,
             ),
         ]
 
@@ -268,9 +283,15 @@ class CaptionStage(Stage):
             work,
             self.schema,
             {
-                "key": "key", "shard": "shard", "status": "status", "error": "error", "vlm_caption": "vlm_caption",
-                "finish_reason": "caption_finish_reason", "n_prompt_tokens": "caption_n_prompt_tokens",
-                "n_output_tokens": "caption_n_output_tokens", "seed": "caption_seed",
+                "key": "key",
+                "shard": "shard",
+                "status": "status",
+                "error": "error",
+                "vlm_caption": "vlm_caption",
+                "finish_reason": "caption_finish_reason",
+                "n_prompt_tokens": "caption_n_prompt_tokens",
+                "n_output_tokens": "caption_n_output_tokens",
+                "seed": "caption_seed",
                 **{name: name for name, _ in schemas.QUALITY_CAPTION},
                 **{name: name for name in ("sha256", "caption_source", "caption_from", "caption_from_shard")},
             },
@@ -290,4 +311,3 @@ class CaptionStage(Stage):
         if self.cache is not None:
             self.cache.add(table, shard)
         return table
-

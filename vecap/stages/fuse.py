@@ -178,7 +178,9 @@ class FuseStage(Stage):
         return {
             **self.provenance.columns(),
             # the recipe's thresholds, and the checks and text libraries (with versions) that apply them
-            "checks_sha256": stable_hash({**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}),
+            "checks_sha256": stable_hash(
+                {**self.cfg.validation.model_dump(mode="json"), "validator": checks_fingerprint()}
+            ),
             "max_alt_text_words": self.cfg.max_alt_text_words,
             "seed": self.run_seed if self.cfg.temperature > 0 else None,
         }
@@ -187,21 +189,36 @@ class FuseStage(Stage):
         f = self.cfg
         return [
             Step(
-                "fuse-prepare", prepare_fuse_requests,
+                "fuse-prepare",
+                prepare_fuse_requests,
                 {"prompt": self.prompt, "max_alt_text_words": f.max_alt_text_words, "run_seed": self.run_seed},
-                inputs=("alt_text", "vlm_caption", "status"), num_cpus=0.25,
+                inputs=("alt_text", "vlm_caption", "status"),
+                num_cpus=0.25,
             ),
             Step(
-                "fuse", FuseWorker, {"spec": self.spec, "faults": self.faults},
+                "fuse",
+                FuseWorker,
+                {"spec": self.spec, "faults": self.faults},
                 inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
-                actors=f.actors, batch_size=f.batch_size, num_cpus=f.cpus_per_actor, num_gpus=f.gpus_per_actor,
-                batches_in_flight=f.max_batches_in_flight, env=dict(f.env),
-                max_restarts=self.faults.max_restarts, max_task_retries=self.faults.max_task_retries,
+                actors=f.actors,
+                batch_size=f.batch_size,
+                num_cpus=f.cpus_per_actor,
+                num_gpus=f.gpus_per_actor,
+                batches_in_flight=f.max_batches_in_flight,
+                env=dict(f.env),
+                max_restarts=self.faults.max_restarts,
+                max_task_retries=self.faults.max_task_retries,
             ),
             Step(
-                "fuse-check", validate_fused,
-                {"instructions": instructions_of(self.prompt), "max_alt_text_words": f.max_alt_text_words, "checks": f.validation},
-                inputs=("fuse_output", "fuse_finish_reason", "fuse_error", "alt_text", "vlm_caption"), num_cpus=0.25,
+                "fuse-check",
+                validate_fused,
+                {
+                    "instructions": instructions_of(self.prompt),
+                    "max_alt_text_words": f.max_alt_text_words,
+                    "checks": f.validation,
+                },
+                inputs=("fuse_output", "fuse_finish_reason", "fuse_error", "alt_text", "vlm_caption"),
+                num_cpus=0.25,
             ),
         ]
 
@@ -217,10 +234,18 @@ class FuseStage(Stage):
             work,
             self.schema,
             {
-                "key": "key", "shard": "shard", "status": "fused_status", "error": "fused_error",
-                "alt_text": "alt_text", "vlm_caption": "vlm_caption", "vec_caption": "vec_caption",
-                "vec_source": "vec_source", "finish_reason": "fuse_finish_reason",
-                "n_prompt_tokens": "fuse_n_prompt_tokens", "n_output_tokens": "fuse_n_output_tokens", "seed": "fuse_seed",
+                "key": "key",
+                "shard": "shard",
+                "status": "fused_status",
+                "error": "fused_error",
+                "alt_text": "alt_text",
+                "vlm_caption": "vlm_caption",
+                "vec_caption": "vec_caption",
+                "vec_source": "vec_source",
+                "finish_reason": "fuse_finish_reason",
+                "n_prompt_tokens": "fuse_n_prompt_tokens",
+                "n_output_tokens": "fuse_n_output_tokens",
+                "seed": "fuse_seed",
                 **{name: name for name, _ in schemas.QUALITY_FUSE},
             },
             self.provenance.columns(),

@@ -54,7 +54,10 @@ class WriteStage(Stage):
 
     def fingerprint(self) -> dict[str, Any]:
         return {
-            "mix": self.mix, "p_vec": self.p_vec, "seed": self.seed, "image_exts": sorted(self.image_exts),
+            "mix": self.mix,
+            "p_vec": self.p_vec,
+            "seed": self.seed,
+            "image_exts": sorted(self.image_exts),
             "max_image_bytes": self.max_image_bytes,
             "alt_text": {"clean": "vecap.validation", "max_words": self.max_alt_text_words},
             # only when set: the fingerprints of runs without CLIPScore stay what they were
