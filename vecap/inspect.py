@@ -13,6 +13,7 @@ import logging
 import tarfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from vecap.layout import CLIP_DIR, DONE_DIR, IMAGES_DIR, LEGACY_STATS_SUFFIX, SIZES_FILE, STAGE_DIRS, STAGES, Layout
 from vecap.outputs import check_layout
@@ -37,10 +38,11 @@ _STEP_OF_DIR = {folder: step for step, folder in STAGE_DIRS.items()}
 _MAX_VALUES = 10  # values listed per categorical q_* column (the most frequent)
 
 
-def inspect_path(path: str | Path, n_rows: int = 5) -> str:
-    """Summarise a ``.parquet``, a ``.tar``, a marker ``.json``, a stage folder or a dataset root."""
+def inspect_path(path: str | Path, n_rows: int = 5, storage_options: dict[str, Any] | None = None) -> str:
+    """Summarise a ``.parquet``, a ``.tar``, a marker ``.json``, a stage folder or a dataset root
+    (``storage_options``: fsspec's, for an object store's endpoint and credentials)."""
     target = str(path).rstrip("/") or "/"
-    storage = Storage.for_path(target)
+    storage = Storage.for_path(target, storage_options)
     if not storage.exists(target):
         raise FileNotFoundError(f"no such file or folder: {target}")
     if target.endswith(".parquet"):
@@ -63,7 +65,7 @@ def inspect_path(path: str | Path, n_rows: int = 5) -> str:
         return _images_summary(storage, target)
     names = set(storage.names(target))
     if IMAGES_DIR in names or names & set(STAGE_DIRS.values()):
-        return root_summary(load_report_data(target, n_samples=0, thumbnails=False))
+        return root_summary(load_report_data(target, n_samples=0, thumbnails=False, storage=storage))
     counts = Counter(n.rsplit(".", 1)[-1] for n in names if "." in n)
     return f"{target}: not a stage folder or dataset root; files by extension: " + _kv(counts)
 

@@ -292,16 +292,24 @@ def render_html(data: ReportData) -> str:
     return environment().get_template(TEMPLATE).render(**page_context(data))
 
 
-def build_report(root: str | Path, out: str | Path | None = None, n_samples: int = 48) -> Path | str:
+def build_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    n_samples: int = 48,
+    storage_options: dict[str, Any] | None = None,
+) -> Path | str:
     """Write the report of ``root`` (default ``<root>/report.html``) atomically and return where.
 
-    ``root`` and ``out`` may be local paths (a :class:`~pathlib.Path` comes back) or URIs.
+    ``root`` and ``out`` may be local paths (a :class:`~pathlib.Path` comes back) or URIs;
+    ``storage_options`` (fsspec's: an object store's endpoint, credentials) are the root's, and
+    the output's too when it is on the same kind of storage.
     """
-    from vecap.storage import Storage, is_uri
+    from vecap.storage import Storage, is_uri, protocol
 
-    data = load_report_data(str(root), n_samples=n_samples)
+    data = load_report_data(str(root), n_samples=n_samples, storage=Storage.for_path(str(root), storage_options))
     page = render_html(data).encode("utf-8", errors="replace")
     target = str(out) if out is not None else f"{data.root}/report.html"
-    Storage.for_path(target).write_bytes(target, page)
+    same_storage = protocol(target) == protocol(str(root))
+    Storage.for_path(target, storage_options if same_storage else None).write_bytes(target, page)
     log.info("report of %s written to %s (%d KiB)", data.root, target, len(page) // 1024)
     return target if is_uri(target) else Path(target)
