@@ -6,11 +6,19 @@ import importlib
 import io
 import json
 import os
+import socket
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def png_bytes(color=(200, 30, 30), size=(24, 16), mode="RGB") -> bytes:

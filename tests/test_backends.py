@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 from conftest import bad_images
+from helpers import free_port
 
 from vecap.backends import EngineSpec, Request, Sampling, load_engine
 from vecap.images import prepare_image
@@ -113,14 +113,8 @@ def test_missing_backend_gives_an_install_hint(monkeypatch):
         load_engine(EngineSpec(backend="nope", model="m"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_backend_against_a_real_vllm_server(tiny_models, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     cmd = [
         sys.executable,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import jpeg_bytes, sample_members, stage_output, write_img2dataset_parquet, write_tar
+from helpers import free_port, jpeg_bytes, sample_members, stage_output, write_img2dataset_parquet, write_tar
 
 from vecap import schemas
 from vecap.layout import STAGES
@@ -36,12 +35,6 @@ SHARDS = ["00000", "00099"]
 
 def _rows(root, step, shard) -> dict[str, dict]:
     return {r["key"]: r for r in stage_output(root, step).read_table(shard).to_pylist()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- hf ----------------------------------------------------------------------------------------
@@ -83,7 +76,7 @@ def test_hf_backend_in_a_pipeline_run_matches_vllm(make_root, demo_config, pipel
 @pytest.fixture(scope="module")
 def llm_server(tiny_models, tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` with the tiny Llama on a free loopback port."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     cmd = [
@@ -265,7 +258,7 @@ def test_openai_unreachable_server_stops_the_run(tmp_path, demo_config):
     it, and after faults.max_consecutive_fatal such errors the run stops, non-zero, saying why;
     no shard is committed with quiet fallbacks."""
     root = _fuse_root(tmp_path / "root", demo_config, {f"000000{i}": ALT for i in range(3)})
-    base = f"http://127.0.0.1:{_free_port()}/v1"
+    base = f"http://127.0.0.1:{free_port()}/v1"
     cfg = demo_config(
         root, *_openai(base, "fuse.request_timeout_s=2", "fuse.request_retries=0"), "faults.max_consecutive_fatal=2"
     )

@@ -18,18 +18,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = ["00000", "00099"]  # a shard of the sample and the shard of bad images
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -97,7 +92,7 @@ _DRIVER = (
 
 def test_prometheus_counters_equal_the_parquet_rows_and_logs_land_under_the_root(make_root, tiny_models, tmp_path):
     root = make_root("metrics")
-    port = _free_port()  # the dashboard's port is Ray's choice (8265, or the next free one)
+    port = free_port()  # the dashboard's port is Ray's choice (8265, or the next free one)
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_metrics_report_interval_ms="1000")
     env.pop("RAY_ADDRESS", None)
     cmd = [

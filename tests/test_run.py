@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import marker_path, stage_output
+from helpers import free_port, marker_path, stage_output
 
 from vecap import schemas
 from vecap.mixing import choose_txt, pick_caption
@@ -149,12 +149,6 @@ def test_pick_caption_draws_from_the_json_per_access(tmp_path):
     assert 0.55 < sum(t.startswith("vec") for t in texts) / 200 < 0.85
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_port(port: int, timeout_s: float = 60) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -219,10 +213,12 @@ def test_sigkill_halfway_then_resume(make_root, tiny_models, tmp_path):
 
 def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     """A private two-node cluster (own temp dir and ports), a job submitted to it whose tasks land on
-    both nodes, and only that cluster stopped."""
+    both nodes, a driver that joins it by its GCS address (as on a node of the cluster), a Ray Client
+    address refused (Ray Data does not run over Ray Client), a driver without ``RAY_ADDRESS`` that
+    starts a new local Ray beside the running cluster, and only that cluster stopped."""
     root = make_root()
     recipe = _recipe(tmp_path, root, tiny_models)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, client = free_port(), free_port(), free_port()
     env = _env() | {"RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
@@ -241,13 +237,13 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
             f"--temp-dir={temp_dir}",
             "--object-store-memory=400000000",
             "--disable-usage-stats",
-            f"--ray-client-server-port={_free_port()}",
-            f"--min-worker-port={_free_port()}",
+            f"--ray-client-server-port={client}",
+            f"--min-worker-port={free_port()}",
             "--max-worker-port=0",
             "--node-manager-port=0",
             "--object-manager-port=0",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
         ],
         env=env,
         start_new_session=True,
@@ -267,12 +263,12 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
                 '--resources={"worker_node": 1}',
                 "--object-store-memory=300000000",
                 "--disable-usage-stats",
-                f"--min-worker-port={_free_port()}",
+                f"--min-worker-port={free_port()}",
                 "--max-worker-port=0",
                 "--node-manager-port=0",
                 "--object-manager-port=0",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
             ],
             env=env,
             start_new_session=True,
@@ -314,6 +310,32 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
             t.node_id for t in list_tasks(address=address, limit=10000, raise_on_missing_output=False) if t.node_id
         }
         assert len(nodes) == 2, "the job's tasks and actors should run on both nodes"
+
+        # Dry runs of one shard: a driver that joins the cluster, a Ray Client address, no RAY_ADDRESS
+        def dry_run(shard: str, *extra: str, **env_extra: str) -> subprocess.CompletedProcess:
+            cmd = [sys.executable, "-m", "vecap.cli", "run", "--dry-run", "-c", str(recipe), "--no-progress"]
+            return subprocess.run(
+                [*cmd, "--shards", shard, *extra],
+                env=env | env_extra,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=REPO,
+            )
+
+        proc = dry_run("00000", RAY_ADDRESS=f"127.0.0.1:{gcs}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"the Ray cluster at 127.0.0.1:{gcs}: 8 CPUs, 0 GPUs, 2 node(s)" in proc.stderr
+        assert stage_output(root / "_dry_run", "write").done() == {"00000"}
+        marker = marker_path(root / "_dry_run", "write", "00000").read_bytes()
+        proc = dry_run("00001", RAY_ADDRESS=f"ray://127.0.0.1:{client}")
+        assert proc.returncode == 2 and "ray job submit" in proc.stderr and "Traceback" not in proc.stderr
+        assert marker_path(root / "_dry_run", "write", "00000").read_bytes() == marker
+        assert "00001" not in stage_output(root / "_dry_run", "caption").done()  # refused before any work
+        proc = dry_run("00001", "--set", "ray.num_cpus=3")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "a new local Ray (3 logical CPUs): 3 CPUs, 0 GPUs, 1 node(s)" in proc.stderr
+        assert len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2  # the cluster untouched
     finally:
         for proc in (worker, head):
             if proc is None:

@@ -437,7 +437,14 @@ def _expected_rows(storage: Storage, layout: Layout, plans: list[ShardPlan], sam
 
 # --- the run --------------------------------------------------------------------------------
 def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[str]:
-    """The input shards of the root; a clear error for an unusable root."""
+    """The input shards of the root; a clear error for an unusable root (or Ray address)."""
+    address = ray_address(cfg) or ""
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"Ray address {address!r} is a Ray Client address, and Ray Data does not run over Ray Client "
+            "(ray-project/ray#48682). Submit the run as a Ray job (ray job submit --address http://HEAD:8265 -- "
+            "vecap run ...), or run vecap on a node of the cluster with RAY_ADDRESS=HEAD:6379 (the GCS address)."
+        )
     for name, path in (("root", cfg.root), ("caption.cache", cfg.caption.cache)):
         if path and ray_address(cfg) and not is_uri(path) and not os.path.isabs(path):
             raise ConfigError(
