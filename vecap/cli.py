@@ -50,6 +50,14 @@ def _quiet_ray_terminal() -> None:
                 handler.addFilter(lambda r: r.levelno >= logging.ERROR)
 
 
+def _add_storage_config_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``-c``/``--set`` for the commands that read a root's files: no recipe unless one is given."""
+    p.add_argument("--config", "-c", default=None, help=f"recipe whose {what} to use (object stores)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+
+
 def _stage_cmd(args: argparse.Namespace) -> int:
     from vecap.config import load_config
     from vecap.pipeline import run
@@ -179,7 +187,8 @@ def _inspect_cmd(args: argparse.Namespace) -> int:
     from vecap.config import load_config
     from vecap.inspect import inspect_path
 
-    options = load_config(args.config, args.overrides).storage_options if args.config else None
+    cfg = load_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    options = cfg.storage_options if cfg else None
     print(inspect_path(args.path, n_rows=args.rows, storage_options=options))
     return 0
 
@@ -309,10 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a shard or a stage folder: rows, statuses, a few rows")
     p.add_argument("path", help="a .parquet, .tar or _stats.json of any stage, or a stage folder")
     p.add_argument("--rows", type=int, default=5, help="rows to show")
-    p.add_argument("--config", "-c", default=None, help="recipe whose storage_options to use (object stores)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
-    )
+    _add_storage_config_args(p, "storage_options")
     p.set_defaults(func=_inspect_cmd)
 
     p = sub.add_parser("report", help="one self-contained HTML page: samples side by side, statuses, lengths, entities")
@@ -330,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "holding the root (and whether it looks dead), shards in progress, and the last run's failed shards.",
     )
     p.add_argument("root", nargs="?", help="dataset root (default: the config's root)")
-    p.add_argument("--config", "-c", default=None, help="recipe whose root and storage_options to use (object stores)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
-    )
+    _add_storage_config_args(p, "root and storage_options")
     p.add_argument("--dry-run", action="store_true", help="the dry run's outputs (<root>/_dry_run)")
     p.add_argument("--json", action="store_true", help="the status as JSON")
     p.set_defaults(func=_status_cmd)
