@@ -72,6 +72,30 @@ def test_bisection_isolates_a_poison_key_wherever_it_is_in_the_batch():
         assert reg.isolated == [f"k{poison}"] and attempt <= 7, (poison, attempt)
 
 
+def test_an_engine_death_during_an_innocent_samples_call_alone_isolates_only_the_poison():
+    # The faulted run's race, replayed: the engine is killed from outside (a device error, a kill) during
+    # the first call of an innocent suspect alone; that sample must not become engine_crash.
+    reg, keys, poison = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)], "k4"
+    reg.end(["other"])
+    outside_kill_done = False
+    for _ in range(20):
+        crashed, groups = plan_groups(keys, reg.counts(keys))
+        reg.isolate(crashed)
+        keys = [k for k in keys if k not in crashed]
+        for group in groups:
+            reg.begin(group)
+            if poison in group:
+                break
+            if len(group) == 1 and not outside_kill_done:
+                outside_kill_done = True
+                break  # the engine dies of something else: this call never ends either
+            reg.end(group)
+        else:
+            break
+    assert outside_kill_done, "no innocent sample was ever called alone: the scenario did not happen"
+    assert reg.isolated == [poison]
+
+
 def test_registry_counts_open_calls_and_trips_the_breaker():
     reg = FaultRegistry(max_consecutive_fatal=3)
     reg.begin(["a", "b"])
@@ -81,7 +105,9 @@ def test_registry_counts_open_calls_and_trips_the_breaker():
     reg.begin(["a"])
     assert reg.counts(["a"]) == {"a": (1, False)}  # alone, but nothing has worked since: not blamed
     reg.end(["z"])  # the engine works for another sample
-    assert reg.counts(["a"]) == {"a": (1, True)}  # a call of one sample that never ended
+    assert reg.counts(["a"]) == {"a": (1, False)}  # one call alone that never ended: not yet blamed
+    reg.begin(["a"])
+    assert reg.counts(["a"]) == {"a": (2, True)}  # twice alone, and the engine works for others: a poison
     assert reg.fatal("x") is None and reg.fatal("x") is None
     reg.end(["z"])  # a success resets the count
     assert reg.fatal("x") is None

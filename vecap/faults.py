@@ -7,7 +7,7 @@ restarts, kept by one small Ray actor per run (:class:`FaultRegistry`):
 - **Poison inputs.** Before each engine call the actor records the call's keys as open;
   after it returns, closes them. Keys still open when their batch comes back belong to a
   call that killed its actor. A batch that killed its actor twice is split in halves,
-  then halves of the half that kills again, until one sample alone kills it: that sample
+  then halves of the half that kills again, until one sample alone kills it twice: that sample
   gets the status ``engine_crash`` and the run goes on. A call holding a key that was in a
   crashed call runs alone on its actor (:class:`SuspectGate`): the other batches' calls finish
   first, and the next crash blames only that call's keys.
@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+# Crashes of a sample called alone before it is isolated as ``engine_crash``: two, so that an engine that
+# dies of something else (a device error, an OOM kill) during one such call does not condemn an innocent sample.
+ALONE_CRASHES = 2
 
 
 class CircuitOpen(RuntimeError):
@@ -48,7 +53,9 @@ class FaultRegistry:
     def __init__(self, max_consecutive_fatal: int) -> None:
         self.max_consecutive_fatal = max_consecutive_fatal
         self.open: dict[str, int] = {}  # key → calls containing it that began and never ended
-        self.open_alone: set[str] = set()  # keys whose call of one sample began and never ended
+        # key → calls of that sample alone that began and never ended: one is not enough to blame it (an
+        # engine can die of something else, a device error or a kill, during a suspect's call alone)
+        self.open_alone: dict[str, int] = {}
         self.successes = 0  # engine calls that returned, in all
         self.first_open: dict[str, int] = {}  # key → successes when its first unfinished call began
         self.consecutive_fatal = 0
@@ -67,13 +74,16 @@ class FaultRegistry:
             self.engine_restarts[stage] = self.engine_restarts.get(stage, 0) + 1
 
     def counts(self, keys: list[str]) -> dict[str, tuple[int, bool]]:
-        """key → (crashed calls containing it, crashed alone *while the engine worked for others*).
+        """key → (crashed calls containing it, crashed alone twice *while the engine worked for others*).
 
         The second needs a success of the engine since the key's first crash: when nothing
         succeeds (a dead server), no sample is blamed and the circuit breaker decides.
         """
         return {
-            k: (self.open.get(k, 0), k in self.open_alone and self.successes > self.first_open.get(k, self.successes))
+            k: (
+                self.open.get(k, 0),
+                self.open_alone.get(k, 0) >= ALONE_CRASHES and self.successes > self.first_open.get(k, self.successes),
+            )
             for k in keys
             if k in self.open
         }
@@ -83,12 +93,12 @@ class FaultRegistry:
             self.open[k] = self.open.get(k, 0) + 1
             self.first_open.setdefault(k, self.successes)
         if len(keys) == 1:
-            self.open_alone.add(keys[0])
+            self.open_alone[keys[0]] = self.open_alone.get(keys[0], 0) + 1
 
     def _forget(self, keys: list[str]) -> None:
         for k in keys:
             self.open.pop(k, None)
-            self.open_alone.discard(k)
+            self.open_alone.pop(k, None)
             self.first_open.pop(k, None)
 
     def end(self, keys: list[str]) -> None:
