@@ -541,3 +541,27 @@ def test_measures_are_one_definition():
     assert entity_counts("Tom &amp; Jerry, IMG_4471.png", "Tom and Jerry") == entity_counts(
         "Tom & Jerry", "Tom and Jerry"
     )
+
+
+def test_the_ascii_tokenizer_equals_the_general_one():
+    # _tokens takes a regular-expression path for ASCII text (speed); it must split exactly as the
+    # character loop that every other text goes through.
+    import random
+
+    from vecap.validation import text
+
+    rng = random.Random(0)
+    alphabet = "aZ09 .,'-!?:;\n\t\"*_#()|"
+    case_texts = [
+        c[k]
+        for st in ("fuse", "caption")
+        for c in ALL[st]
+        for k in ("output", "alt_text", "vlm_caption")
+        if isinstance(c.get(k), str)
+    ]
+    samples = ["It's 1,000.5 km: A-1 (no. 7)!", "3.5 m, 007; don't 'quote'", *case_texts]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    ascii_samples = [s for s in samples if s.isascii()]
+    assert len(ascii_samples) > 3000
+    for s in ascii_samples:
+        assert text._ascii_tokens(s) == text._any_tokens(s), s

@@ -136,14 +136,20 @@ def _garbage(text: str) -> str | None:
     if not text:
         return None
     body = text.replace(" ", "")
-    printable = sum(1 for ch in text if ch.isprintable() and unicodedata.category(ch)[0] in "LNPZSM")
+    if text.isascii():  # every printable ASCII character is a letter, digit, punctuation, space or symbol
+        printable = len(text) if text.isprintable() else sum(map(str.isprintable, text))
+    else:
+        printable = sum(1 for ch in text if ch.isprintable() and unicodedata.category(ch)[0] in "LNPZSM")
     if printable < 0.95 * len(text):
         return "control characters"
     if _MOJIBAKE.search(text):
         return "mojibake"
     if _BPE_LEAK.search(text):
         return "byte-level BPE symbols"
-    letters = sum(1 for ch in body if unicodedata.category(ch)[0] in "LM")
+    if body.isascii():
+        letters = sum(map(str.isalpha, body))
+    else:
+        letters = sum(1 for ch in body if unicodedata.category(ch)[0] in "LM")
     if letters < 0.5 * len(body):
         return f"letters are {letters}/{len(body)} of the characters"
     toks = _tokens(text)
@@ -154,7 +160,10 @@ def _garbage(text: str) -> str | None:
         if t.script is None:
             continue
         words += 1
-        scripts = {_family(script_of(c)) for c in t.text if unicodedata.category(c)[0] == "L"} - {None}
+        if t.text.isascii():  # an ASCII word with a letter (t.script is set) is Latin
+            scripts: set[str | None] = {"latn"}
+        else:
+            scripts = {_family(script_of(c)) for c in t.text if unicodedata.category(c)[0] == "L"} - {None}
         if len(scripts) > 1:
             odd += 1  # one word in two alphabets (homoglyphs, decoding debris)
         elif t.script in CASED_SCRIPTS:
@@ -272,7 +281,12 @@ def _truncated(c: _Case) -> str | bool | None:
 
 
 def _refusal(c: _Case) -> str | None:
-    m = _REFUSAL.search(c.out) or _REFUSAL.search(c.raw[:300]) or _UNDESCRIBABLE.search(c.out)
+    head = c.raw[:300]  # a refusal that tidying cut off (an untidied answer is its own head)
+    m = _REFUSAL.search(c.out)
+    if m is None and head != c.out:
+        m = _REFUSAL.search(head)
+    if m is None:
+        m = _UNDESCRIBABLE.search(c.out)
     return repr(m.group(0).strip()) if m else None
 
 

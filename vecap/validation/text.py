@@ -14,10 +14,9 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 # --- characters and scripts -------------------------------------------------------------
 _SCRIPT_NAMES = {
@@ -127,8 +126,7 @@ def _fold(word: str) -> str:
 
 
 # --- tokens -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Tok:
+class _Tok(NamedTuple):  # a tuple, not a frozen dataclass: built for every word of every text
     text: str  # as written
     low: str  # folded
     script: str | None  # dominant script of its letters; None for pure numbers
@@ -150,12 +148,40 @@ def _canon_number(s: str) -> str:
     return (head.lstrip("0") or "0") + (dot + tail if tail else "")
 
 
+# An ASCII word: the rules of _tokens' loop below for ASCII text (letters and digits, an apostrophe
+# between word characters, a '.' or ',' between digits), as one regular expression.
+_ASCII_WORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|'(?=[A-Za-z0-9])|(?<=[0-9])[.,](?=[0-9]))*")
+
+
+def _ascii_tokens(text: str) -> tuple[_Tok, ...]:
+    """_tokens of an ASCII text (most captions and alt-texts), without the per-character loop."""
+    toks: list[_Tok] = []
+    last_end = 0
+    for m in _ASCII_WORD.finditer(text):
+        word = m.group(0)
+        gap = text[last_end : m.start()]
+        start = not toks or (gap != " " and bool(_SENTENCE_GAP.search(gap)))
+        number = None
+        if not word.isalpha():
+            num = _NUMERIC.search(word)
+            number = _canon_number(num.group(0)) if num else None
+        script = "latn" if any(map(str.isalpha, word)) else None
+        toks.append(_Tok(word, word.lower(), script, start, number, gap))
+        last_end = m.end()
+    return tuple(toks)
+
+
 @lru_cache(maxsize=2048)
 def _tokens(text: str) -> tuple[_Tok, ...]:
     """Words (letters, marks, digits, inner apostrophes) with their script and sentence position.
 
     A run of an unspaced script (Chinese, Japanese, Thai …) is one token: its matching uses
     character bigrams, never word identity."""
+    return _ascii_tokens(text) if text.isascii() else _any_tokens(text)
+
+
+def _any_tokens(text: str) -> tuple[_Tok, ...]:
+    """_tokens of a text in any script, a character at a time."""
     toks: list[_Tok] = []
     n = len(text)
     i = 0

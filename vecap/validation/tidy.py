@@ -9,6 +9,7 @@ import html
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from vecap.validation.text import _stem, _text, _word_count
 
@@ -156,7 +157,12 @@ def _strip_quotes(text: str) -> str:
     return text
 
 
+_MARKDOWN_CHARS = frozenset("[<*_~`\\")  # every pattern of _strip_markdown needs one of them
+
+
 def _strip_markdown(text: str) -> str:
+    if _MARKDOWN_CHARS.isdisjoint(text):
+        return text
     text = _MD_LINK.sub(r"\1", text)
     text = _HTML_FORMAT.sub(" ", text)
     for _ in range(2):
@@ -174,6 +180,7 @@ def _clean_line(line: str) -> str:
     return re.sub(r"\s+", " ", line).strip()
 
 
+@lru_cache(maxsize=4096)  # tidying asks about the same sentence more than once (first, last, any)
 def _is_meta(sentence: str) -> bool:
     return bool(_META.search(sentence)) and not _LABEL_ECHO.search(sentence)
 
