@@ -54,46 +54,43 @@ def test_plan_groups_bisects_keys_that_crashed_twice():
     assert plan_groups(keys, first_half_again) == ([], [keys[4:], keys[:2], keys[2:4]])
 
 
-def test_bisection_isolates_a_poison_key_wherever_it_is_in_the_batch():
-    for poison in range(8):
-        reg, keys = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)]
-        reg.end(["other"])  # the engine works for other batches
-        for attempt in range(1, 20):  # noqa: B007 (the count is read after the loop)
-            crashed, groups = plan_groups(keys, reg.counts(keys))
-            reg.isolate(crashed)
-            keys = [k for k in keys if k not in crashed]
-            for group in groups:
-                reg.begin(group)
-                if f"k{poison}" in group:
-                    break  # the engine process dies: the call never ends
-                reg.end(group)
-            else:
-                break
-        assert reg.isolated == [f"k{poison}"] and attempt <= 7, (poison, attempt)
-
-
-def test_an_engine_death_during_an_innocent_samples_call_alone_isolates_only_the_poison():
-    # The faulted run's race, replayed: the engine is killed from outside (a device error, a kill) during
-    # the first call of an innocent suspect alone; that sample must not become engine_crash.
-    reg, keys, poison = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)], "k4"
-    reg.end(["other"])
-    outside_kill_done = False
-    for _ in range(20):
+def _bisect(poison: str, outside_kill_alone: bool = False) -> tuple[FaultRegistry, int, bool]:
+    """Replay the retries of one batch of 8 keys whose ``poison`` kills the engine, through the
+    registry and plan_groups as the engine actors use them. ``outside_kill_alone``: the engine also
+    dies of something else (a device error, a kill) during the first call of an innocent sample alone.
+    Returns the registry, the attempts it took and whether that outside kill happened."""
+    reg, keys = FaultRegistry(max_consecutive_fatal=99), [f"k{i}" for i in range(8)]
+    reg.end(["other"])  # the engine works for other batches
+    killed_outside = False
+    for attempt in range(1, 20):  # noqa: B007 (the count is read after the loop)
         crashed, groups = plan_groups(keys, reg.counts(keys))
         reg.isolate(crashed)
         keys = [k for k in keys if k not in crashed]
         for group in groups:
             reg.begin(group)
             if poison in group:
-                break
-            if len(group) == 1 and not outside_kill_done:
-                outside_kill_done = True
+                break  # the engine process dies: the call never ends
+            if outside_kill_alone and len(group) == 1 and not killed_outside:
+                killed_outside = True
                 break  # the engine dies of something else: this call never ends either
             reg.end(group)
         else:
             break
-    assert outside_kill_done, "no innocent sample was ever called alone: the scenario did not happen"
-    assert reg.isolated == [poison]
+    return reg, attempt, killed_outside
+
+
+def test_bisection_isolates_a_poison_key_wherever_it_is_in_the_batch():
+    for poison in range(8):
+        reg, attempt, _ = _bisect(f"k{poison}")
+        assert reg.isolated == [f"k{poison}"] and attempt <= 7, (poison, attempt)
+
+
+def test_an_engine_death_during_an_innocent_samples_call_alone_isolates_only_the_poison():
+    # The faulted run's race, replayed: the engine is killed from outside during the first call of an
+    # innocent suspect alone; that sample must not become engine_crash.
+    reg, _, killed_outside = _bisect("k4", outside_kill_alone=True)
+    assert killed_outside, "no innocent sample was ever called alone: the scenario did not happen"
+    assert reg.isolated == ["k4"]
 
 
 def test_registry_counts_open_calls_and_trips_the_breaker():

@@ -53,9 +53,7 @@ class FaultRegistry:
     def __init__(self, max_consecutive_fatal: int) -> None:
         self.max_consecutive_fatal = max_consecutive_fatal
         self.open: dict[str, int] = {}  # key → calls containing it that began and never ended
-        # key → calls of that sample alone that began and never ended: one is not enough to blame it (an
-        # engine can die of something else, a device error or a kill, during a suspect's call alone)
-        self.open_alone: dict[str, int] = {}
+        self.open_alone: dict[str, int] = {}  # key → calls of that sample alone that began and never ended
         self.successes = 0  # engine calls that returned, in all
         self.first_open: dict[str, int] = {}  # key → successes when its first unfinished call began
         self.consecutive_fatal = 0
