@@ -359,7 +359,9 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
     extra = engine_overrides(ctx, "caption")
     cfg0 = ctx.cfg(WORK / "runs" / "caption", *extra)
     spec = engine_spec(cfg0.caption, multimodal=True)
-    startup, worker = timed(lambda: CaptionWorker(spec, CaptionStage(cfg0.caption, cfg0.seed).prompt))
+    in_flight = cfg0.caption.max_batches_in_flight
+    prompt = CaptionStage(cfg0.caption, cfg0.seed).prompt
+    startup, worker = timed(lambda: CaptionWorker(spec, prompt, batches_in_flight=in_flight))
     engine = worker.engine
     ctx.engines["caption"] = worker  # kept alive to the end (see bench_fuse)
     rows = caption_rows(cfg0, ctx.images, shards)
@@ -367,7 +369,6 @@ def bench_caption(ctx: Ctx) -> dict[str, Any]:
     ctx.requests["caption"] = requests
     warm_s, _ = run_batches(engine, requests[: s.batch_size], s.batch_size)
     log.info("caption: bare engine up in %.1fs, warm-up batch %.1fs; %d images", startup, warm_s, len(requests))
-    in_flight = cfg0.caption.max_batches_in_flight
     roots: list[Path] = []
 
     def pipe() -> dict[str, Any]:
@@ -543,7 +544,7 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
         # The engines stay alive to the end: destroying an in-process vLLM engine tears down
         # vLLM's process-wide parallel state, which breaks the other engines of this process.
         spec = engine_spec(ctx.cfg(base, *extra, override).fuse, multimodal=False)
-        startup, workers[mode] = timed(partial(FuseWorker, spec))
+        startup, workers[mode] = timed(partial(FuseWorker, spec, batches_in_flight=in_flight))
         ctx.engines[f"fuse-{mode}"] = workers[mode]
         warm = [workers[mode].request(r) for r in rows[: s.batch_size]]
         warm_s, out = run_batches(workers[mode].engine, warm, s.batch_size)

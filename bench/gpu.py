@@ -344,14 +344,14 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
         from vecap.prompting import load_prompt
         from vecap.stages.caption import CaptionWorker
 
-        startup, worker = timed(lambda: CaptionWorker(spec, load_prompt("caption", "concise")))
+        startup, worker = timed(lambda: CaptionWorker(spec, load_prompt("caption", "concise"), batches_in_flight=in_flight))
         rows = caption_rows(n + batch, config["vision_config"]["image_size"])
     else:
         from transformers import AutoTokenizer
 
         from vecap.stages.fuse import FuseWorker
 
-        startup, worker = timed(lambda: FuseWorker(spec))
+        startup, worker = timed(lambda: FuseWorker(spec, batches_in_flight=in_flight))
         rows = fuse_rows(n + batch, AutoTokenizer.from_pretrained(folder))
     engine, flag = worker.engine, "needs_caption" if caption else "needs_fuse"
     warm, rows = rows[:batch], rows[batch:]  # warm-up on other inputs (no cache hits)

@@ -8,10 +8,14 @@ import json
 import os
 import socket
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vecap.backends.base import ChatEngine, Generation
 
 
 def free_port() -> int:
@@ -105,3 +109,23 @@ def import_or_skip(module: str, why: str):
         if in_ci():
             pytest.fail(f"{module} cannot be imported in CI ({err}); {why}")
         pytest.skip(f"{module} not importable ({err}); {why}")
+
+
+class ConcurrencyEngine(ChatEngine):
+    """A backend (``helpers:ConcurrencyEngine``) that takes 50 ms a call and records how many of
+    its calls ran at once, the most in ``ConcurrencyEngine.most`` (reset by the test)."""
+
+    max_concurrent_calls = 64
+    most = 0
+    _now = 0
+    _lock = threading.Lock()
+
+    def _generate(self, requests):
+        cls = type(self)
+        with cls._lock:
+            cls._now += 1
+            cls.most = max(cls.most, cls._now)
+        time.sleep(0.05)
+        with cls._lock:
+            cls._now -= 1
+        return [Generation(text="a red bus", finish_reason="stop") for _ in requests]

@@ -10,7 +10,8 @@ restarts, kept by one small Ray actor per run (:class:`FaultRegistry`):
   then halves of the half that kills again, until one sample alone kills it twice: that sample
   gets the status ``engine_crash`` and the run goes on. A call holding a key that was in a
   crashed call runs alone on its actor (:class:`SuspectGate`): the other batches' calls finish
-  first, and the next crash blames only that call's keys.
+  first, and the next crash blames only that call's keys. Only such a call counts as a sample
+  alone: a batch of one sample in flight beside the poison's batch dies with it.
 - **Circuit breaker.** After ``max_consecutive_fatal`` fatal errors with no successful call
   between them, the registry trips: engine actors stop with an error that fails the run
   with a clear message (committed shards are kept) instead of restarting forever.
@@ -86,11 +87,13 @@ class FaultRegistry:
             if k in self.open
         }
 
-    def begin(self, keys: list[str]) -> None:
+    def begin(self, keys: list[str], alone: bool = False) -> None:
+        """An engine call of ``keys`` begins; ``alone``: nothing else runs on its engine meanwhile
+        (a suspect call, :class:`SuspectGate`)."""
         for k in keys:
             self.open[k] = self.open.get(k, 0) + 1
             self.first_open.setdefault(k, self.successes)
-        if len(keys) == 1:
+        if alone and len(keys) == 1:
             self.open_alone[keys[0]] = self.open_alone.get(keys[0], 0) + 1
 
     def _forget(self, keys: list[str]) -> None:

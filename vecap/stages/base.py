@@ -13,6 +13,7 @@ rows), which the part writer sums per shard into the shard's stats.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -303,9 +304,12 @@ class EngineWorker:
     timing: ClassVar[str] = ""
     stage: ClassVar[str] = ""
 
-    def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None) -> None:
+    def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None, batches_in_flight: int = 1) -> None:
         logging.basicConfig(level=logging.WARNING)
         self.faults = faults or FaultPolicy()
+        # Ray Data runs up to 4 batches of each of an actor's tasks at once in an async UDF (Ray 2.60's
+        # DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), whatever the actor's task limit: the limit is kept here.
+        self._in_flight = asyncio.Semaphore(batches_in_flight)
         self._registry = None
         if self.faults.registry:
             import ray
@@ -351,10 +355,11 @@ class EngineWorker:
                     ready[f"{r['shard']}/{r['key']}"] = (r, self.request(r))
                 except Exception as err:  # noqa: BLE001 - a bad row is a row status
                     self.apply(r, Generation(text=None, error=f"{type(err).__name__}: {err}"))
-            if self._span_until is None:
-                self._span_until = time.perf_counter()
-            with self._metrics.batch(len(ready), self.engine):  # batches in flight, engine statistics
-                await self._run(ready)
+            async with self._in_flight:
+                if self._span_until is None:
+                    self._span_until = time.perf_counter()
+                with self._metrics.batch(len(ready), self.engine):  # batches in flight, engine statistics
+                    await self._run(ready)
             # The span grows to each return, gaps between calls included: it is the engine's steady-state
             # window (what starves it between calls counts; the stream's fill and final commit do not).
             now = time.perf_counter()
@@ -399,8 +404,9 @@ class EngineWorker:
         if crashed:
             await self._ask("isolate", crashed)
         for group in groups:
-            async with self._gate.call(suspect=any(k in counts for k in group)):
-                await self._ask("begin", group)
+            suspect = any(k in counts for k in group)
+            async with self._gate.call(suspect):
+                await self._ask("begin", group, suspect)  # a suspect call runs alone
                 try:
                     gens = await self._call(self.engine.submit([ready[k][1] for k in group]), len(group))
                 except EngineFatal as err:

@@ -159,8 +159,10 @@ class CaptionWorker(EngineWorker):
     timing = "t_caption_engine"
     stage = "caption"
 
-    def __init__(self, spec: EngineSpec, prompt: Prompt, faults: FaultPolicy | None = None) -> None:
-        super().__init__(spec, faults)
+    def __init__(
+        self, spec: EngineSpec, prompt: Prompt, faults: FaultPolicy | None = None, batches_in_flight: int = 1
+    ) -> None:
+        super().__init__(spec, faults, batches_in_flight)
         self.messages = prompt.messages(image=True)
 
     def request(self, row: dict[str, Any]) -> Request:
@@ -257,7 +259,7 @@ class CaptionStage(Stage):
             Step(
                 "caption",
                 CaptionWorker,
-                {"spec": self.spec, "prompt": self.prompt, "faults": self.faults},
+                {"spec": self.spec, "prompt": self.prompt, "faults": self.faults, "batches_in_flight": c.max_batches_in_flight},
                 inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
                 actors=c.actors,
                 batch_size=c.batch_size,

@@ -198,7 +198,7 @@ class FuseStage(Stage):
             Step(
                 "fuse",
                 FuseWorker,
-                {"spec": self.spec, "faults": self.faults},
+                {"spec": self.spec, "faults": self.faults, "batches_in_flight": f.max_batches_in_flight},
                 inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
                 actors=f.actors,
                 batch_size=f.batch_size,
