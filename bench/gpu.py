@@ -344,7 +344,9 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
         from vecap.prompting import load_prompt
         from vecap.stages.caption import CaptionWorker
 
-        startup, worker = timed(lambda: CaptionWorker(spec, load_prompt("caption", "concise"), batches_in_flight=in_flight))
+        startup, worker = timed(
+            lambda: CaptionWorker(spec, load_prompt("caption", "concise"), batches_in_flight=in_flight)
+        )
         rows = caption_rows(n + batch, config["vision_config"]["image_size"])
     else:
         from transformers import AutoTokenizer

@@ -403,7 +403,9 @@ def _worker_log_sizes() -> dict[Path, int]:
     """The session's Ray worker stderr files (the engine actors' log lines) and their sizes now."""
     import ray
 
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    node = ray._private.worker._global_node
+    assert node is not None, "no Ray in this process"
+    logs = Path(node.get_logs_dir_path())
     return {p: p.stat().st_size for p in sorted(logs.glob("worker-*.err"))}
 
 
@@ -442,7 +444,10 @@ def test_a_stopped_engine_core_is_restarted_by_the_watchdog(faulted_run):
     hit = faulted_run["hung"]
     assert hit and hit["who"].startswith(CORE) and f"(parent: ray::MapWorker({FUSE_ACTOR})" in hit["who"]
     assert hit["pending"]
-    assert "engine call hung: waited" in faulted_run["worker_logs"] and "(limit call_timeout_s=10)" in faulted_run["worker_logs"]
+    assert (
+        "engine call hung: waited" in faulted_run["worker_logs"]
+        and "(limit call_timeout_s=10)" in faulted_run["worker_logs"]
+    )
     assert faulted_run["result"].engine_restarts.get("fuse", 0) >= 1
 
 

@@ -259,7 +259,12 @@ class CaptionStage(Stage):
             Step(
                 "caption",
                 CaptionWorker,
-                {"spec": self.spec, "prompt": self.prompt, "faults": self.faults, "batches_in_flight": c.max_batches_in_flight},
+                {
+                    "spec": self.spec,
+                    "prompt": self.prompt,
+                    "faults": self.faults,
+                    "batches_in_flight": c.max_batches_in_flight,
+                },
                 inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
                 actors=c.actors,
                 batch_size=c.batch_size,
