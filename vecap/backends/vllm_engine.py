@@ -177,6 +177,14 @@ class VLLMEngine(ChatEngine):
         try:
             self._feed_loop()
         except BaseException as err:  # noqa: BLE001 - the engine is gone: fail every call in flight
+            # vLLM's own monitor may see a dead core first and raise EngineDeadError here, before
+            # the watcher wakes: name the process that exited whichever thread notices.
+            exited = self._exited_core(timeout=2.0)
+            if exited:
+                log.error("%s: failing the engine's calls in flight (%s)", exited, type(err).__name__)
+                self.kill()
+                self._fail_all(EngineFatal(exited))
+                return
             log.error("vLLM engine failed: %s: %s", type(err).__name__, err)
             self._fail_all(EngineFatal(f"{type(err).__name__}: {err}"[:500]))
 
@@ -270,18 +278,24 @@ class VLLMEngine(ChatEngine):
     # --- the engine core's processes ------------------------------------------------------------
     def _watch(self) -> None:
         """Wait for an engine-core process to exit; unless the engine is being closed, that is fatal."""
-        by_sentinel = {p.sentinel: p for p in self.core_processes}
-        died: list = []
-        while not died and not self._closing.is_set():
-            died = connection.wait(list(by_sentinel), timeout=1.0)
-        if self._closing.is_set():
+        exited = None
+        while exited is None and not self._closing.is_set():
+            exited = self._exited_core(timeout=1.0)
+        if self._closing.is_set() or exited is None:
             return
-        proc = by_sentinel[died[0]]
-        proc.join(timeout=2)  # vLLM's own monitor may be reaping it at the same moment
-        message = describe_exit(proc.pid, proc.exitcode)
-        log.error("%s: failing the engine's calls in flight", message)
+        log.error("%s: failing the engine's calls in flight", exited)
         self.kill()  # its executor workers would outlive it
-        self._fail_all(EngineFatal(message))
+        self._fail_all(EngineFatal(exited))
+
+    def _exited_core(self, timeout: float) -> str | None:
+        """How an engine-core process exited, if one has within ``timeout`` seconds; else None."""
+        by_sentinel = {p.sentinel: p for p in self.core_processes}
+        died = connection.wait(list(by_sentinel), timeout=timeout) if by_sentinel else []
+        if not died:
+            return None
+        proc = by_sentinel[died[0]]  # type: ignore[index]  # wait() hands back the sentinels given
+        proc.join(timeout=2)  # vLLM's own monitor may be reaping it at the same moment
+        return describe_exit(proc.pid, proc.exitcode)
 
     def _process_tree(self) -> list[Any]:
         """psutil handles of the engine-core processes and their descendants (empty in-process)."""
