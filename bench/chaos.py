@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from bench.data import repack, sample_images
+    from vecap import vocab
     from vecap.demo.tiny_models import build_tiny_models
     from vecap.layout import Layout
     from vecap.outputs import StageOutput
@@ -130,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in sorted(StageOutput(layout, "fuse").done())
         for r in StageOutput(layout, "fuse").read_table(s).to_pylist()
     ]
-    silent = [
-        r for r in fused if (r["error"] or "").split(":", 1)[0] in ("model_error", "engine_crash", "caption_failed")
-    ]
+    silent = [r for r in fused if r["reason"] in vocab.INFRA_REASONS]
     report = {
         "shards": args.shards,
         "samples": len(expected),

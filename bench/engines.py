@@ -451,7 +451,7 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
     In-domain sentences for the bench tokenizer: the random bench VLM's captions are byte
     soup, often empty, which the fuse stage settles without the LLM; real captions are one sentence.
     """
-    from vecap import schemas
+    from vecap import schemas, vocab
     from vecap.demo.tiny_models import training_sentences
     from vecap.layout import Layout
     from vecap.outputs import StageOutput
@@ -475,6 +475,7 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
                     "key": r["key"],
                     "shard": shard,
                     "status": r["status"],
+                    "reason": vocab.caption_reason(r["status"]),
                     "error": r["error"],
                     "seed": seed_for(cfg.seed, "caption", r["key"]),
                     "model": "bench-synthetic",

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, jpeg_bytes, sample_members, stage_output, write_img2dataset_parquet, write_tar
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.layout import STAGES
 from vecap.pipeline import RunFailed, run
 
@@ -60,7 +60,7 @@ def test_hf_backend_in_a_pipeline_run_matches_vllm(make_root, demo_config, pipel
     for shard in SHARDS:
         captions = _rows(root, "caption", shard)
         assert all(r["model"] == cfg.caption.model for r in captions.values())
-        ok = [r for r in captions.values() if r["status"] == schemas.OK]
+        ok = [r for r in captions.values() if r["status"] == vocab.OK]
         assert ok and all(r["vlm_caption"] and r["n_output_tokens"] > 0 for r in ok)  # hf really generated
         fused, ref = _rows(root, "fuse", shard), _rows(pipeline_root, "fuse", shard)
         # the same rows reached the LLM (the rest settled without it, the same way)
@@ -68,7 +68,7 @@ def test_hf_backend_in_a_pipeline_run_matches_vllm(make_root, demo_config, pipel
             k for k, r in ref.items() if r["n_output_tokens"] is not None
         }
         assert (root / "clip" / f"{shard}.tar").exists() or not any(
-            r["status"] == schemas.OK for r in _rows(root, "write", shard).values()
+            r["status"] == vocab.OK for r in _rows(root, "write", shard).values()
         )
 
 
@@ -162,7 +162,7 @@ def _fuse_root(root: Path, demo_config, alts: dict[str, str]) -> Path:
         members += sample_members(key, jpeg_bytes(color=(30 * i, 60, 90)), alt=alt)
         rows.append({"key": key, "caption": alt})
         captions.append(
-            {"key": key, "shard": "00000", "status": schemas.OK, "vlm_caption": VLM, "seed": i, "finish_reason": "stop"}
+            {"key": key, "shard": "00000", "status": vocab.OK, "vlm_caption": VLM, "seed": i, "finish_reason": "stop"}
         )
     write_tar(root / "images" / "00000.tar", members)
     write_img2dataset_parquet(root / "images" / "00000.parquet", rows)
@@ -184,12 +184,10 @@ def test_openai_4xx_for_one_prompt_is_that_row_model_error(llm_server, tmp_path,
     run(cfg, ["fuse"], progress=False)
     rows = _rows(root, "fuse", "00000")
     bad = rows["0000001"]
-    assert bad["status"] == schemas.OK and bad["vec_source"] == "vlm" and bad["vec_caption"] == VLM
-    assert bad["error"].startswith("model_error") and ("400" in bad["error"] or "BadRequest" in bad["error"]), bad[
-        "error"
-    ]
+    assert bad["status"] == vocab.OK and bad["vec_source"] == "vlm" and bad["vec_caption"] == VLM
+    assert bad["reason"] == vocab.MODEL_ERROR and ("400" in bad["error"] or "BadRequest" in bad["error"]), bad["error"]
     for key in ("0000000", "0000002"):
-        assert rows[key]["n_output_tokens"] > 0 and not (rows[key]["error"] or "").startswith("model_error"), rows[key]
+        assert rows[key]["n_output_tokens"] > 0 and rows[key]["reason"] != vocab.MODEL_ERROR, rows[key]
     stats = stage_output(root, "fuse").read_stats("00000")
     assert stats["infra_fallbacks"] == {"model_error": 1}
 
@@ -236,7 +234,7 @@ def test_openai_reply_without_usage(tmp_path, demo_config):
     assert len(_NoUsage.requests) == 4 and {r["model"] for r in _NoUsage.requests} == {"tiny-llama"}
     rows = _rows(root, "fuse", "00000")
     for r in rows.values():
-        assert r["status"] == schemas.OK and r["vec_source"] == "fused" and r["vec_caption"] == FUSED, r
+        assert r["status"] == vocab.OK and r["vec_source"] == "fused" and r["vec_caption"] == FUSED, r
         assert r["n_prompt_tokens"] is None and r["n_output_tokens"] is None and r["finish_reason"] == "stop"
     stats = stage_output(root, "fuse").read_stats("00000")
     assert stats["statuses"] == {"ok": 4} and stats["prompt_tokens"] == stats["output_tokens"] == 0

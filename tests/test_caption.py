@@ -7,10 +7,11 @@ import pytest
 from conftest import BAD_SHARD, BAD_STATUSES, bad_images
 from helpers import marker_path, stage_output
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.images import ImageRejected, prepare_image
 from vecap.pipeline import run
 from vecap.reader import ShardReader, list_shards
+from vecap.validation import CAPTION_REASONS
 
 pytestmark = pytest.mark.slow
 
@@ -36,24 +37,26 @@ def test_caption_stage_with_vllm_actor_pool(make_root, demo_config):
             assert r["status"] and r["shard"] == shard
             assert r["model"] == cfg.caption.model and r["prompt_id"] == "concise"
             assert len(r["prompt_sha256"]) == 64 and len(r["params_sha256"]) == 64
-            if r["status"] == schemas.OK:
+            if r["status"] == vocab.OK:
                 assert r["vlm_caption"] and r["n_output_tokens"] > 0 and r["finish_reason"] in ("stop", "length")
-            elif r["status"] == schemas.CAPTION_REJECTED:
-                assert r["error"] and r["vlm_caption"] is not None  # kept for inspection, not used
+                assert r["reason"] is None
+            elif r["status"] == vocab.CAPTION_REJECTED:
+                assert r["reason"] in CAPTION_REASONS and r["vlm_caption"] is not None  # kept for inspection, not used
+                assert not (r["error"] or "").startswith(f"{r['reason']}:")  # the detail alone
             else:
-                assert r["error"] and not r["vlm_caption"]
+                assert r["reason"] == r["status"] and r["error"] and not r["vlm_caption"]
         stats = captions.read_stats(shard)
         assert stats["n_rows"] == len(keys) and sum(stats["statuses"].values()) == len(keys)
     all_rows = {r["key"]: r for s in expected for r in captions.read_table(s).to_pylist()}
     # failed downloads from img2dataset are rows too, with their status
-    assert any(r["status"] == schemas.DOWNLOAD_FAILED for r in all_rows.values())
+    assert any(r["status"] == vocab.DOWNLOAD_FAILED for r in all_rows.values())
     # bad images: their statuses, and the rest of their shard captioned anyway; the GIF decodes but is a
     # format the CLIP tar will not take, settled when it is read
-    read_statuses = {**BAD_STATUSES, "9900004": schemas.UNSUPPORTED_FORMAT}
+    read_statuses = {**BAD_STATUSES, "9900004": vocab.UNSUPPORTED_FORMAT}
     for key, status in read_statuses.items():
         assert all_rows[key]["status"] == status, (key, all_rows[key])
     for key in set(bad_images()) - set(read_statuses):
-        assert all_rows[key]["status"] == schemas.OK, (key, all_rows[key])
+        assert all_rows[key]["status"] == vocab.OK, (key, all_rows[key])
 
     # Rerun: nothing to do, nothing rewritten.
     before = {s: marker_path(root, "caption", s).read_bytes() for s in expected}

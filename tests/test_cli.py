@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import stage_output
 
+from vecap import vocab
 from vecap.demo.sample_data import serve_folder
 
 pytestmark = pytest.mark.slow
@@ -371,8 +372,9 @@ def _installed(dist: str) -> bool:
     return True
 
 
-def _as_vecap_01(root: Path) -> tuple[int, int]:
-    """Turn a current root into the 0.1 layout: markers beside the Parquet, tars in vecap/."""
+def _as_vecap_01(root: Path) -> tuple[int, int, int]:
+    """Turn a current root into the 0.1 layout: markers beside the Parquet, tars in vecap/, and no
+    ``reason`` column (the reason at the head of ``error``, as vecap wrote it then)."""
     markers = 0
     for stage in ("captions", "fused", "vecap"):
         for marker in sorted((root / stage / "_done").glob("*.json")):
@@ -385,14 +387,37 @@ def _as_vecap_01(root: Path) -> tuple[int, int]:
         tars += 1
     (root / "clip" / "sizes.json").rename(root / "vecap" / "sizes.json")
     (root / "clip").rmdir()
-    return markers, tars
+    tables = 0
+    for stage in ("captions", "fused", "vecap"):
+        for path in sorted((root / stage).glob("*.parquet")):
+            pq.write_table(_reason_in_error(pq.read_table(path), stage), path)
+            tables += 1
+    return markers, tars, tables
+
+
+def _reason_in_error(table: pa.Table, stage: str) -> pa.Table:
+    """A table as written before the reason column: 'reason: detail' in error where a check or a
+    fallback decided, the reason column gone."""
+    errors = []
+    for r in table.select(
+        [c for c in ("status", "reason", "error", "vec_source") if c in table.column_names]
+    ).to_pylist():
+        if stage == "captions":
+            led = r["status"] in (vocab.CAPTION_REJECTED, vocab.ENGINE_CRASH)
+        else:
+            fell_back = r.get("vec_source") in vocab.FALLBACK_SOURCES or r["status"] == vocab.NO_TEXT
+            led = fell_back and r["reason"] != r["status"]
+        led = led and r["reason"] is not None
+        errors.append((f"{r['reason']}: {r['error']}" if r["error"] else r["reason"]) if led else r["error"])
+    table = table.set_column(table.column_names.index("error"), "error", pa.array(errors, pa.string()))
+    return table.drop_columns(["reason"])
 
 
 def test_a_vecap_01_root_is_refused_then_migrated_in_place(pipeline_root, tmp_path, tiny_models):
     root = tmp_path / "root"
     shutil.copytree(pipeline_root, root, ignore=shutil.ignore_patterns("logs", "_lease.json"))
     before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    markers, tars = _as_vecap_01(root)
+    markers, tars, tables = _as_vecap_01(root)
 
     refused = vecap("run", "-c", "demo", "--set", f"root={root}", *_models(tiny_models), "--no-progress")
     assert refused.returncode == 2 and f"vecap migrate {root}" in refused.stderr, refused.stderr[-2000:]
@@ -400,19 +425,26 @@ def test_a_vecap_01_root_is_refused_then_migrated_in_place(pipeline_root, tmp_pa
     moved = vecap("migrate", root)
     assert moved.returncode == 0, moved.stderr
     assert f"moved {markers} done marker(s)" in moved.stdout and f"and {tars} tar(s)" in moved.stdout
+    assert f"{tables} Parquet file(s) given the reason column" in moved.stdout
     after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert set(after) == set(before)
-    for path, data in before.items():  # markers and sizes.json are rewritten: same JSON
+    for path, data in before.items():  # markers and sizes.json are rewritten: same JSON; Parquet: same rows
+        if path.suffix == ".parquet" and path.parts[0] != "images":
+            assert pq.read_table(root / path).equals(pq.read_table(io.BytesIO(data))), path
+            continue
         same = after[path] == data or (path.suffix == ".json" and json.loads(after[path]) == json.loads(data))
         assert same, path
+    reasons = pq.read_table(root / "fused").column("reason").to_pylist()
+    assert {"no_alt_text", "truncated"} <= set(reasons), set(reasons)  # the demo's fallbacks, as migrated
 
     # the migrated root is the run's: every shard done, nothing recomputed
     again = vecap("run", "-c", "demo", "--set", f"root={root}", *_models(tiny_models), "--no-progress")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr
-    assert {p: root.joinpath(p).read_bytes() for p in before if p.suffix in (".parquet", ".tar")} == {
-        p: d for p, d in before.items() if p.suffix in (".parquet", ".tar")
+    assert {p: root.joinpath(p).read_bytes() for p in after if p.suffix in (".parquet", ".tar")} == {
+        p: d for p, d in after.items() if p.suffix in (".parquet", ".tar")
     }
+    assert vecap("migrate", root).stdout.endswith("0 Parquet file(s) given the reason column\n")  # a rerun: nothing
 
 
 def test_status_reads_the_root_of_the_recipe_given_with_c(pipeline_root, tmp_path):

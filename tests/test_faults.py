@@ -30,7 +30,7 @@ import psutil
 import pytest
 from helpers import stage_output
 
-from vecap import schemas
+from vecap import vocab
 from vecap.backends.base import ChatEngine, EngineFatal, Generation, is_fatal
 from vecap.faults import FaultRegistry, plan_groups
 from vecap.pipeline import run
@@ -460,12 +460,12 @@ def test_an_engine_actor_killed_mid_batch_is_restarted(faulted_run):
 def test_an_input_that_kills_the_engine_core_is_isolated(faulted_run):
     root, victim = faulted_run["root"], faulted_run["victim"]
     rows = {r["key"]: r for r in _rows(root, "caption")}
-    assert rows[victim]["status"] == schemas.ENGINE_CRASH and rows[victim]["error"].startswith("engine_crash")
+    assert rows[victim]["status"] == vocab.ENGINE_CRASH and rows[victim]["reason"] == vocab.ENGINE_CRASH
     # the poison killed the engine at least twice alone before it was isolated, each a restart
     kills = faulted_run["worker_logs"].count(f"poison input ['{victim}']: SIGKILL of engine process")
     assert kills >= 2 and faulted_run["result"].engine_restarts.get("caption", 0) >= kills
-    others = [r for k, r in rows.items() if k != victim and r["status"] not in schemas.IMAGE_FAILURES]
-    assert others and all(r["status"] in (schemas.OK, schemas.CAPTION_REJECTED) for r in others)
+    others = [r for k, r in rows.items() if k != victim and r["status"] not in vocab.IMAGE_FAILURES]
+    assert others and all(r["status"] in (vocab.OK, vocab.CAPTION_REJECTED) for r in others)
 
 
 def test_the_faulted_run_equals_a_clean_run(faulted_run, pipeline_root):
@@ -597,7 +597,7 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
     assert len(rows) == sum(
         stage_output(pipeline_root, "fuse").read_stats(s)["n_rows"] for s in stage_output(root, "fuse").done()
     )
-    assert not [r for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))]
+    assert not [r for r in rows if r["reason"] in vocab.RETRYABLE]
     assert not sum(result.tallies["fuse"].fallbacks.get(k, 0) for k in ("model_error", "engine_crash"))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import jpeg_bytes, sample_members, stage_output, write_img2dataset_parquet, write_tar
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.config import load_config
 from vecap.layout import STAGES, Layout
 from vecap.pipeline import ConfigMismatch, build_stages, invalidate_stale, run
@@ -264,7 +264,7 @@ def test_overwrite_recomputes_the_stage_and_every_later_stage_of_exactly_those_s
     captions = {r["key"]: r for r in rows}
     assert set(fused) == set(captions)
     for key, r in fused.items():  # the fused rows were built from the new captions
-        if captions[key]["status"] == schemas.OK:
+        if captions[key]["status"] == vocab.OK:
             assert r["vlm_caption"] == captions[key]["vlm_caption"]
     assert_sizes_equal_tars(root)
     sizes = json.loads((root / "clip" / "sizes.json").read_text())

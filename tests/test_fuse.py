@@ -7,7 +7,7 @@ import shutil
 import pytest
 from helpers import marker_path, stage_output
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.pipeline import run
 
 pytestmark = pytest.mark.slow
@@ -41,26 +41,28 @@ def test_fuse_stage_with_vllm(captioned, tmp_path, demo_config):
         assert sorted(r["key"] for r in rows) == sorted(c)  # one row per key
         for r in rows:
             assert r["model"] == cfg.fuse.model and r["prompt_id"] == "vecap" and len(r["prompt_sha256"]) == 64
-            if c[r["key"]]["status"] in schemas.IMAGE_FAILURES:
+            if c[r["key"]]["status"] in vocab.IMAGE_FAILURES:
                 assert r["status"] == c[r["key"]]["status"] and r["vec_caption"] is None
                 continue
-            assert r["status"] in (schemas.OK, schemas.NO_TEXT)
+            assert r["status"] in (vocab.OK, vocab.NO_TEXT)
             assert r["vlm_caption"] == c[r["key"]]["vlm_caption"]
-            if r["status"] == schemas.OK:
-                assert r["vec_source"] in schemas.VEC_SOURCES and r["vec_caption"]
+            if r["status"] == vocab.OK:
+                assert r["vec_source"] in vocab.VEC_SOURCES and r["vec_caption"]
                 sources.add(r["vec_source"])
                 if r["vec_source"] != "fused":
-                    assert r["error"].split(":")[0] in fusion_reasons()
-                if r["vec_source"] == "fused" or r["error"].startswith(("truncated", "refusal", "echo", "garbage")):
+                    assert r["reason"] in fusion_reasons()
+                else:
+                    assert r["reason"] is None and r["error"] is None
+                if r["vec_source"] == "fused" or r["reason"] in ("truncated", "refusal", "echo", "garbage"):
                     assert r["n_output_tokens"] > 0 and r["seed"] is not None  # the LLM was called
         stats = fused.read_stats(shard)
         fallbacks = sum(1 for r in rows if r["vec_source"] in ("vlm", "alt"))
-        assert sum(stats["fallbacks"].values()) == fallbacks + stats["statuses"].get(schemas.NO_TEXT, 0)
+        assert sum(stats["fallbacks"].values()) == fallbacks + stats["statuses"].get(vocab.NO_TEXT, 0)
         assert stats["fingerprint"]["model"] == cfg.fuse.model
     assert sources <= {"fused", "vlm", "alt"} and "vlm" in sources  # random weights: fallbacks happen
     # the empty alt-text of the sample data settles without an LLM call
     all_rows = [r for s in fused.done() for r in fused.read_table(s).to_pylist()]
-    assert any(r["error"] == "no_alt_text" and r["n_output_tokens"] is None for r in all_rows)
+    assert any(r["reason"] == "no_alt_text" and r["n_output_tokens"] is None for r in all_rows)
 
     # Rerun determinism and single-shard resume.
     victim = sorted(fused.done())[0]
@@ -94,10 +96,10 @@ def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
     captions = stage_output(root, "caption")
     shard = sorted(captions.done())[0]
     rows = captions.read_table(shard).to_pylist()
-    ok_keys = [r["key"] for r in rows if r["status"] == schemas.OK][:2]
+    ok_keys = [r["key"] for r in rows if r["status"] == vocab.OK][:2]
     for r in rows:
         if r["key"] in ok_keys:
-            r.update(status=schemas.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None)
+            r.update(status=vocab.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None)
     stats = captions.read_stats(shard)
     captions.commit(shard, schemas.table(rows, schemas.CAPTIONS), stats)
     fused = stage_output(root, "fuse")
@@ -110,7 +112,7 @@ def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
     assert len(after) == len(rows)
     for r in rows:
         if r["key"] in ok_keys:
-            assert after[r["key"]]["status"] == schemas.OK and after[r["key"]]["vlm_caption"]
+            assert after[r["key"]]["status"] == vocab.OK and after[r["key"]]["vlm_caption"]
         else:
             assert after[r["key"]] == r  # untouched
     assert not fused.is_done(shard)  # derived from the old captions: invalidated

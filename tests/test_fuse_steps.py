@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vecap import schemas
+from vecap import vocab
 from vecap.config import FuseChecks
 from vecap.prompting import load_prompt
 from vecap.stages.base import work_table
@@ -20,7 +20,7 @@ def _rows():
             "key": "a",
             "shard": "0",
             "is_marker": False,
-            "status": schemas.OK,
+            "status": vocab.OK,
             "alt_text": "Nike Air Max 90 sneakers",
             "vlm_caption": "A pair of white running shoes on a grey floor.",
         },
@@ -28,7 +28,7 @@ def _rows():
             "key": "b",
             "shard": "0",
             "is_marker": False,
-            "status": schemas.OK,
+            "status": vocab.OK,
             "alt_text": "",
             "vlm_caption": "A red bridge over a bay.",
         },
@@ -36,7 +36,7 @@ def _rows():
             "key": "c",
             "shard": "0",
             "is_marker": False,
-            "status": schemas.OK,
+            "status": vocab.OK,
             "alt_text": INJECTION,
             "vlm_caption": "A grey cat on a sofa.",
         },
@@ -44,11 +44,11 @@ def _rows():
             "key": "d",
             "shard": "0",
             "is_marker": False,
-            "status": schemas.MODEL_ERROR,
+            "status": vocab.MODEL_ERROR,
             "alt_text": "Eiffel Tower",
             "vlm_caption": None,
         },
-        {"key": "e", "shard": "0", "is_marker": False, "status": schemas.IMAGE_UNDECODABLE, "alt_text": "x"},
+        {"key": "e", "shard": "0", "is_marker": False, "status": vocab.IMAGE_UNDECODABLE, "alt_text": "x"},
         {"shard": "0", "is_marker": True, "report": "{}"},
     ]
 
@@ -56,10 +56,11 @@ def _rows():
 def test_prepare_decides_which_rows_need_the_llm_and_fences_the_data():
     out = {r["key"]: r for r in prepare_fuse_requests(work_table(_rows()), PROMPT, 64, 0).to_pylist() if r["key"]}
     assert out["a"]["needs_fuse"] and out["c"]["needs_fuse"]
-    assert not out["b"]["needs_fuse"] and out["b"]["vec_source"] == "vlm" and out["b"]["fuse_error"] == "no_alt_text"
+    assert not out["b"]["needs_fuse"] and out["b"]["vec_source"] == "vlm" and out["b"]["fuse_reason"] == "no_alt_text"
     # a failed caption is an infrastructure fallback, counted apart, never a silent one
-    assert out["d"]["vec_source"] == "alt" and out["d"]["fuse_error"].startswith("caption_failed")
-    assert out["e"]["fused_status"] == schemas.IMAGE_UNDECODABLE and not out["e"]["needs_fuse"]
+    assert out["d"]["vec_source"] == "alt" and out["d"]["fuse_reason"] == "caption_failed"
+    assert out["d"]["fuse_error"] == vocab.MODEL_ERROR  # the caption's status, as the detail
+    assert out["e"]["fused_status"] == vocab.IMAGE_UNDECODABLE and not out["e"]["needs_fuse"]
     user = json.loads(out["c"]["fuse_messages"])[-1]["content"]
     start, end = user.index("<web_text>"), user.index("</web_text>")
     assert start < user.index(INJECTION) < end  # the alt-text is data inside its tags, never instructions
@@ -81,4 +82,4 @@ def test_validate_accepts_a_good_fusion_tidied_and_falls_back_on_a_bad_one():
     assert out["good"]["vec_source"] == "fused" and "**" not in out["good"]["vec_caption"]
     assert not out["good"]["vec_caption"].startswith(("Caption", '"'))
     assert json.loads(out["good"]["fuse_quality"])["q_entity_recall"] > 0.5
-    assert out["bad"]["vec_source"] == "vlm" and out["bad"]["fuse_error"].split(":")[0] == "alternatives"
+    assert out["bad"]["vec_source"] == "vlm" and out["bad"]["fuse_reason"] == "alternatives"

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from helpers import jpeg_bytes, png_bytes, sample_members, stage_output, write_img2dataset_parquet, write_tar
 
-from vecap import schemas
+from vecap import vocab
 from vecap.layout import STAGES
 from vecap.pipeline import run
 
@@ -78,9 +78,9 @@ def test_duplicate_keys_give_one_row_per_key_in_every_stage_and_one_sample_in_th
         assert sorted(pd.read_parquet(root / folder).key) == sorted(keys)
 
     captions = {r["key"]: r for r in stage_output(root, "caption").read_table("00000").to_pylist()}
-    assert captions["0000004"]["status"] == captions["0000005"]["status"] == schemas.DUPLICATE_KEY
-    assert captions["0000006"]["status"] == schemas.DOWNLOAD_FAILED
-    assert all(captions[k]["status"] == schemas.OK for k in ("0000000", "0000001", "0000002", "0000003", "0000007"))
+    assert captions["0000004"]["status"] == captions["0000005"]["status"] == vocab.DUPLICATE_KEY
+    assert captions["0000006"]["status"] == vocab.DOWNLOAD_FAILED
+    assert all(captions[k]["status"] == vocab.OK for k in ("0000000", "0000001", "0000002", "0000003", "0000007"))
     report = stage_output(root, "caption").read_stats("00000")["read_report"]
     assert report["dropped_duplicate_keys"] == ["0000001"]  # the later copy is counted, never written
     # The same picture under two keys: the same caption (greedy decoding sees the image, not the key).
@@ -95,7 +95,7 @@ def test_duplicate_keys_give_one_row_per_key_in_every_stage_and_one_sample_in_th
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert len(names) == len(set(names))  # no member twice
     in_tar = Counter(n.split(".", 1)[0] for n in names if n.endswith(".txt"))
-    ok = {k for k, r in vec.items() if r["status"] == schemas.OK}
+    ok = {k for k, r in vec.items() if r["status"] == vocab.OK}
     assert set(in_tar) == ok and set(in_tar.values()) == {1}
     assert "0000001" in ok and members[f"0000001.{vec['0000001']['image_ext']}"] == pictures["first"]
     assert json.loads(members["0000001.json"])["alt_text"] == "Kyoto temple gate, 2019"
@@ -125,7 +125,7 @@ def test_captions_depend_on_the_image(pipeline_root):
     vec = pd.read_parquet(pipeline_root / "vecap")
     captions = pd.read_parquet(pipeline_root / "captions")
     ok = (
-        captions[captions.status.isin([schemas.OK, schemas.CAPTION_REJECTED])]
+        captions[captions.status.isin([vocab.OK, vocab.CAPTION_REJECTED])]
         .drop(columns="sha256")
         .merge(vec[["key", "sha256"]].dropna(), on="key")
     )

@@ -6,7 +6,7 @@ import os
 
 from helpers import jpeg_bytes, png_bytes, sample_members, write_img2dataset_parquet, write_tar
 
-from vecap import schemas
+from vecap import vocab
 from vecap.reader import ShardReader, list_shards, read_alt_texts, split_member_name
 
 
@@ -36,9 +36,9 @@ def test_plain_shard_keys_images_and_alt_texts(tmp_path):
     assert samples["0000001"].alt_text == "Nike shoe &amp; box"  # raw: cleaning is the fuse stage's job
     assert samples["0000001"].image == jpeg_bytes() and samples["0000001"].ext == "jpg"
     assert samples["0000001"].url == "http://x/0000001"
-    assert samples["0000003"].status == schemas.DOWNLOAD_FAILED and samples["0000003"].error == "404"
+    assert samples["0000003"].status == vocab.DOWNLOAD_FAILED and samples["0000003"].error == "404"
     assert samples["0000003"].image is None
-    assert report.statuses == {schemas.OK: 2, schemas.DOWNLOAD_FAILED: 1}
+    assert report.statuses == {vocab.OK: 2, vocab.DOWNLOAD_FAILED: 1}
     assert not report.truncated
     assert read_alt_texts(str(images), "00000")["0000002"]["alt_text"] == "Kyoto"
 
@@ -54,10 +54,10 @@ def test_path_traversal_member_is_recorded_never_written(tmp_path):
         samples, _ = _read(images)
     finally:
         os.chdir(cwd)
-    assert samples["0000001"].status == schemas.OK
+    assert samples["0000001"].status == vocab.OK
     bad = {k: s for k, s in samples.items() if k != "0000001"}
     assert set(bad) == {"../evil.jpg", "/etc/evil.txt", "sub/dir.jpg"}
-    assert all(s.status == schemas.INVALID_KEY and s.image is None for s in bad.values())
+    assert all(s.status == vocab.INVALID_KEY and s.image is None for s in bad.values())
     assert not (tmp_path / "evil.jpg").exists() and not (images / "sub").exists()
     assert sorted(p.name for p in images.iterdir()) == ["00000.tar"]
     assert split_member_name("../evil.jpg") is None and split_member_name("..jpg") is None
@@ -75,15 +75,15 @@ def test_duplicate_key_and_missing_parts(tmp_path):
     samples = list(reader)
     by_key = [(s.key, s.status) for s in samples]
     assert by_key == [
-        ("0000001", schemas.OK),
-        ("0000002", schemas.OK),
-        ("0000003", schemas.MISSING_IMAGE),
-        ("0000001", schemas.DUPLICATE_KEY),
-        ("0000004", schemas.DUPLICATE_KEY),
+        ("0000001", vocab.OK),
+        ("0000002", vocab.OK),
+        ("0000003", vocab.MISSING_IMAGE),
+        ("0000001", vocab.DUPLICATE_KEY),
+        ("0000004", vocab.DUPLICATE_KEY),
     ]
     assert samples[0].alt_text == "first" and samples[3].image is None
     assert samples[1].alt_text is None and reader.report.missing_txt == 1
-    assert reader.report.statuses[schemas.DUPLICATE_KEY] == 2
+    assert reader.report.statuses[vocab.DUPLICATE_KEY] == 2
 
 
 def test_truncated_tar_yields_what_it_holds_and_reports_the_rest(tmp_path):
@@ -99,8 +99,8 @@ def test_truncated_tar_yields_what_it_holds_and_reports_the_rest(tmp_path):
     samples, report = _read(images)
     assert report.truncated and report.error
     assert set(samples) == set(keys)  # every key accounted for, once
-    ok = [k for k, s in samples.items() if s.status == schemas.OK]
-    lost = [k for k, s in samples.items() if s.status == schemas.MISSING_FROM_TAR]
+    ok = [k for k, s in samples.items() if s.status == vocab.OK]
+    lost = [k for k, s in samples.items() if s.status == vocab.MISSING_FROM_TAR]
     assert ok and lost and len(ok) + len(lost) == len(keys)
     assert all(samples[k].image for k in ok)
     assert all(samples[k].alt_text == f"alt {k}" for k in lost)  # from the Parquet
@@ -110,4 +110,4 @@ def test_oversized_image_member_is_not_read(tmp_path):
     images = tmp_path / "images"
     write_tar(images / "00000.tar", sample_members("0000001", b"\xff\xd8\xff" + b"0" * 5000))
     samples = {s.key: s for s in ShardReader(str(images), "00000", max_image_bytes=1000)}
-    assert samples["0000001"].status == schemas.IMAGE_TOO_LARGE and samples["0000001"].image is None
+    assert samples["0000001"].status == vocab.IMAGE_TOO_LARGE and samples["0000001"].image is None

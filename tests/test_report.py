@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import jpeg_bytes, png_bytes, sample_members, write_img2dataset_parquet, write_tar
 
-from vecap import schemas, validation
+from vecap import schemas, validation, vocab
 from vecap.inspect import inspect_path
 from vecap.layout import Layout
 from vecap.report import LegacyLayoutError, ReportData, build_report, load_report_data, render_html
@@ -513,11 +513,11 @@ def rejected_in_parquet(step: str, df) -> dict[str, list[tuple[str, str]]]:
     captions/: status caption_rejected; fused/: a fallback (vec_source vlm/alt, or no_text) whose
     reason is one of the validator's (vecap.validation.FUSE_REASONS), not an engine failure or a missing source.
     """
-    reason = df["error"].fillna("unknown").str.split(":", n=1).str[0].str.strip()
+    reason = df["reason"].fillna("unknown")
     if step == "caption":
-        mask = df["status"] == schemas.CAPTION_REJECTED
+        mask = df["status"] == vocab.CAPTION_REJECTED
     else:
-        mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == schemas.NO_TEXT)) & reason.isin(
+        mask = (df["vec_source"].isin(["vlm", "alt"]) | (df["status"] == vocab.NO_TEXT)) & reason.isin(
             validation.FUSE_REASONS
         )
     out: dict[str, list[tuple[str, str]]] = {}

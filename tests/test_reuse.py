@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import stage_output
 
-from vecap import schemas
+from vecap import vocab
 from vecap.pipeline import build_stages, run
 from vecap.reuse import CACHE, COMPUTED, DUPLICATE, CaptionCache, resolve
 from vecap.storage import Storage
@@ -85,7 +85,7 @@ def test_each_image_reaches_the_vlm_once(dup_run, dup_images):
         assert sorted(df["key"]) == sorted(keys)
 
     # Images that reached the VLM: rows whose image could be decoded, once per distinct sha256.
-    seen = captions[~captions["status"].isin(schemas.IMAGE_FAILURES)]
+    seen = captions[~captions["status"].isin(vocab.IMAGE_FAILURES)]
     assert _requests(root, "caption") == seen["sha256"].nunique()
     dups = captions[captions["caption_source"] == DUPLICATE]
     assert len(dups) == len(seen) - seen["sha256"].nunique() > 0
@@ -127,11 +127,9 @@ def test_a_second_run_takes_cached_captions_without_the_vlm(dup_run, sample_imag
     run(demo_config(root, f"caption.cache={cache}"), ["caption"], progress=False)
 
     before = pd.read_parquet(first_root / "captions")
-    cached = before[
-        (before["caption_source"] == COMPUTED) & before["status"].isin([schemas.OK, schemas.CAPTION_REJECTED])
-    ]
+    cached = before[(before["caption_source"] == COMPUTED) & before["status"].isin([vocab.OK, vocab.CAPTION_REJECTED])]
     captions = pd.read_parquet(root / "captions")
-    seen = captions[~captions["status"].isin(schemas.IMAGE_FAILURES)]
+    seen = captions[~captions["status"].isin(vocab.IMAGE_FAILURES)]
     hits = seen[seen["sha256"].isin(set(cached["sha256"]))]
     assert len(hits) > 0 and len(hits) < len(seen)  # overlapping, not identical
     # Once per image the cache lacks; the hand-made bad shard's Parquet has no sha256: once per row.
@@ -160,7 +158,7 @@ def test_a_cache_made_with_other_settings_is_not_used(dup_run, dup_images, demo_
     shutil.copytree(dup_images, root / "images")
     run(demo_config(root, f"caption.cache={cache}", "caption.dedup=false"), ["caption"], progress=False, dry_run=True)
     captions = pd.read_parquet(root / "_dry_run" / "captions")
-    seen = captions[~captions["status"].isin(schemas.IMAGE_FAILURES)]
+    seen = captions[~captions["status"].isin(vocab.IMAGE_FAILURES)]
     assert set(seen["caption_source"]) == {COMPUTED}
     assert _requests(root / "_dry_run", "caption") == len(seen)
 
@@ -206,3 +204,48 @@ def test_a_kill_during_a_cache_update_leaves_a_readable_cache(tmp_path, dup_imag
         cache=cache,
     )
     assert out.n_cache == 0 and out.n_duplicate >= 1
+
+
+def test_a_cache_entry_from_before_the_reason_column_reads_its_reason_off_the_error():
+    from vecap.reuse import entry_reason
+
+    assert entry_reason({"status": vocab.CAPTION_REJECTED, "error": "refusal: sorry, I can't"}) == {
+        "reason": "refusal",
+        "error": "sorry, I can't",
+    }
+    assert entry_reason({"status": vocab.CAPTION_REJECTED, "error": "truncated"}) == {
+        "reason": "truncated",
+        "error": None,
+    }
+    assert entry_reason({"status": vocab.OK, "error": None}) == {"reason": None, "error": None}
+    # a current entry is taken as written, even where its detail looks like a reason
+    assert entry_reason({"status": vocab.CAPTION_REJECTED, "reason": "echo", "error": "refusal: x"}) == {
+        "reason": "echo",
+        "error": "refusal: x",
+    }
+
+
+def test_legacy_errors_split_only_at_a_known_reason():
+    from vecap.outputs import split_legacy_error
+
+    # an exception's text is a model error's detail, not a reason
+    assert split_legacy_error(vocab.MODEL_ERROR, "TypeError: bad input", rejected=False) == (
+        vocab.MODEL_ERROR,
+        "TypeError: bad input",
+    )
+    assert split_legacy_error(vocab.MODEL_ERROR, "model_error: duplicate of 1", rejected=False) == (
+        vocab.MODEL_ERROR,
+        "duplicate of 1",
+    )
+    assert split_legacy_error(vocab.NO_TEXT, "neither alt-text nor VeC caption has text", rejected=True) == (
+        vocab.NO_TEXT,
+        "neither alt-text nor VeC caption has text",
+    )
+    assert split_legacy_error(vocab.OK, "caption_failed: model_error", rejected=True) == (
+        "caption_failed",
+        "model_error",
+    )
+    assert split_legacy_error(vocab.IMAGE_TOO_LARGE, "9 bytes > limit 8", rejected=False) == (
+        vocab.IMAGE_TOO_LARGE,
+        "9 bytes > limit 8",
+    )

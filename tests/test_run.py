@@ -22,7 +22,7 @@ import pytest
 import yaml
 from helpers import free_port, marker_path, stage_output
 
-from vecap import schemas
+from vecap import vocab
 from vecap.mixing import choose_txt, pick_caption
 from vecap.pipeline import run
 from vecap.reader import ShardReader, list_shards
@@ -69,16 +69,16 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(pipeline_root,
         assert len(keys) == count
         for key in keys:
             row = rows[key]
-            assert row["status"] == schemas.OK and row["txt"] and row["txt_source"] in schemas.TXT_SOURCES
+            assert row["status"] == vocab.OK and row["txt"] and row["txt_source"] in vocab.TXT_SOURCES
             image = members[f"{key}.{row['image_ext']}"]
             assert image == inputs[key].image and hashlib.sha256(image).hexdigest() == row["sha256"]
             assert members[f"{key}.txt"].decode() == row["txt"]
             meta = json.loads(members[f"{key}.json"])
             assert meta["vec_caption"] == row["vec_caption"] and meta["alt_text"] == row["alt_text"]
-    assert sum(sizes.values()) == sum(1 for r in rows.values() if r["status"] == schemas.OK)
-    failed = [r for r in rows.values() if r["status"] != schemas.OK]
+    assert sum(sizes.values()) == sum(1 for r in rows.values() if r["status"] == vocab.OK)
+    failed = [r for r in rows.values() if r["status"] != vocab.OK]
     assert failed and all(r["txt"] is None for r in failed)  # kept in the Parquet, not in the tar
-    assert rows["9900004"]["status"] == schemas.UNSUPPORTED_FORMAT  # a GIF: open_clip would not read it
+    assert rows["9900004"]["status"] == vocab.UNSUPPORTED_FORMAT  # a GIF: open_clip would not read it
     assert {r["image_ext"] for r in rows.values() if r["image_ext"]} >= {"jpg", "png", "webp"}
 
     # Read as open_clip's training loader does (image by jpg;png;jpeg;webp, text by txt).
@@ -365,8 +365,8 @@ def test_dry_run_reads_every_shard_and_writes_apart(make_root, demo_config, tiny
     keys = _all_input_keys(root / "images")
     rows = [r for s in sorted(captions.done()) for r in captions.read_table(s).to_pylist()]
     assert sorted(r["key"] for r in rows) == sorted(keys)
-    assert {r["vlm_caption"] for r in rows if r["status"] == schemas.OK} == {DRY_CAPTION}
-    assert any(r["status"] == schemas.IMAGE_UNDECODABLE for r in rows)  # broken images found
+    assert {r["vlm_caption"] for r in rows if r["status"] == vocab.OK} == {DRY_CAPTION}
+    assert any(r["status"] == vocab.IMAGE_UNDECODABLE for r in rows)  # broken images found
     stats = captions.read_stats(sorted(captions.done())[0])
     assert stats["timings"]["t_read"] > 0 and stats["fingerprint"]["model"]
     assert result.tallies["write"].shards == len(captions.done())

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from helpers import stage_output
 
-from vecap import schemas
+from vecap import vocab
 from vecap.pipeline import run
 from vecap.validation import clean_alt_text
 
@@ -47,7 +47,7 @@ def test_write_mode_read_back_by_a_webdataset_loader(written, demo_config, mix):
     assert sorted(sizes) == sorted(p.name for p in (root / "clip").glob("*.tar"))
 
     samples = _read_back(root, sizes)
-    ok = {k for k, r in rows.items() if r["status"] == schemas.OK}
+    ok = {k for k, r in rows.items() if r["status"] == vocab.OK}
     assert set(samples) == ok and len(samples) == sum(sizes.values()) > 0
     sources = set()
     for key, sample in samples.items():

@@ -133,7 +133,10 @@ def _migrate_cmd(args: argparse.Namespace) -> int:
     from vecap.storage import Storage
 
     moved = migrate_layout(Layout(args.root), Storage.for_path(args.root))
-    print(f"{args.root}: moved {moved['markers']} done marker(s) to <stage>/_done/ and {moved['tars']} tar(s) to clip/")
+    print(
+        f"{args.root}: moved {moved['markers']} done marker(s) to <stage>/_done/ and {moved['tars']} tar(s) to clip/; "
+        f"{moved['tables']} Parquet file(s) given the reason column"
+    )
     return 0
 
 

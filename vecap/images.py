@@ -13,11 +13,11 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from vecap import schemas
+from vecap import vocab
 
 
 class ImageRejected(Exception):
-    """An image that cannot be used; ``status`` is one of the ``schemas.IMAGE_*`` statuses."""
+    """An image that cannot be used; ``status`` is one of the ``vocab.IMAGE_*`` statuses."""
 
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -76,18 +76,18 @@ def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_byte
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
-        raise ImageRejected(schemas.IMAGE_EMPTY, "zero bytes")
+        raise ImageRejected(vocab.IMAGE_EMPTY, "zero bytes")
     if len(data) > max_bytes:
-        raise ImageRejected(schemas.IMAGE_TOO_LARGE, f"{len(data)} bytes > limit {max_bytes}")
+        raise ImageRejected(vocab.IMAGE_TOO_LARGE, f"{len(data)} bytes > limit {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width <= 0 or height <= 0:
-                raise ImageRejected(schemas.IMAGE_EMPTY, f"size {width}x{height}")
+                raise ImageRejected(vocab.IMAGE_EMPTY, f"size {width}x{height}")
             if width * height > max_pixels:
-                raise ImageRejected(schemas.IMAGE_TOO_LARGE, f"{width}x{height} pixels > limit {max_pixels}")
+                raise ImageRejected(vocab.IMAGE_TOO_LARGE, f"{width}x{height} pixels > limit {max_pixels}")
             if getattr(im, "is_animated", False):
                 im.seek(0)
             target = _target_size(width, height, short_side)
@@ -103,11 +103,11 @@ def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_byte
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageRejected(schemas.IMAGE_TOO_LARGE, str(err)) from None
+        raise ImageRejected(vocab.IMAGE_TOO_LARGE, str(err)) from None
     except UnidentifiedImageError:
-        raise ImageRejected(schemas.IMAGE_UNDECODABLE, "not a recognised image format") from None
+        raise ImageRejected(vocab.IMAGE_UNDECODABLE, "not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError, TypeError) as err:
-        raise ImageRejected(schemas.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
+        raise ImageRejected(vocab.IMAGE_UNDECODABLE, f"{type(err).__name__}: {err}") from None
     return PreparedImage(im.tobytes(), im.width, im.height, width, height)
 
 

@@ -33,7 +33,7 @@ from vecap.storage import Storage
 log = logging.getLogger(__name__)
 
 _COUNTED = ("status", "vec_source", "txt_source")
-_SHOWN = ("key", "status", "alt_text", "vlm_caption", "vec_caption", "txt", "error")
+_SHOWN = ("key", "status", "reason", "alt_text", "vlm_caption", "vec_caption", "txt", "error")
 _STEP_OF_DIR = {folder: step for step, folder in STAGE_DIRS.items()}
 _MAX_VALUES = 10  # values listed per categorical q_* column (the most frequent)
 

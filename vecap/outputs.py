@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vecap import vocab
 from vecap.layout import LEGACY_STATS_SUFFIX, STAGE_DIRS, STAGES, Layout
 from vecap.storage import Storage
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class LegacyLayoutError(RuntimeError):
-    """A root written by vecap 0.1 (markers beside the Parquet, tars in ``vecap/``)."""
+    """A root written by an earlier vecap: vecap 0.1 (markers beside the Parquet, tars in
+    ``vecap/``), or before the ``reason`` column (the reason at the head of ``error``)."""
 
 
 class StageOutput:
@@ -93,7 +95,7 @@ def write_sizes(layout: Layout, storage: Storage) -> dict[str, int]:
 
 
 def check_layout(layout: Layout, storage: Storage) -> None:
-    """Refuse a root written in the old layout, saying how to convert it."""
+    """Refuse a root written in an old layout, saying how to convert it."""
     for step in STAGES:
         names = storage.names(layout.stage(step))
         if any(n.endswith(LEGACY_STATS_SUFFIX) for n in names) or (
@@ -103,15 +105,76 @@ def check_layout(layout: Layout, storage: Storage) -> None:
                 f"{layout.stage(step)} was written by vecap 0.1 (markers '*{LEGACY_STATS_SUFFIX}' beside the Parquet, "
                 f"tars in vecap/). Convert it in place with: vecap migrate {layout.root}"
             )
+        sample = next(iter(_stage_parquet(layout, step, storage, first_only=True)), None)
+        if sample is not None and "reason" not in storage.read_schema(sample).names:
+            raise LegacyLayoutError(
+                f"{layout.stage(step)} was written before the 'reason' column (its rows keep the reason at the head "
+                f"of 'error'). Convert it in place with: vecap migrate {layout.root}"
+            )
+
+
+def _stage_parquet(layout: Layout, step: str, storage: Storage, first_only: bool = False) -> list[str]:
+    """A stage's Parquet files: committed shards, then work in progress (``_parts``)."""
+    folder = layout.stage(step)
+    files = [f"{folder}/{n}" for n in storage.names(folder) if n.endswith(".parquet") and not n.startswith(".")]
+    if first_only and files:
+        return files[:1]
+    for shard in storage.names(layout.parts(step)):
+        parts = storage.names(layout.parts(step, shard))
+        files += [f"{layout.parts(step, shard)}/{n}" for n in parts if n.endswith(".parquet") and not n.startswith(".")]
+        if first_only and files:
+            return files[:1]
+    return files
+
+
+def split_legacy_error(status: str | None, error: str | None, rejected: bool) -> tuple[str | None, str | None]:
+    """(reason, error) of a row written before the ``reason`` column, from its ``error``.
+
+    Those rows led ``error`` with the reason (``"truncated: stopped at the token limit"``) when
+    the caption was rejected or the fusion fell back (``rejected``); other failures' reason is
+    their status. The one place a reason is read back from text: old roots (``vecap migrate``)
+    and old caption-cache entries.
+    """
+    from vecap.validation import REASONS
+
+    head, _, rest = (error or "").partition(":")
+    known = set(REASONS) | vocab.NOT_REJECTIONS | vocab.IMAGE_FAILURES | {vocab.NO_TEXT}
+    if head.strip() in known and (rejected or head.strip() == status):
+        return head.strip(), rest.strip() or None
+    return (None if status in (vocab.OK, None) else status), error
+
+
+def _with_reason(table: pa.Table, step: str) -> pa.Table:
+    """A table of a stage written before the ``reason`` column, with it (after ``status``)."""
+    rows = table.select([c for c in ("status", "error", "vec_source") if c in table.column_names]).to_pylist()
+    reasons, errors = [], []
+    for r in rows:
+        if step == "caption":
+            rejected = r["status"] == vocab.CAPTION_REJECTED
+        else:
+            rejected = r.get("vec_source") in vocab.FALLBACK_SOURCES or r["status"] == vocab.NO_TEXT
+        reason, error = split_legacy_error(r["status"], r["error"], rejected)
+        reasons.append(reason)
+        errors.append(error)
+    table = table.set_column(table.column_names.index("error"), "error", pa.array(errors, pa.string()))
+    return table.add_column(table.column_names.index("status") + 1, "reason", pa.array(reasons, pa.string()))
 
 
 def migrate_layout(layout: Layout, storage: Storage) -> dict[str, int]:
-    """Move a vecap 0.1 root to the current layout in place; returns what moved, by kind.
+    """Convert a root written by an earlier vecap to the current layout in place; returns what
+    changed, by kind.
 
-    Markers go to ``<stage>/_done/NNNNN.json``, tars and ``sizes.json`` to ``clip/``. Safe to
-    rerun after an interruption: each file is moved at most once and markers move last.
+    vecap 0.1: markers go to ``<stage>/_done/NNNNN.json``, tars and ``sizes.json`` to ``clip/``.
+    Before the ``reason`` column: each Parquet of a stage (committed or in ``_parts``) is
+    rewritten with it, its reason taken off the head of ``error``. Safe to rerun after an
+    interruption: each file is moved or rewritten (atomically) at most once, markers move last.
     """
-    moved = {"markers": 0, "tars": 0}
+    moved = {"markers": 0, "tars": 0, "tables": 0}
+    for step in STAGES:
+        for path in _stage_parquet(layout, step, storage):
+            if "reason" not in storage.read_schema(path).names:
+                storage.write_table(path, _with_reason(storage.read_table(path), step))
+                moved["tables"] += 1
     names = storage.names(layout.stage("write"))
     if storage.local:
         os.makedirs(layout.clip, exist_ok=True)

@@ -295,14 +295,13 @@ class ShardPlan:
         return [s for s in self.stream if s not in self.deferred]
 
 
-def failed_keys(step: str, table: Any) -> set[str]:
-    """Keys whose model call failed in a committed shard: what ``--retry-failed`` redoes."""
-    from vecap import schemas
+def failed_keys(table: Any) -> set[str]:
+    """Keys whose model call failed in a committed shard (its reason ``model_error`` or
+    ``engine_crash``): what ``--retry-failed`` redoes."""
+    from vecap import vocab
 
-    rows = table.select(["key", "status", "error"]).to_pylist()
-    if step == "caption":
-        return {r["key"] for r in rows if r["status"] in schemas.RETRYABLE}
-    return {r["key"] for r in rows if (r["error"] or "").startswith(("model_error", "engine_crash"))}
+    rows = table.select(["key", "reason"]).to_pylist()
+    return {r["key"] for r in rows if r["reason"] in vocab.RETRYABLE}
 
 
 def plan(
@@ -318,7 +317,7 @@ def plan(
         need = {s: s in steps and shard not in done[s] for s in STAGES}
         retry = None
         if retry_failed and shard in done[steps[0]]:
-            retry = failed_keys(steps[0], StageOutput(layout, steps[0], storage).read_table(shard)) or None
+            retry = failed_keys(StageOutput(layout, steps[0], storage).read_table(shard)) or None
             need[steps[0]] = retry is not None
         for s in steps:
             tallies[s].skipped_shards += 0 if need[s] else 1

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vecap import schemas
+from vecap import vocab
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Sample:
     """One key of a shard, with its image bytes when the tar had a usable one."""
 
     key: str
-    status: str = schemas.OK
+    status: str = vocab.OK
     error: str | None = None
     image: bytes | None = None
     ext: str | None = None
@@ -123,7 +123,7 @@ class ShardReader:
         seen: set[str] = set()
         for sample in self._tar_samples():
             if sample.key in seen:
-                sample.status, sample.error = schemas.DUPLICATE_KEY, "key already seen in this shard"
+                sample.status, sample.error = vocab.DUPLICATE_KEY, "key already seen in this shard"
                 sample.image = None
             seen.add(sample.key)
             row = rows.get(sample.key, {})
@@ -136,11 +136,11 @@ class ShardReader:
             if key in seen:
                 continue
             if row.get("status") not in (None, "success"):
-                status, error = schemas.DOWNLOAD_FAILED, row.get("error_message") or row.get("status")
+                status, error = vocab.DOWNLOAD_FAILED, row.get("error_message") or row.get("status")
             elif self.report.truncated:
-                status, error = schemas.MISSING_FROM_TAR, f"shard tar unreadable past this point: {self.report.error}"
+                status, error = vocab.MISSING_FROM_TAR, f"shard tar unreadable past this point: {self.report.error}"
             else:
-                status, error = schemas.MISSING_FROM_TAR, "listed as downloaded but not in the tar"
+                status, error = vocab.MISSING_FROM_TAR, "listed as downloaded but not in the tar"
             yield self._count(
                 Sample(key=key, status=status, error=error, alt_text=row.get("caption"), url=row.get("url"))
             )
@@ -196,7 +196,7 @@ class ShardReader:
                             group_key, group = None, {}
                         yield Sample(
                             key=member.name,
-                            status=schemas.INVALID_KEY,
+                            status=vocab.INVALID_KEY,
                             error="tar member name is not a plain file name",
                         )
                         continue
@@ -241,12 +241,12 @@ class ShardReader:
             sample.url = sample.meta.get("url") if isinstance(sample.meta.get("url"), str) else None
         images = [ext for ext in group if ext in IMAGE_EXTS]
         if "__duplicate__" in group or len(images) > 1:
-            sample.status = schemas.DUPLICATE_KEY
+            sample.status = vocab.DUPLICATE_KEY
             sample.error = group.get("__duplicate__") or f"several images for one key: {sorted(images)}"
         elif not images:
-            sample.status, sample.error = schemas.MISSING_IMAGE, "no image member for this key"
+            sample.status, sample.error = vocab.MISSING_IMAGE, "no image member for this key"
         elif isinstance(group[images[0]], _TooLarge):
-            sample.status = schemas.IMAGE_TOO_LARGE
+            sample.status = vocab.IMAGE_TOO_LARGE
             sample.error = f"{group[images[0]].size} bytes > limit {self.max_image_bytes}"
         else:
             sample.ext, sample.image = images[0], group[images[0]]

@@ -29,17 +29,25 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.config import stable_hash
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
 
-COMPUTED, DUPLICATE, CACHE = "computed", "duplicate", "cache"
+COMPUTED, DUPLICATE, CACHE = vocab.COMPUTED, vocab.DUPLICATE, vocab.CACHE
 # Caption outcomes that are the model's answer for these pixels: what copies and the cache reuse.
-REUSABLE = frozenset({schemas.OK, schemas.CAPTION_REJECTED})
+REUSABLE = frozenset({vocab.OK, vocab.CAPTION_REJECTED})
 # The caption fields an image's copies share (the columns of captions/ that describe the VLM's answer).
-CAPTION_FIELDS = ("status", "error", "vlm_caption", "finish_reason", "seed", *(n for n, _ in schemas.QUALITY_CAPTION))
+CAPTION_FIELDS = (
+    "status",
+    "reason",
+    "error",
+    "vlm_caption",
+    "finish_reason",
+    "seed",
+    *(n for n, _ in schemas.QUALITY_CAPTION),
+)
 
 CACHE_SCHEMA = pa.schema(
     [("sha256", pa.string()), ("key", pa.string()), ("shard", pa.string()), ("entry", pa.string())]
@@ -55,6 +63,19 @@ REUSE_SCHEMA = pa.schema(
     ]
 )
 _GROUPED = pa.schema([("role", pa.string()), *CACHE_SCHEMA])
+
+
+def entry_reason(entry: dict[str, Any]) -> dict[str, Any]:
+    """A cache entry's ``reason`` and ``error``; an entry written before the reason column had
+    the reason at the head of its error (the one conversion: :func:`vecap.outputs.split_legacy_error`)."""
+    if "reason" in entry:
+        return {"reason": entry["reason"], "error": entry["error"]}
+    from vecap.outputs import split_legacy_error
+
+    reason, error = split_legacy_error(
+        entry["status"], entry["error"], rejected=entry["status"] == vocab.CAPTION_REJECTED
+    )
+    return {"reason": reason, "error": error}
 
 
 @dataclass(frozen=True)
@@ -289,7 +310,7 @@ def fill_duplicates(table: pa.Table, shard: str, read_committed) -> pa.Table:
         return table
     rows = table.to_pylist()
     todo = [
-        r for r in rows if r["caption_source"] == DUPLICATE and r["status"] == schemas.OK and r["vlm_caption"] is None
+        r for r in rows if r["caption_source"] == DUPLICATE and r["status"] == vocab.OK and r["vlm_caption"] is None
     ]
     if not todo:
         return table
@@ -300,11 +321,12 @@ def fill_duplicates(table: pa.Table, shard: str, read_committed) -> pa.Table:
         firsts.update({r["key"]: r for r in t.filter(pc.is_in(t["key"], value_set=wanted)).to_pylist()})
     for r in todo:
         first = firsts.get(r["caption_from"])
-        if first is None or first["status"] not in REUSABLE | schemas.RETRYABLE:
+        if first is None or first["status"] not in REUSABLE | vocab.RETRYABLE:
             why = "not found" if first is None else f"status {first['status']}"
             r.update(
-                status=schemas.MODEL_ERROR,
-                error=f"model_error: duplicate of {r['caption_from']}, whose caption is unusable ({why})",
+                status=vocab.MODEL_ERROR,
+                reason=vocab.MODEL_ERROR,
+                error=f"duplicate of {r['caption_from']}, whose caption is unusable ({why})",
             )
             continue
         r.update({f: first.get(f) for f in CAPTION_FIELDS}, n_prompt_tokens=0, n_output_tokens=0)

@@ -1,55 +1,12 @@
-"""Arrow schemas of every stage's Parquet, and the per-sample status vocabulary.
+"""Arrow schemas of every stage's Parquet: the on-disk contract of docs/architecture.md.
 
-The on-disk contract of docs/architecture.md: flat, typed, pandas-friendly, no image bytes.
+Flat, typed, pandas-friendly, no image bytes. The values of ``status``, ``reason`` and the
+``*_source`` columns are the words of :mod:`vecap.vocab`.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
-
-# --- per-sample statuses -------------------------------------------------------------
-OK = "ok"
-# The image is unusable: the sample stays in every Parquet, never in the output tar.
-DOWNLOAD_FAILED = "download_failed"  # img2dataset could not fetch it (input Parquet only)
-MISSING_FROM_TAR = "missing_from_tar"  # listed as a success in the Parquet, absent from the tar
-MISSING_IMAGE = "missing_image"  # tar members for the key, but no image member
-DUPLICATE_KEY = "duplicate_key"  # a second sample with a key already seen in the shard
-INVALID_KEY = "invalid_key"  # member name not a plain file name (e.g. '../x.jpg')
-IMAGE_TOO_LARGE = "image_too_large"  # bytes or pixels over the configured limits
-IMAGE_EMPTY = "image_empty"  # zero bytes or zero width/height
-IMAGE_UNDECODABLE = "image_undecodable"  # not an image, truncated, unsupported
-# The image is fine but a model step failed; the row can be retried alone.
-MODEL_ERROR = "model_error"
-ENGINE_CRASH = "engine_crash"  # the sample made the engine process exit, every time (isolated)
-CAPTION_REJECTED = "caption_rejected"  # the VLM answered, but its caption failed validation (error says why)
-NO_TEXT = "no_text"  # neither alt-text nor a caption: nothing to train on
-# The image format is not one CLIP loaders read (open_clip: jpg/png/webp; the recipe's write.image_exts),
-# decided when the image is read, before any GPU time; bytes are never re-encoded, so the sample
-# stays out of the tar (its row says why). The write stage checks again (the input may have changed).
-UNSUPPORTED_FORMAT = "unsupported_format"
-
-IMAGE_FAILURES = frozenset(
-    {
-        DOWNLOAD_FAILED,
-        MISSING_FROM_TAR,
-        MISSING_IMAGE,
-        DUPLICATE_KEY,
-        INVALID_KEY,
-        IMAGE_TOO_LARGE,
-        IMAGE_EMPTY,
-        IMAGE_UNDECODABLE,
-        UNSUPPORTED_FORMAT,
-    }
-)
-
-# Statuses whose VLM caption is unusable, and of those, the ones --retry-failed redoes.
-CAPTION_FAILURES = frozenset({MODEL_ERROR, ENGINE_CRASH, CAPTION_REJECTED})
-RETRYABLE = frozenset({MODEL_ERROR, ENGINE_CRASH})
-
-# Where the VeC caption came from, and which caption a vecap sample's .txt holds ("vlm": the VLM caption,
-# when the alt-text has nothing usable and the VeC caption is the VLM's fallback).
-VEC_SOURCES = ("fused", "vlm", "alt")
-TXT_SOURCES = ("alt", "vec", "vlm")
 
 _PROVENANCE = [
     ("finish_reason", pa.string()),
@@ -83,9 +40,6 @@ QUALITY_FUSE = [
     ("q_words_vlm", pa.int32()),
 ]
 
-# Where a row's VLM caption comes from (vecap.reuse): this row's own engine call, another
-# copy of the same image in the run, or the caption cache; caption_from names that key.
-CAPTION_SOURCES = ("computed", "duplicate", "cache")
 _REUSE = [
     ("sha256", pa.string()),  # img2dataset's sha256 of the image bytes
     ("caption_source", pa.string()),
@@ -98,7 +52,8 @@ CAPTIONS = pa.schema(
         ("key", pa.string()),
         ("shard", pa.string()),
         ("status", pa.string()),
-        ("error", pa.string()),
+        ("reason", pa.string()),  # why the caption is not the model's accepted answer (vecap.vocab)
+        ("error", pa.string()),  # the human-readable detail
         ("vlm_caption", pa.string()),
         *_PROVENANCE,
         *QUALITY_CAPTION,
@@ -111,7 +66,8 @@ FUSED = pa.schema(
         ("key", pa.string()),
         ("shard", pa.string()),
         ("status", pa.string()),
-        ("error", pa.string()),
+        ("reason", pa.string()),  # why the caption is not the model's accepted answer (vecap.vocab)
+        ("error", pa.string()),  # the human-readable detail
         ("alt_text", pa.string()),
         ("vlm_caption", pa.string()),
         ("vec_caption", pa.string()),
@@ -137,7 +93,8 @@ VECAP = pa.schema(
         ("height", pa.int32()),
         ("sha256", pa.string()),
         ("status", pa.string()),
-        ("error", pa.string()),
+        ("reason", pa.string()),  # why the caption is not the model's accepted answer (vecap.vocab)
+        ("error", pa.string()),  # the human-readable detail
         # provenance of both models
         ("caption_model", pa.string()),
         ("caption_prompt_id", pa.string()),

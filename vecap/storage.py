@@ -122,6 +122,15 @@ class Storage:
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(path)), columns=columns)
 
+    def read_schema(self, path: str) -> pa.Schema:
+        """A Parquet file's schema, from its footer alone."""
+
+        def read() -> pa.Schema:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+
+        return retry_io(read, f"read schema {path}")
+
     def open_read(self, path: str):
         """A binary file object for streaming (tars); the caller handles errors mid-stream."""
         return retry_io(lambda: self.fs.open(path, "rb"), f"open {path}")

@@ -73,6 +73,7 @@ class Generation:
     n_prompt_tokens: int | None = None
     n_output_tokens: int | None = None
     error: str | None = None
+    reason: str | None = None  # the failure's code (vecap.vocab) when ``error`` is set; None: model_error
 
 
 class EngineFatal(RuntimeError):

@@ -29,34 +29,29 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from vecap import vocab
 from vecap.layout import DONE_DIR, STAGE_DIRS, Layout
 from vecap.outputs import StageOutput, check_layout
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
 
-READ_ORDER = ("write", "fuse", "caption")  # the rows of the first of these with a done shard are read
+READ_ORDER = (vocab.WRITE, vocab.FUSE, vocab.CAPTION)  # the rows of the first of these with a done shard are read
 THUMB_SIDE = 160
 MAX_THUMB_SOURCE_BYTES = 32 << 20  # tar members larger than this get no thumbnail
 NULL = "null"  # how a missing value is counted
 QUALITY_PREFIX = "q_"  # optional quality columns (scores, flags) added by later helpers
 CAPTION_COLUMNS = ("alt_text", "vlm_caption", "vec_caption")
-FALLBACK_SOURCES = ("vlm", "alt")  # vec_source values that mean the fusion fell back
 COLUMNS = (
     "key", "shard", "url", "alt_text", "vlm_caption", "vec_caption", "vec_source", "txt", "txt_source",
-    "image_ext", "width", "height", "status", "error",
+    "image_ext", "width", "height", "status", "reason", "error",
     "caption_model", "caption_prompt_id", "fuse_model", "fuse_prompt_id", "model", "prompt_id",
 )  # fmt: skip
 _ROW_COLUMNS = tuple(c for c in COLUMNS if c not in ("model", "prompt_id"))
 _QUALITY_BINS = 10
 QUANTILES = (("p5", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95))  # pandas' "linear"
-QUALITY_STEPS = ("caption", "fuse", "write")  # stages whose Parquet may hold q_* columns, in pipeline order
+QUALITY_STEPS = vocab.STAGES  # stages whose Parquet may hold q_* columns, in pipeline order
 N_EXAMPLES = 3  # examples shown per rejection reason
-CAPTION_REJECTED = "caption_rejected"  # vecap.schemas.CAPTION_REJECTED (the status of a rejected VLM caption)
-NO_TEXT = "no_text"  # vecap.schemas.NO_TEXT
-# Fusion fallbacks no validator decided: engine failures and missing sources (vecap.stages.fuse.INFRA_REASONS,
-# vecap.validation.OTHER_REASONS); every other fallback reason is a rejected LLM output.
-NOT_REJECTIONS = frozenset({"model_error", "engine_crash", "caption_failed", "no_alt_text", "no_vlm_caption"})
 
 
 # --- value objects ----------------------------------------------------------------------
@@ -231,17 +226,17 @@ def example_rank(shard: str, key: str) -> str:
     return hashlib.blake2b(f"{shard}/{key}".encode(), digest_size=8).hexdigest()
 
 
-def rejection_reason(step: str, status: str | None, error: str | None, vec_source: str | None) -> str | None:
-    """Why a row's model output was rejected by validation (``error`` before ":"), or None if it was not.
+def rejection_reason(step: str, status: str | None, reason: str | None, vec_source: str | None) -> str | None:
+    """The check that rejected a row's model output (its ``reason``), or None if validation did not.
 
     caption: status ``caption_rejected``. fuse: a fallback (``vec_source`` vlm/alt, or ``no_text``)
-    whose reason is not an engine failure or a missing source (:data:`NOT_REJECTIONS`).
+    whose reason is not an engine failure or a missing source (``vocab.NOT_REJECTIONS``).
     """
-    reason = (error or "unknown").split(":", 1)[0].strip() or "unknown"
-    if step == "caption":
-        return reason if status == CAPTION_REJECTED else None
-    if step == "fuse" and (vec_source in FALLBACK_SOURCES or status == NO_TEXT):
-        return None if reason in NOT_REJECTIONS else reason
+    reason = reason or "unknown"
+    if step == vocab.CAPTION:
+        return reason if status == vocab.CAPTION_REJECTED else None
+    if step == vocab.FUSE and (vec_source in vocab.FALLBACK_SOURCES or status == vocab.NO_TEXT):
+        return None if reason in vocab.NOT_REJECTIONS else reason
     return None
 
 
@@ -331,19 +326,19 @@ class ReportData:
 
     @cached_property
     def ok_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r.get("status") == "ok"]
+        return [r for r in self.rows if r.get("status") == vocab.OK]
 
     @cached_property
     def failed_rows(self) -> list[dict[str, Any]]:
         """Rows whose status is not ok, by key."""
-        return sorted((r for r in self.rows if r.get("status") != "ok"), key=lambda r: (r["key"], r["shard"]))
+        return sorted((r for r in self.rows if r.get("status") != vocab.OK), key=lambda r: (r["key"], r["shard"]))
 
     def counts(self, column: str) -> Counter:
         return count_values(self.rows, column)
 
     def fallback_reasons(self) -> Counter:
-        """The ``error`` of rows whose VeC caption fell back to the VLM caption or the alt-text."""
-        return count_values((r for r in self.rows if r.get("vec_source") in FALLBACK_SOURCES), "error")
+        """The ``reason`` of rows whose VeC caption fell back to the VLM caption or the alt-text."""
+        return count_values((r for r in self.rows if r.get("vec_source") in vocab.FALLBACK_SOURCES), "reason")
 
     def marker_totals(self, step: str, name: str) -> Counter | None:
         """``name`` (``statuses``, ``fallbacks``) summed over a step's done markers; None if no marker has it."""
@@ -437,7 +432,7 @@ def read_rows(storage: Storage, path: str) -> list[dict[str, Any]]:
 def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iterable[str]) -> StageQuality:
     """The ``q_*`` distributions and rejection reasons of a stage's done shards.
 
-    Reads only ``key``, ``status``, ``error``, ``vec_source`` and the ``q_*`` columns of each
+    Reads only ``key``, ``status``, ``reason``, ``vec_source`` and the ``q_*`` columns of each
     shard, then the text columns of the few rows picked as examples (and, for ``captions/``,
     their alt-text from ``images/``). A ``q_*`` column absent from some shards counts as null there.
     """
@@ -457,7 +452,7 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
             pf = _parquet_file(storage, path)
             names = pf.schema_arrow.names
             q_names = [n for n in names if n.startswith(QUALITY_PREFIX)]
-            base = [c for c in ("key", "status", "error", "vec_source") if c in names]
+            base = [c for c in ("key", "status", "reason", "vec_source") if c in names]
             table = pf.read(columns=base + q_names)
         except (OSError, pa.ArrowException) as err:
             log.warning("%s unreadable, left out of the quality section: %s", path, err)
@@ -468,17 +463,17 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
         n_rows += table.num_rows
         for column in values.values():
             column.extend([None] * (n_rows - len(column)))
-        if step not in ("caption", "fuse"):
+        if step not in (vocab.CAPTION, vocab.FUSE):
             continue
         cols = {
             c: table[c].to_pylist() if c in base else [None] * table.num_rows
-            for c in ("key", "status", "error", "vec_source")
+            for c in ("key", "status", "reason", "vec_source")
         }
         shard_picks: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        for i, (key, status, error, source) in enumerate(
-            zip(cols["key"], cols["status"], cols["error"], cols["vec_source"], strict=True)
+        for i, (key, status, why, source) in enumerate(
+            zip(cols["key"], cols["status"], cols["reason"], cols["vec_source"], strict=True)
         ):
-            reason = rejection_reason(step, status, error, source)
+            reason = rejection_reason(step, status, why, source)
             if reason is not None:
                 counts[reason] += 1
                 shard_picks[reason].append((example_rank(shard, str(key)), shard, i))
@@ -490,7 +485,7 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
         if wanted:  # the text of this shard's candidates (a later shard may displace them)
             rows = pf.read(columns=["key"] + [c for c in texts if c in names]).take(sorted(wanted)).to_pylist()
             alts = {}
-            if step == "caption":
+            if step == vocab.CAPTION:
                 alts = {str(r["key"]): r.get("caption") for r in read_parquet_rows(layout.images, shard, storage)}
             for i, row in zip(sorted(wanted), rows, strict=True):
                 row.setdefault("alt_text", alts.get(str(row["key"])))
@@ -500,8 +495,8 @@ def read_stage_quality(storage: Storage, layout: Layout, step: str, shards: Iter
         shown = []
         for _, shard, i in picked[reason]:
             row = examples[(shard, i)]
-            detail = (row.get("error") or "").split(":", 1)[1].strip() if ":" in (row.get("error") or "") else ""
-            fuse = step == "fuse"
+            detail = row.get("error") or ""
+            fuse = step == vocab.FUSE
             shown.append(RejectionExample(
                 key=str(row["key"]), shard=shard, detail=detail, text=None if fuse else row.get("vlm_caption"),
                 alt_text=row.get("alt_text"), fallback=row.get("vec_caption") if fuse else None,
@@ -524,7 +519,7 @@ def _normalise(row: dict[str, Any], step: str, shard: str) -> dict[str, Any]:
     out.update({k: v for k, v in row.items() if k.startswith(QUALITY_PREFIX)})
     out["shard"] = row.get("shard") or shard
     out["key"] = str(row.get("key"))
-    if step in ("caption", "fuse"):  # one model per stage: map its provenance columns
+    if step in (vocab.CAPTION, vocab.FUSE):  # one model per stage: map its provenance columns
         out[f"{step}_model"] = row.get("model")
         out[f"{step}_prompt_id"] = row.get("prompt_id")
     return out
@@ -540,7 +535,7 @@ def _read_rows(
         if not shards:
             continue
         rows = [_normalise(r, step, s) for s in shards for r in read_rows(storage, layout.parquet(step, s))]
-        if step == "caption":  # the captions stage has no alt-text: join it from images/
+        if step == vocab.CAPTION:  # the captions stage has no alt-text: join it from images/
             by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for row in rows:
                 by_shard[row["shard"]].append(row)
@@ -558,7 +553,8 @@ def _read_rows(
             rows.append({
                 **{c: None for c in _ROW_COLUMNS},
                 "key": str(r.get("key")), "shard": shard, "url": r.get("url"), "alt_text": r.get("caption"),
-                "status": "ok" if ok else "download_failed",
+                "status": vocab.OK if ok else vocab.DOWNLOAD_FAILED,
+                "reason": None if ok else vocab.DOWNLOAD_FAILED,
                 "error": None if ok else (r.get("error_message") or r.get("status")),
             })  # fmt: skip
     if not shards:
@@ -603,7 +599,7 @@ def _models(data: ReportData) -> list[ModelInfo]:
     fingerprints = data.run.get("fingerprints")
     prints: dict[str, Any] = fingerprints if isinstance(fingerprints, dict) else {}
     out = []
-    for step in ("caption", "fuse"):
+    for step in (vocab.CAPTION, vocab.FUSE):
         fp = prints.get(step)
         ran = data.stage == "write" or bool(data.done.get(step))
         if ran and isinstance(fp, dict) and fp.get("model"):

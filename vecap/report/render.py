@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vecap import vocab
 from vecap.report.data import (
     CAPTION_COLUMNS,
     NULL,
@@ -220,10 +221,9 @@ def _card(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
         badges.append({"cls": "src", "text": f"vec: {row['vec_source']}", "title": None})
     if row.get("txt_source"):
         badges.append({"cls": "txt", "text": f"txt: {row['txt_source']}", "title": None})
-    if row.get("vec_source") in ("vlm", "alt") and row.get("error"):
-        badges.append(
-            {"cls": "warn", "text": f"fallback: {_cut(row['error'], MAX_BADGE_CHARS)}", "title": row["error"]}
-        )
+    if row.get("vec_source") in vocab.FALLBACK_SOURCES and row.get("reason"):
+        why = _why(row)
+        badges.append({"cls": "warn", "text": f"fallback: {_cut(why, MAX_BADGE_CHARS)}", "title": why})
     kept, total = kept_entities(row.get("alt_text") or "", row.get("vec_caption") or "")
     dims = f"{row['width']}×{row['height']} {row.get('image_ext') or ''}".strip() if row.get("width") else ""
     caps = [
@@ -278,13 +278,21 @@ def page_context(data: ReportData) -> dict[str, Any]:
                 "key": r["key"],
                 "shard": r["shard"],
                 "status": r.get("status") or NULL,
-                "error": _cut(r.get("error"), MAX_ERROR_CHARS),
+                "error": _cut(_why(r), MAX_ERROR_CHARS),
                 "alt_text": _cut(r.get("alt_text"), 140),
             }
             for r in failed[:MAX_FAILED_ROWS]
         ],  # fmt: skip
         "n_failed": len(failed),
     }
+
+
+def _why(row: dict[str, Any]) -> str | None:
+    """A row's reason and error as one line ('truncated: stopped at …'); the reason alone when it is the status."""
+    reason, error = row.get("reason"), row.get("error")
+    if reason and reason != row.get("status"):
+        return f"{reason}: {error}" if error else reason
+    return error or reason
 
 
 def render_html(data: ReportData) -> str:

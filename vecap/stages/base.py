@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.backends import EngineSpec, Generation, Request, Sampling, load_engine
 from vecap.backends.base import EngineFatal, EngineHung
 from vecap.config import ModelConfig, stable_hash
@@ -47,6 +47,7 @@ WORK = pa.schema(
         ("is_marker", pa.bool_()),
         ("report", pa.string()),  # marker rows: JSON of the shard's read report and row count
         ("status", pa.string()),
+        ("reason", pa.string()),  # a rejected VLM caption's check (vecap.vocab's reason column)
         ("error", pa.string()),
         ("alt_text", pa.string()),
         ("url", pa.string()),
@@ -72,7 +73,8 @@ WORK = pa.schema(
         ("fuse_seed", pa.int64()),
         ("vec_caption", pa.string()),
         ("vec_source", pa.string()),
-        ("fuse_error", pa.string()),
+        ("fuse_reason", pa.string()),  # why the VeC caption is not the LLM's (vecap.vocab)
+        ("fuse_error", pa.string()),  # its detail
         ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
         ("caption_quality", pa.string()),  # JSON: vecap.validation's quality columns of the VLM caption
         ("fuse_quality", pa.string()),  # JSON: the same for the fused caption
@@ -398,9 +400,9 @@ class EngineWorker:
         crashed, groups = plan_groups(keys, counts)
         for k in crashed:
             self.apply(
-                ready[k][0], Generation(text=None, error="engine_crash: this sample made the engine process exit")
+                ready[k][0],
+                Generation(text=None, error="this sample made the engine process exit", reason=vocab.ENGINE_CRASH),
             )
-            ready[k][0]["status"] = schemas.ENGINE_CRASH
         if crashed:
             await self._ask("isolate", crashed)
         for group in groups:

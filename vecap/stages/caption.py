@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from vecap import reuse, schemas
+from vecap import reuse, schemas, vocab
 from vecap.backends import EngineSpec, Generation, Request
 from vecap.config import CaptionChecks, CaptionConfig, stable_hash
 from vecap.faults import FaultPolicy
@@ -97,12 +97,12 @@ def read_image_rows(
             "caption_source": reuse.COMPUTED,
         }
         again = (reused or {}).get(sample.key)
-        if sample.status == schemas.OK and not _tar_format(sample.image, opts):
+        if sample.status == vocab.OK and not _tar_format(sample.image, opts):
             fmt = sniff_image_format(sample.image or b"")  # never captioned: the CLIP tar would not take it
-            row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{fmt} images are not read by CLIP loaders")
-        elif sample.status == schemas.OK and again is not None:
+            row.update(status=vocab.UNSUPPORTED_FORMAT, error=f"{fmt} images are not read by CLIP loaders")
+        elif sample.status == vocab.OK and again is not None:
             row.update(reused_row(again))
-        elif sample.status == schemas.OK:
+        elif sample.status == vocab.OK:
             try:
                 img = prepare_image(sample.image, opts.image_size, opts.max_pixels, opts.max_bytes)
                 row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
@@ -141,7 +141,7 @@ def reused_row(again: dict[str, Any]) -> dict[str, Any]:
         entry = json.loads(again["entry"])
         row.update(
             status=entry["status"],
-            error=entry["error"],
+            **reuse.entry_reason(entry),
             vlm_caption=entry["vlm_caption"],
             caption_finish_reason=entry["finish_reason"],
             caption_seed=entry["seed"],
@@ -180,7 +180,7 @@ class CaptionWorker(EngineWorker):
             caption_n_output_tokens=gen.n_output_tokens,
         )
         if gen.error is not None:
-            row.update(status=schemas.MODEL_ERROR, error=gen.error)
+            row.update(status=gen.reason or vocab.MODEL_ERROR, error=gen.error)
 
 
 def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) -> pa.Table:
@@ -192,7 +192,7 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
     clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
-        if r["is_marker"] or r["status"] != schemas.OK or r.get("caption_finish_reason") is None:
+        if r["is_marker"] or r["status"] != vocab.OK or r.get("caption_finish_reason") is None:
             continue
         if r.get("caption_source") not in (None, reuse.COMPUTED):
             continue  # checked when it was computed, with the same checks (they are in the fingerprint)
@@ -201,8 +201,11 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
         if verdict.reason is None:
             r["vlm_caption"] = verdict.text
         else:
-            detail = f": {verdict.detail}" if verdict.detail else ""
-            r.update(status=schemas.CAPTION_REJECTED, error=f"{verdict.reason}{detail}"[:500])
+            r.update(
+                status=vocab.CAPTION_REJECTED,
+                reason=verdict.reason,
+                error=(verdict.detail or None) and verdict.detail[:500],
+            )
     return clock.stamp(work_table(rows), "t_caption_check")
 
 
@@ -286,6 +289,9 @@ class CaptionStage(Stage):
 
     def output_table(self, work: pa.Table) -> pa.Table:
         work = with_json_fields(work, "caption_quality", schemas.QUALITY_CAPTION)
+        statuses, checks = work["status"].to_pylist(), work["reason"].to_pylist()
+        reasons = [vocab.caption_reason(s, c) for s, c in zip(statuses, checks, strict=True)]
+        work = work.append_column("caption_reason", pa.array(reasons, pa.string()))
         return select_output(
             work,
             self.schema,
@@ -293,6 +299,7 @@ class CaptionStage(Stage):
                 "key": "key",
                 "shard": "shard",
                 "status": "status",
+                "reason": "caption_reason",
                 "error": "error",
                 "vlm_caption": "vlm_caption",
                 "finish_reason": "caption_finish_reason",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from vecap import fusion, schemas
+from vecap import fusion, schemas, vocab
 from vecap.backends import Generation, Request
 from vecap.config import FuseChecks, FuseConfig, stable_hash
 from vecap.faults import FaultPolicy
@@ -39,8 +39,7 @@ from vecap.storage import Storage
 from vecap.validation import check_fused
 from vecap.validation import fingerprint as checks_fingerprint
 
-STAGE = "fuse"
-INFRA_REASONS = frozenset({"model_error", "engine_crash", "caption_failed"})
+STAGE = vocab.FUSE
 
 
 def read_caption_rows(
@@ -87,17 +86,17 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
     for r in rows:
         if r["is_marker"]:
             continue
-        if r["status"] in schemas.IMAGE_FAILURES:
+        if r["status"] in vocab.IMAGE_FAILURES:
             r["fused_status"] = r["status"]
             continue
-        if r.get("caption_source") == "duplicate" and r["source"] == "images":
+        if r.get("caption_source") == vocab.DUPLICATE and r["source"] == "images":
             continue  # its caption comes when its first copy's shard commits: fused in a second pass
         r["fuse_seed"] = seed_for(run_seed, STAGE, r["key"])
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
-        if r["status"] in schemas.RETRYABLE:  # the caption engine failed: an infrastructure fallback
-            _set_result(r, fusion.fall_back(alt, "", "caption_failed"), detail=r["status"])
+        if r["status"] in vocab.RETRYABLE:  # the caption engine failed: an infrastructure fallback
+            _set_result(r, fusion.fall_back(alt, "", vocab.CAPTION_FAILED), detail=r["status"])
             continue
-        vlm = (r.get("vlm_caption") or "").strip() if r["status"] == schemas.OK else ""
+        vlm = (r.get("vlm_caption") or "").strip() if r["status"] == vocab.OK else ""
         settled = fusion.pre_decision(alt, vlm)
         if settled is not None:
             _set_result(r, settled)
@@ -124,6 +123,7 @@ class FuseWorker(EngineWorker):
             fuse_n_prompt_tokens=gen.n_prompt_tokens,
             fuse_n_output_tokens=gen.n_output_tokens,
             fuse_error=gen.error,
+            fuse_reason=(gen.reason or vocab.MODEL_ERROR) if gen.error is not None else None,
             fuse_messages=None,
         )
 
@@ -137,10 +137,8 @@ def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, 
             continue
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
         vlm = (r.get("vlm_caption") or "").strip()
-        if r.get("fuse_error"):
-            reason = "engine_crash" if r["fuse_error"].startswith("engine_crash") else "model_error"
-            detail = r["fuse_error"].removeprefix("engine_crash:").strip()
-            _set_result(r, fusion.fall_back(alt, vlm, reason), detail=detail)
+        if r.get("fuse_reason"):  # the engine failed on this row
+            _set_result(r, fusion.fall_back(alt, vlm, r["fuse_reason"]), detail=r.get("fuse_error"))
             continue
         verdict = check_fused(r.get("fuse_output"), r.get("fuse_finish_reason"), alt, vlm, instructions, checks)
         r["fuse_quality"] = json.dumps(verdict.quality)
@@ -154,8 +152,8 @@ def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, 
 def _set_result(row: dict[str, Any], fused: fusion.Fused, detail: str | None = None) -> None:
     """Record the VeC caption; the sample is usable when it has one (even if its caption failed)."""
     row["vec_caption"], row["vec_source"] = fused.vec_caption, fused.vec_source
-    row["fuse_error"] = fused.reason if detail is None else f"{fused.reason}: {detail}"
-    row["fused_status"] = schemas.NO_TEXT if fused.vec_caption is None else schemas.OK
+    row["fuse_reason"], row["fuse_error"] = fused.reason, detail
+    row["fused_status"] = vocab.NO_TEXT if fused.vec_caption is None else vocab.OK
 
 
 class FuseStage(Stage):
@@ -223,12 +221,15 @@ class FuseStage(Stage):
         ]
 
     def output_table(self, work: pa.Table) -> pa.Table:
-        # An image failure keeps its own error; otherwise the error column holds the fallback reason.
-        error = [
-            e if s in schemas.IMAGE_FAILURES else fe
-            for s, e, fe in zip(*(work[c].to_pylist() for c in ("fused_status", "error", "fuse_error")), strict=True)
-        ]
-        work = work.append_column("fused_error", pa.array(error, pa.string()))
+        # An image failure keeps its own status as reason and its error; otherwise they are the fallback's.
+        columns = ("fused_status", "error", "fuse_reason", "fuse_error")
+        image_failed = [s in vocab.IMAGE_FAILURES for s in work["fused_status"].to_pylist()]
+        reasons, errors = [], []
+        for failed, s, e, fr, fe in zip(image_failed, *(work[c].to_pylist() for c in columns), strict=True):
+            reasons.append(s if failed else fr)
+            errors.append(e if failed else fe)
+        work = work.append_column("fused_reason", pa.array(reasons, pa.string()))
+        work = work.append_column("fused_error", pa.array(errors, pa.string()))
         work = with_json_fields(work, "fuse_quality", schemas.QUALITY_FUSE)
         return select_output(
             work,
@@ -237,6 +238,7 @@ class FuseStage(Stage):
                 "key": "key",
                 "shard": "shard",
                 "status": "fused_status",
+                "reason": "fused_reason",
                 "error": "fused_error",
                 "alt_text": "alt_text",
                 "vlm_caption": "vlm_caption",
@@ -255,7 +257,7 @@ class FuseStage(Stage):
         out = super().stats(table)
         out["fallbacks"] = fallback_counts(table)
         # Fallbacks caused by the infrastructure, not by the model's output: never silent.
-        out["infra_fallbacks"] = {k: v for k, v in out["fallbacks"].items() if k in INFRA_REASONS}
+        out["infra_fallbacks"] = {k: v for k, v in out["fallbacks"].items() if k in vocab.INFRA_REASONS}
         out["vec_sources"] = dict(Counter(s for s in table["vec_source"].to_pylist() if s))
         return out
 
@@ -263,7 +265,7 @@ class FuseStage(Stage):
 def fallback_counts(table: pa.Table) -> dict[str, int]:
     """Per-reason counts of fused rows whose VeC caption is not the LLM's (the shard stats' fallbacks)."""
     counts: Counter = Counter()
-    for source, status, error in zip(*(table[c].to_pylist() for c in ("vec_source", "status", "error")), strict=True):
-        if source in ("vlm", "alt") or status == schemas.NO_TEXT:
-            counts[(error or "unknown").split(":", 1)[0]] += 1
+    for source, status, reason in zip(*(table[c].to_pylist() for c in ("vec_source", "status", "reason")), strict=True):
+        if source in vocab.FALLBACK_SOURCES or status == vocab.NO_TEXT:
+            counts[reason or "unknown"] += 1
     return dict(counts)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.images import ImageRejected, image_size, prepare_image, sniff_image_format
 from vecap.layout import Layout
 from vecap.mixing import choose_txt
@@ -92,12 +92,16 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
                 continue  # not in this stage's input (e.g. a dropped duplicate): nothing to write
             row = _row(shard, sample.key, f, captions.get(sample.key, {}), sample.url)
             rows[sample.key] = row
-            if row["status"] != schemas.OK or sample.image is None:
+            if row["status"] != vocab.OK or sample.image is None:
                 continue
             # img2dataset names every member .jpg; name ours by the real format (bytes unchanged)
             ext = sniff_image_format(sample.image) or sample.ext
             if ext not in image_exts:
-                row.update(status=schemas.UNSUPPORTED_FORMAT, error=f"{ext} images are not read by CLIP loaders")
+                row.update(
+                    status=vocab.UNSUPPORTED_FORMAT,
+                    reason=vocab.UNSUPPORTED_FORMAT,
+                    error=f"{ext} images are not read by CLIP loaders",
+                )
                 continue
             # the cleaned alt-text the fusion saw; "" when nothing usable is left (a camera file name …)
             alt = clean_alt_text(f["alt_text"], stage.max_alt_text_words)
@@ -105,7 +109,9 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
             if choice is not None and choice[1] == "vec" and not alt and f.get("vec_source") == "vlm":
                 choice = (choice[0], "vlm")  # no usable alt-text: the text is the VLM caption
             if choice is None:
-                row.update(status=schemas.NO_TEXT, error="neither alt-text nor VeC caption has text")
+                row.update(
+                    status=vocab.NO_TEXT, reason=vocab.NO_TEXT, error="neither alt-text nor VeC caption has text"
+                )
                 continue
             row["txt"], row["txt_source"] = choice
             row["image_ext"] = ext
@@ -116,7 +122,7 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
             if mix == "both":
                 _add(tar, f"{sample.key}.alt.txt", (alt or row["txt"]).encode())
                 _add(tar, f"{sample.key}.vec.txt", (f["vec_caption"] or row["txt"]).encode())
-            sample_json = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
+            sample_json = {k: v for k, v in row.items() if k not in ("shard", "status", "reason", "error")}
             _add(tar, f"{sample.key}.json", json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode())
             n_samples += 1
             if clip is not None:
@@ -128,8 +134,12 @@ def write_shard(storage: Storage, layout: Layout, shard: str, stage: WriteStage)
     for key, f in fused.items():
         if key not in rows:
             rows[key] = _row(shard, key, f, captions.get(key, {}), None)
-            if rows[key]["status"] == schemas.OK:
-                rows[key].update(status=schemas.MISSING_FROM_TAR, error="image not found in the input tar")
+            if rows[key]["status"] == vocab.OK:
+                rows[key].update(
+                    status=vocab.MISSING_FROM_TAR,
+                    reason=vocab.MISSING_FROM_TAR,
+                    error="image not found in the input tar",
+                )
     ordered = [rows[k] for k in sorted(rows)]
     stats = {
         "stage": STAGE,
@@ -203,6 +213,7 @@ def _row(shard: str, key: str, f: dict, c: dict, url: str | None) -> dict[str, A
         "height": None,
         "sha256": None,
         "status": f.get("status"),
+        "reason": f.get("reason"),
         "error": f.get("error"),
     }
     for p in _PROVENANCE:
