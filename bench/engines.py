@@ -33,7 +33,6 @@ library is subclassed or patched.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -44,6 +43,7 @@ from typing import Any
 
 from bench.context import CAPTION_LENGTHS, FUSE_LENGTHS, WORK, Ctx, busy_fraction, read_markers, summed_timings
 from bench.harness import Target, median, timed
+from bench.workload import caption_rows, fuse_rows, vllm_reset, write_captions
 
 log = logging.getLogger("bench")
 
@@ -54,20 +54,6 @@ COUNTERS = ("steps", "underfull_steps", "seq_steps", "busy_s")
 
 
 # --------------------------------------------------------------------------- shared
-def vllm_reset(engine: Any) -> None:
-    """Empty a vLLM engine's prefix, multimodal-input and encoder caches: the next call starts cold,
-    as in a new run (the encoder cache would otherwise give a repeated image's vision-tower output
-    for free). Called while the engine is idle."""
-    llm = getattr(engine, "llm", None)
-    if llm is None:
-        return
-    llm.reset_prefix_cache()
-    if hasattr(llm, "reset_mm_cache"):
-        llm.reset_mm_cache()
-    if hasattr(llm.llm_engine, "reset_encoder_cache"):
-        llm.llm_engine.reset_encoder_cache()
-
-
 def _check(out: list) -> None:
     errors = [g.error for g in out if g.error is not None]
     if errors:
@@ -313,42 +299,6 @@ def report_stage(
 
 
 # --------------------------------------------------------------------------- 1. caption
-def caption_rows(cfg: Any, images: Path, shards: list[str]) -> list[dict[str, Any]]:
-    """The rows the caption actor gets, read by the stage's own reader (pixels, seeds); captioned rows only."""
-    from vecap.stages.caption import CaptionStage, read_image_rows
-    from vecap.storage import Storage
-
-    stage = CaptionStage(cfg.caption, cfg.seed)
-    storage = Storage.for_path(str(images))
-    return [
-        r
-        for shard in shards
-        for table in read_image_rows(storage, str(images), shard, stage.read_options)
-        for r in table.to_pylist()
-        if r.get("needs_caption")
-    ]
-
-
-def caption_requests(cfg: Any, images: Path, shards: list[str]) -> tuple[list, list[str]]:
-    """The caption actor's requests, built as the stage builds them (same keys, seeds, messages, pixels)."""
-    from PIL import Image
-
-    from vecap.backends import Request
-    from vecap.stages.caption import CaptionStage
-
-    messages = CaptionStage(cfg.caption, cfg.seed).prompt.messages(image=True)
-    rows = caption_rows(cfg, images, shards)
-    requests = [
-        Request(
-            messages=messages,
-            seed=r["caption_seed"],
-            image=Image.frombytes("RGB", (r["pixels_w"], r["pixels_h"]), r["pixels"]),
-        )
-        for r in rows
-    ]
-    return requests, [r["key"] for r in rows]
-
-
 def bench_caption(ctx: Ctx) -> dict[str, Any]:
     from vecap.stages.base import engine_spec
     from vecap.stages.caption import CaptionStage, CaptionWorker
@@ -445,76 +395,6 @@ def _same_captions(root: Path, keys: list[str], outs: list) -> str:
 
 
 # --------------------------------------------------------------------------- 2. fuse
-def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
-    """Committed captions as the fuse stage's input, through the library's commit path.
-
-    In-domain sentences for the bench tokenizer: the random bench VLM's captions are byte
-    soup, often empty, which the fuse stage settles without the LLM; real captions are one sentence.
-    """
-    from vecap import schemas, vocab
-    from vecap.demo.tiny_models import training_sentences
-    from vecap.layout import Layout
-    from vecap.outputs import StageOutput
-    from vecap.stages.base import seed_for
-    from vecap.stages.caption import CaptionStage, read_image_rows
-    from vecap.storage import Storage
-
-    sentences = training_sentences(2000)
-    stage = CaptionStage(cfg.caption, cfg.seed)
-    storage = Storage.for_path(str(root))
-    layout = Layout(str(root))
-    out = StageOutput(layout, "caption", storage)
-    i = 0
-    for shard in shards:
-        rows = []
-        for table in read_image_rows(storage, layout.images, shard, stage.read_options):
-            for r in table.to_pylist():
-                if r["is_marker"]:
-                    continue
-                row = {
-                    "key": r["key"],
-                    "shard": shard,
-                    "status": r["status"],
-                    "reason": vocab.caption_reason(r["status"]),
-                    "error": r["error"],
-                    "seed": seed_for(cfg.seed, "caption", r["key"]),
-                    "model": "bench-synthetic",
-                    "prompt_id": "bench",
-                    "prompt_sha256": "0" * 64,
-                    "params_sha256": "0" * 64,
-                }
-                if r.get("needs_caption"):
-                    row.update(vlm_caption=sentences[i % len(sentences)], finish_reason="stop")
-                    i += 1
-                rows.append(row)
-        table = schemas.table(sorted(rows, key=lambda r: r["key"]), schemas.CAPTIONS)
-        out.commit(shard, table, {"stage": "caption", "shard": shard, "n_rows": len(rows), "fingerprint": None})
-
-
-def fuse_rows(cfg: Any, root: Path, shards: list[str]) -> list[dict[str, Any]]:
-    """The rows the fuse actor gets, made by the stage's own CPU steps (messages, seeds); rows that need the LLM."""
-    from vecap.layout import Layout
-    from vecap.stages.fuse import FuseStage, prepare_fuse_requests, read_caption_rows
-    from vecap.storage import Storage
-
-    f = cfg.fuse
-    stage = FuseStage(f, cfg.seed)
-    storage = Storage.for_path(str(root))
-    rows = []
-    for shard in shards:
-        for table in read_caption_rows(storage, Layout(str(root)), shard):
-            table = prepare_fuse_requests(table, stage.prompt, f.max_alt_text_words, cfg.seed)
-            rows += [r for r in table.to_pylist() if r.get("needs_fuse")]
-    return rows
-
-
-def fuse_requests(cfg: Any, root: Path, shards: list[str]) -> list:
-    """The fuse actor's requests, built with the stage's own CPU steps (same messages and seeds)."""
-    from vecap.backends import Request
-
-    return [Request(messages=json.loads(r["fuse_messages"]), seed=r["fuse_seed"]) for r in fuse_rows(cfg, root, shards)]
-
-
 def bench_fuse(ctx: Ctx) -> dict[str, Any]:
     from vecap.stages.base import engine_spec
     from vecap.stages.fuse import FuseWorker
@@ -630,7 +510,7 @@ def bench_fuse(ctx: Ctx) -> dict[str, Any]:
 def bench_backends(ctx: Ctx) -> dict[str, Any]:
     """vLLM and hf on the same requests in one call each (greedy, fixed max_new_tokens), then one
     profiled call of each (:mod:`bench.profile`): where the time goes on each side."""
-    from bench.profile import breakdown_rows, profile_call
+    from bench.profile import BACKENDS_EXPLAINED, breakdown_rows, explain_profiles, profile_call
     from vecap.backends import load_engine
     from vecap.stages.base import engine_spec
 
@@ -695,49 +575,3 @@ def bench_backends(ctx: Ctx) -> dict[str, Any]:
     if out:
         h.note(BACKENDS_EXPLAINED)
     return out
-
-
-BACKENDS_EXPLAINED = """\
-vLLM vs hf on this CPU, why (`python -m bench.profile`: medians of 3 profiled calls per side): both spend 94-99 % of \
-a call inside the model's forward, so the ratio is the forward's kernels and the tokens it computes, not scheduling, \
-batching or vecap. Prefill costs about the same per token on both sides (CPU GEMMs of the same speed at prefill sizes: \
-MKL through aten for hf, oneDNN with prepacked weights for vLLM). Decode steps are ~1.6x faster in vLLM: oneDNN's \
-small-M GEMMs, fused CPU kernels (RMSNorm with the residual add, rotary embedding, SiLU-and-mul) where hf runs one \
-aten op each, attention over a paged KV cache where hf concatenates its cache at every step. The caption model's \
-ratio is that decode share (its prompts share nothing: every image's tokens differ). On the fuse model vLLM's prefix \
-cache also computes the shared instructions once for all requests of the batch, so hf prefills ~2.8x more tokens; \
-the bench's small BPE makes that prefix ~3x longer in tokens than Llama-3's tokenizer would, so the fuse ratio \
-overstates what a real fuse prompt gains. The vision tower is ~3 % of a caption call on either side (vLLM also \
-caches a repeated image's encoder output; the bench empties that cache). Outside the forward vLLM spends 4-6 % \
-(scheduler, input preparation, sampling), hf 2-3 %; vecap's request building is under 0.5 %. Batching is equal: one \
-call, one batch, outputs of equal length (random weights, no EOS), so hf's static batch wastes nothing here; with \
-outputs of varying length it would keep decoding finished sequences until the longest ends. On a GPU the gap is of \
-another kind (CUDA graphs, paged attention at batch 256, continuous batching): the 3x target is a GPU figure that \
-this CPU and these small models cannot show for the caption model."""
-
-
-def explain_profiles(kind: str, profiles: dict[str, dict[str, Any]]) -> str:
-    """One sentence of figures from the two profiled calls (bench.profile)."""
-    v, f = profiles["vllm"], profiles["hf"]
-
-    def per_step(p: dict[str, Any]) -> float:
-        return 1000 * p["phases_s"]["decode"] / max(p["phase_calls"]["decode"], 1)
-
-    def per_token(p: dict[str, Any]) -> float:
-        return 1000 * p["phases_s"]["prefill"] / max(p["phase_tokens"]["prefill"], 1)
-
-    intake = v["categories_s"].get("request intake (chat template, tokenise)", 0.0)
-    return (
-        f"vLLM vs hf, {kind} model, a profiled call of {v['requests']} requests on each: {v['wall_s']:.2f} s vs "
-        f"{f['wall_s']:.2f} s; inside the model forward {v['model_forward_s'] / v['wall_s']:.0%} vs "
-        f"{f['model_forward_s'] / f['wall_s']:.0%} of the call; prefill {v['phase_tokens']['prefill']} tokens in "
-        f"{v['phases_s']['prefill']:.2f} s vs {f['phase_tokens']['prefill']} tokens (padding included) in "
-        f"{f['phases_s']['prefill']:.2f} s, of {v['prompt_tokens']} prompt tokens ({per_token(v):.2f} vs "
-        f"{per_token(f):.2f} ms per prefilled token); decode {per_step(v):.0f} vs "
-        f"{per_step(f):.0f} ms per step over {v['phase_calls']['decode']} steps; vision tower + projector "
-        f"{v['phases_s']['vision']:.2f} s vs {f['phases_s']['vision']:.2f} "
-        f"s; outside the forward {v['outside_model_s']:.2f} s "
-        "(vLLM's scheduler, input preparation, sampling, detokenising; request intake "
-        f"— chat template, tokenising, vecap's request building — {intake:.3f} s) vs "
-        f"{f['outside_model_s']:.2f} s; torch threads {v['torch_threads']}."
-    )

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -97,3 +98,24 @@ def test_section_failure_is_recorded_and_write_renders_both_files(tmp_path):
     assert "| a / b | s | 2.00 | 1.00 | 2.00 | ≤ 1.3 | **no** |" in text
     assert "**runs**" in text and "Sections that failed" in text
     assert h.failed() == ["bad"]
+
+
+def test_the_benchmark_modules_import_one_another_without_a_cycle():
+    """Lazy imports inside functions count too: a cycle there is still one (bench.engines and bench.profile had one)."""
+    import ast
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    graph = {
+        p.stem: {
+            n.module.split(".")[1]
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("bench.")
+        }
+        for p in bench.glob("*.py")
+    }
+    assert len(graph) > 10 and graph["engines"] >= {"profile", "workload"}  # the graph is the real one
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m})) for m in graph.get(start, ()))
+
+    assert [m for m in graph if reaches(m, m, {m})] == []
