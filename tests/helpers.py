@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import socket
 import tarfile
 import threading
@@ -129,3 +130,34 @@ class ConcurrencyEngine(ChatEngine):
         with cls._lock:
             cls._now -= 1
         return [Generation(text="a red bus", finish_reason="stop") for _ in requests]
+
+
+class KillWhen(threading.Thread):
+    """SIGKILL a ``vecap run`` subprocess and its session (the local Ray it started) from outside,
+    as soon as ``ready()`` (read from the root's files) is true: a real kill at a known point.
+
+    The process must have been started with ``start_new_session=True``. After ``join()``,
+    ``cmdline`` is the command line of the process that was killed (empty if none was).
+    """
+
+    def __init__(self, proc, ready, expect: str = "vecap.cli run", poll_s: float = 0.02, timeout_s: float = 600):
+        super().__init__(daemon=True)
+        self.proc, self.ready, self.expect, self.poll_s, self.timeout_s = proc, ready, expect, poll_s, timeout_s
+        self.cmdline = ""
+
+    def run(self) -> None:
+        import psutil
+
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                ready = self.ready()
+            except OSError:  # a listing racing a write
+                ready = False
+            if ready:
+                cmdline = " ".join(psutil.Process(self.proc.pid).cmdline())
+                if self.expect in cmdline:  # the process meant, else nothing is killed (the test fails)
+                    self.cmdline = cmdline
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+            time.sleep(self.poll_s)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MOTO_WHY, import_or_skip
+from helpers import MOTO_WHY, KillWhen, import_or_skip
 
 from vecap.layout import Layout
 from vecap.outputs import StageOutput
@@ -143,13 +143,11 @@ def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_m
     cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.Popen(
-        cmd,
-        env=env | {"VECAP_FAULT_KILL_AFTER_FUSED": "1"},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    # killed from outside (the driver and its local Ray) once its first fused shard is committed
+    killer = KillWhen(first, lambda: bool(StageOutput(layout, "fuse", storage).done()), poll_s=0.05)
+    killer.start()
     try:
         deadline = time.time() + 120
         while not storage.exists(layout.lease) and time.time() < deadline and first.poll() is None:
@@ -160,6 +158,8 @@ def test_sigkill_and_resume_on_s3_and_one_run_per_root(s3, sample_images, tiny_m
         assert second.returncode == 2, second.stderr[-2000:]
         assert held["run_id"] in second.stderr and "One run per root" in second.stderr
         assert first.wait(timeout=600) == -signal.SIGKILL, first.stderr.read()[-3000:]
+        killer.join()
+        assert "vecap.cli run --config" in killer.cmdline
     finally:
         try:
             os.killpg(first.pid, signal.SIGKILL)  # the local Ray the killed driver had started

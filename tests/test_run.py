@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import free_port, marker_path, stage_output
+from helpers import KillWhen, free_port, marker_path, stage_output
 
 from vecap import vocab
 from vecap.mixing import choose_txt, pick_caption
@@ -183,12 +183,16 @@ def test_sigkill_halfway_then_resume(make_root, tiny_models, tmp_path):
     root = make_root()
     recipe = _recipe(tmp_path, root, tiny_models)
     cmd = [sys.executable, "-m", "vecap.cli", "run", "--config", str(recipe), "--no-progress"]
-    # The driver SIGKILLs itself right after committing its first fused shard (a real kill at a
-    # known point, so the test cannot race the pipeline); then the rest of its session goes too.
-    env = _env() | {"VECAP_FAULT_KILL_AFTER_FUSED": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The driver and its local Ray are SIGKILLed from outside once the first fused shard is committed.
+    proc = subprocess.Popen(
+        cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killer = KillWhen(proc, lambda: any((root / "fused" / "_done").glob("*.json")))
+    killer.start()
     try:
         assert proc.wait(timeout=600) == -signal.SIGKILL
+        killer.join()
+        assert "vecap.cli run --config" in killer.cmdline
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver had started

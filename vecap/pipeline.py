@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -609,7 +608,6 @@ def _execute(
     failed: dict[str, str] = {}
     captioned: set[str] = set()
     waiting: dict[str, tuple[ShardPlan, dict[str, Any], dict[str, float]]] = {}
-    n_fused = 0
 
     def submit(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
         if p.deferred:  # the deferred stages' marker gets this pass's timings and engine counters too
@@ -630,7 +628,6 @@ def _execute(
         submitted.add(p.shard)
 
     def harvest(block: bool) -> None:
-        nonlocal n_fused
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
             if not ready:
@@ -649,9 +646,6 @@ def _execute(
                 tallies[step].add(stats)
             if "caption" in done:
                 captioned.add(shard)
-            if "fuse" in done:
-                n_fused += 1
-                _fault_point(n_fused)
 
     def complete(p: ShardPlan, report: dict[str, Any], timings: dict[str, float]) -> None:
         if "caption" not in p.commits or again.shards.get(p.shard, ShardReuse()).waits_for <= captioned:
@@ -719,15 +713,6 @@ def _execute(
     for shard in waiting:  # unreachable unless a first copy's shard was never planned
         failed[shard] = "the shards holding the first copies of its duplicate images were not committed"
     return failed
-
-
-def _fault_point(n_committed: int) -> None:
-    """Fault injection for the resume tests: ``VECAP_FAULT_KILL_AFTER_FUSED=N`` SIGKILLs the
-    driver right after its N-th fused shard is committed (a real kill at a known point)."""
-    limit = os.environ.get("VECAP_FAULT_KILL_AFTER_FUSED")
-    if limit and n_committed >= int(limit):
-        log.warning("fault injection: SIGKILL after %d fused shard(s)", n_committed)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _engine_restarts(registry: Any) -> dict[str, int]:
