@@ -50,6 +50,7 @@ from typing import Any
 from bench.context import REPO, WORK, Ctx, read_markers, set_env, summed_timings
 from bench.harness import Harness, Target, TreeSampler, alternating, median, timed
 from vecap.plan import CPU_STEPS, cpu_per_sample
+from vecap.stages.base import TIMINGS
 
 log = logging.getLogger("bench")
 
@@ -69,7 +70,7 @@ QUOTED = (
     f"(issue 10 quoted {QUOTED_ROW_HOLDING_MS_PER_ROW} ms per row + {QUOTED_ROW_HOLDING_MS_PER_SHARD:.0f} ms per "
     "shard for the row-holding driver it replaced: a past figure, not measured here)"
 )
-STEPS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check", "t_write")
+STEPS = (*TIMINGS, "t_write")  # the stream steps' wall seconds (vecap.stages.base), then the write stage's
 FLAT = Target("<=", 1.3)
 # The fit runs (one node, one driver process): (samples, shard size) beside the main runs, so that
 # driver CPU = a·wall + b·rows + c·shards (+ d per run) can be told apart; sized for a 2-core machine.
