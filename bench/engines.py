@@ -156,7 +156,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ensure_ray(ctx: Ctx) -> None:
     """The pipeline runs' local Ray (the recipe's), started once before any timing."""
-    from vecap.pipeline import init_ray
+    from vecap.ray_env import init_ray
 
     init_ray(ctx.cfg(WORK / "runs" / "ray"))
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     set_env()
     from vecap.demo.sample_data import make_sample_data
     from vecap.demo.tiny_models import build_tiny_models
-    from vecap.pipeline import start_local_ray
+    from vecap.ray_env import start_local_ray
 
     models = build_tiny_models(WORK / "models", scale=args.scale)
     images = make_sample_data(

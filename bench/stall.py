@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from bench.data import repack, sample_images
     from vecap.demo.tiny_models import build_tiny_models
-    from vecap.pipeline import start_local_ray
+    from vecap.ray_env import start_local_ray
 
     models = build_tiny_models(WORK / "models", scale="tiny")
     sample = sample_images(WORK / "data" / "stall-sample", 32, 8)

@@ -122,7 +122,7 @@ def ray_local():
     """One local Ray for the whole session, private temp dir, no dashboard."""
     import ray
 
-    from vecap.pipeline import start_local_ray
+    from vecap.ray_env import start_local_ray
 
     start_local_ray(
         num_cpus=8,

@@ -93,7 +93,7 @@ def test_same_inputs_same_parquet_in_a_fresh_root(make_root, demo_config, pipeli
 
 def test_changed_prompt_is_refused_unless_overwrite(make_root, demo_config):
     """--overwrite --shards recomputes exactly the selected shards; the others keep their work."""
-    from vecap.pipeline import ConfigMismatch
+    from vecap.planning import ConfigMismatch
 
     root = make_root()
     run(demo_config(root), ["caption"], shards=["00000", "00001"], progress=False)

@@ -150,7 +150,8 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
     from vecap.clipscore import ClipScorer, get_scorer
     from vecap.images import prepare_image
     from vecap.layout import Layout
-    from vecap.pipeline import ConfigMismatch, build_stages, run
+    from vecap.pipeline import build_stages, run
+    from vecap.planning import ConfigMismatch
     from vecap.stages.write import WriteStage, write_shard
     from vecap.storage import Storage
     from vecap.validation import clean_alt_text

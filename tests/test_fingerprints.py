@@ -4,7 +4,7 @@ are invalidated (and, in one real run, recomputed), nothing else is touched, and
 always lists exactly the tars present.
 
 Most cases need no model: the markers are written by hand with the fingerprints the stages of the
-original recipe compute, and the check is :func:`vecap.pipeline.invalidate_stale` (or ``run``, which
+original recipe compute, and the check is :func:`vecap.planning.invalidate_stale` (or ``run``, which
 refuses before it starts Ray). One real run checks the recompute end to end.
 """
 
@@ -20,7 +20,8 @@ from helpers import jpeg_bytes, sample_members, stage_output, write_img2dataset_
 from vecap import schemas, vocab
 from vecap.config import load_config
 from vecap.layout import STAGES, Layout
-from vecap.pipeline import ConfigMismatch, build_stages, invalidate_stale, run
+from vecap.pipeline import build_stages, run
+from vecap.planning import ConfigMismatch, invalidate_stale
 from vecap.storage import Storage
 
 SHARDS = ("00000", "00001", "00002")

@@ -110,7 +110,7 @@ def test_run_gives_open_clip_ready_shards_equal_to_stage_by_stage(pipeline_root,
         assert (root / "clip" / name).read_bytes() == (staged / "clip" / name).read_bytes()
 
     # A changed mix is refused for committed shards.
-    from vecap.pipeline import ConfigMismatch
+    from vecap.planning import ConfigMismatch
 
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)

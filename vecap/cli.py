@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     from vecap.config import ConfigError
     from vecap.lease import RootBusy
     from vecap.outputs import LegacyLayoutError
-    from vecap.pipeline import ConfigMismatch, RunFailed
+    from vecap.pipeline import RunFailed
+    from vecap.planning import ConfigMismatch
 
     try:
         return args.func(args)

@@ -87,3 +87,7 @@ def caption_reason(status: str | None, rejected_by: str | None = None) -> str | 
     if status == CAPTION_REJECTED:
         return rejected_by
     return None if status in (OK, None) else status
+
+
+# --- where a shard's rows are read from (plans and the work rows' ``source``) ------------------
+FROM_IMAGES, FROM_CAPTIONS = "images", "captions"  # the input tar, or the committed captions

@@ -85,7 +85,7 @@ def read_image_rows(
         row: dict[str, Any] = {
             "key": sample.key,
             "shard": shard,
-            "source": "images",
+            "source": vocab.FROM_IMAGES,
             "is_marker": False,
             "status": sample.status,
             "error": sample.error,

@@ -57,7 +57,7 @@ def read_caption_rows(
             {
                 "key": c["key"],
                 "shard": shard,
-                "source": "captions",
+                "source": vocab.FROM_CAPTIONS,
                 "is_marker": False,
                 "status": c["status"],
                 "error": c["error"],
@@ -89,7 +89,7 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
         if r["status"] in vocab.IMAGE_FAILURES:
             r["fused_status"] = r["status"]
             continue
-        if r.get("caption_source") == vocab.DUPLICATE and r["source"] == "images":
+        if r.get("caption_source") == vocab.DUPLICATE and r["source"] == vocab.FROM_IMAGES:
             continue  # its caption comes when its first copy's shard commits: fused in a second pass
         r["fuse_seed"] = seed_for(run_seed, STAGE, r["key"])
         alt = fusion.clean_alt_text(r.get("alt_text"), max_alt_text_words)
