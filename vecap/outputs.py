@@ -87,6 +87,17 @@ class StageOutput:
         self.storage.remove(self.layout.parts(self.step, shard), recursive=True)
 
 
+def remove_dead_runs_files(layout: Layout, storage: Storage) -> None:
+    """Temporary files, part files and reuse plans of runs that died: call only holding the lease
+    (parts were made with settings that may have changed since; they are redone)."""
+    for step in STAGES:
+        storage.remove_temps(layout.stage(step))
+        storage.remove_temps(layout.done_dir(step))
+        storage.remove(layout.parts(step), recursive=True)
+    storage.remove_temps(layout.clip)
+    storage.remove(layout.reuse(), recursive=True)
+
+
 def write_sizes(layout: Layout, storage: Storage) -> dict[str, int]:
     """``clip/sizes.json``: tar name → sample count of every done write shard, as open_clip reads it."""
     sizes = {f"{s}.tar": int(m["n_samples"]) for s, m in StageOutput(layout, "write", storage).markers().items()}

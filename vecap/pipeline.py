@@ -18,20 +18,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from vecap import vocab
-from vecap.config import ConfigError, PipelineConfig
+from vecap.config import PipelineConfig
 from vecap.faults import registry_name, start_registry
 from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
-from vecap.outputs import check_layout, write_sizes
-from vecap.planning import ShardPlan, check_root, invalidate_stale, plan
+from vecap.outputs import check_layout, remove_dead_runs_files, write_sizes
+from vecap.planning import ShardPlan, check_root, invalidate_stale, plan, select_shards
 from vecap.ray_env import init_ray
-from vecap.reuse import Reuse, ShardReuse, resolve
+from vecap.reuse import Reuse, resolve
 from vecap.runlog import driver_log, file_only
-from vecap.scheduler import execute
+from vecap.scheduler import RunContext, execute_passes
 from vecap.stages.base import Stage
 from vecap.storage import Storage
 from vecap.summary import RunFailed, RunResult, run_manifest
@@ -115,12 +114,7 @@ def run(
         cfg = dry_run_config(cfg)
     layout = layout_of(cfg, dry_run)
     storage = Storage.for_path(cfg.root, cfg.storage_options)
-    input_shards = check_root(cfg, layout, storage)
-    if shards is not None:
-        unknown = sorted(set(shards) - set(input_shards))
-        if unknown:
-            raise ConfigError(f"--shards names shards that are not in {layout.images}: {unknown}")
-        input_shards = [s for s in input_shards if s in set(shards)]
+    input_shards = select_shards(check_root(cfg, layout, storage), shards, layout)
     check_layout(layout, storage)
     run_id = new_run_id()
     lease = Lease(storage, layout.lease, run_id, ttl_s=cfg.lease_ttl_s, heartbeat_s=min(15.0, cfg.lease_ttl_s / 4))
@@ -129,17 +123,12 @@ def run(
             "run %s on %s (%s)%s", run_id, layout.root, ", ".join(steps), " — dry run, no models" if dry_run else ""
         )
         log.info("driver log: %s", log_path)
-        for s in STAGES:  # we hold the lease: temporary files and parts left in the root belong to dead runs
-            storage.remove_temps(layout.stage(s))
-            storage.remove_temps(layout.done_dir(s))
-            storage.remove(layout.parts(s), recursive=True)  # (made with settings that may have changed since)
-        storage.remove_temps(layout.clip)
+        remove_dead_runs_files(layout, storage)  # we hold the lease: what other runs left belongs to dead ones
         stages = build_stages(cfg, steps, registry_name(run_id))
         invalidate_stale(stages, layout, storage, set(shards) if shards is not None else None, overwrite)
         plans, tallies = plan(stages, layout, storage, input_shards, retry_failed)
         failed: dict[str, str] = {}
         restarts: dict[str, int] = {}
-        storage.remove(layout.reuse(), recursive=True)  # reuse plans of dead runs
         if plans:
             log.info("Ray: %s", init_ray(cfg))
             registry = start_registry(run_id, cfg.faults.max_consecutive_fatal)
@@ -151,31 +140,8 @@ def run(
                 len(input_shards) - len(plans),
             )
             again = resolve_reuse(stages, plans, storage, layout, run_id)
-            with_dups = {
-                p.shard for p in plans if vocab.FUSE in p.stream and again.shards.get(p.shard, ShardReuse()).n_duplicate
-            }
-            if with_dups:
-                # A duplicate's caption arrives when its first copy's shard commits, after the stream has
-                # passed it: the first pass fuses every other row (its fused rows wait as parts), and a
-                # second pass fuses the duplicates from the committed captions, then commits those shards.
-                first = [replace(p, write=False, deferred=(vocab.FUSE,)) if p.shard in with_dups else p for p in plans]
-                failed.update(execute(cfg, stages, first, storage, layout, tallies, progress, registry, again, run_id))
-                second = [
-                    ShardPlan(
-                        p.shard,
-                        vocab.FROM_CAPTIONS,
-                        [vocab.FUSE],
-                        p.write,
-                        duplicates_only=True,
-                        n_rows=again.shards[p.shard].n_duplicate,
-                    )
-                    for p in plans
-                    if p.shard in with_dups and p.shard not in failed
-                ]
-                log.info("second pass: fusing the duplicates of %d shard(s)", len(second))
-                failed.update(execute(cfg, stages, second, storage, layout, tallies, progress, registry, again, run_id))
-            else:
-                failed.update(execute(cfg, stages, plans, storage, layout, tallies, progress, registry, again, run_id))
+            shared = RunContext(cfg, stages, storage, layout, tallies, registry, again, run_id, progress)
+            failed = execute_passes(shared, plans)
             storage.remove(layout.reuse(run_id), recursive=True)
             restarts = _engine_restarts(registry)
         else:

@@ -139,3 +139,13 @@ def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[st
             f"no input shards (NNNNN.tar) found in {layout.images}: check `root` (is it the folder holding images/?)"
         )
     return shards
+
+
+def select_shards(input_shards: list[str], shards: Sequence[str] | None, layout: Layout) -> list[str]:
+    """The input shards ``--shards`` selects (all when None); an unknown name is an error."""
+    if shards is None:
+        return input_shards
+    unknown = sorted(set(shards) - set(input_shards))
+    if unknown:
+        raise ConfigError(f"--shards names shards that are not in {layout.images}: {unknown}")
+    return [s for s in input_shards if s in set(shards)]

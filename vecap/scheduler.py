@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vecap import metrics, vocab
@@ -35,27 +36,34 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[-1][:300] if text else ''}"
 
 
+@dataclass
+class RunContext:
+    """What every pass of a run shares: the recipe, its stages, the root, the tallies the
+    commits add to, the run's fault registry and its reused captions."""
+
+    cfg: PipelineConfig
+    stages: dict[str, Stage]
+    storage: Storage
+    layout: Layout
+    tallies: dict[str, StageTally]
+    registry: Any  # the run's FaultRegistry actor (vecap.faults)
+    again: Reuse
+    run_id: str
+    progress: bool = True
+
+
 class CommitScheduler:
     """Finalize tasks of one pass over planned shards (see the module docstring)."""
 
-    def __init__(
-        self,
-        cfg: PipelineConfig,
-        stages: dict[str, Stage],
-        storage: Storage,
-        layout: Layout,
-        tallies: dict[str, StageTally],
-        again: Reuse,
-        run_id: str,
-    ) -> None:
+    def __init__(self, run: RunContext) -> None:
         import ray
 
         # (Ray's stubs type retry_exceptions as a bool; a list of exception types is documented and works)
         self._finalize = ray.remote(  # type: ignore[call-overload]
-            num_cpus=0.5, max_retries=cfg.faults.finalize_retries, retry_exceptions=[OSError]
+            num_cpus=0.5, max_retries=run.cfg.faults.finalize_retries, retry_exceptions=[OSError]
         )(finalize_shard)
-        self.stages, self.storage, self.layout, self.tallies = stages, storage, layout, tallies
-        self.again, self.run_id = again, run_id
+        self.stages, self.storage, self.layout, self.tallies = run.stages, run.storage, run.layout, run.tallies
+        self.again, self.run_id = run.again, run.run_id
         self.pending: dict[Any, str] = {}  # finalize task → shard
         self.submitted: set[str] = set()
         self.waiting: dict[str, _Ready] = {}
@@ -136,18 +144,38 @@ class CommitScheduler:
         return self.failed
 
 
-def execute(
-    cfg: PipelineConfig,
-    stages: dict[str, Stage],
-    plans: list[ShardPlan],
-    storage: Storage,
-    layout: Layout,
-    tallies: dict[str, StageTally],
-    progress: bool,
-    registry: Any,
-    again: Reuse,
-    run_id: str,
-) -> dict[str, str]:
+def execute_passes(run: RunContext, plans: list[ShardPlan]) -> dict[str, str]:
+    """Every planned shard streamed and committed; returns the failed shards.
+
+    A duplicate's caption arrives when its first copy's shard commits, after the stream has
+    passed it: the first pass then fuses every other row of such a shard (its fused rows wait
+    as parts), and a second pass fuses the duplicates from the committed captions and commits
+    those shards.
+    """
+    with_dups = {
+        p.shard for p in plans if vocab.FUSE in p.stream and run.again.shards.get(p.shard, ShardReuse()).n_duplicate
+    }
+    if not with_dups:
+        return execute(run, plans)
+    first = [replace(p, write=False, deferred=(vocab.FUSE,)) if p.shard in with_dups else p for p in plans]
+    failed = execute(run, first)
+    second = [
+        ShardPlan(
+            p.shard,
+            vocab.FROM_CAPTIONS,
+            [vocab.FUSE],
+            p.write,
+            duplicates_only=True,
+            n_rows=run.again.shards[p.shard].n_duplicate,
+        )
+        for p in plans
+        if p.shard in with_dups and p.shard not in failed
+    ]
+    log.info("second pass: fusing the duplicates of %d shard(s)", len(second))
+    return failed | execute(run, second)
+
+
+def execute(run: RunContext, plans: list[ShardPlan]) -> dict[str, str]:
     """Stream the planned shards, commit each shard once it is complete; returns the failed shards.
 
     A stream that fails (the fault registry's circuit breaker, an error Ray could not retry)
@@ -156,20 +184,21 @@ def execute(
     """
     import ray
 
-    commits = CommitScheduler(cfg, stages, storage, layout, tallies, again, run_id)
+    commits = CommitScheduler(run)
+    storage, layout = run.storage, run.layout
     for p in plans:
         if not p.stream:
             commits.submit(p, {}, {})
     streamed = [p for p in plans if p.stream]
     if streamed:
         by_shard = {p.shard: p for p in streamed}
-        bar = progress_bar(expected_rows(storage, layout, streamed), enabled=progress)
+        bar = progress_bar(expected_rows(storage, layout, streamed), enabled=run.progress)
         got: Counter = Counter()
         reports: dict[str, dict[str, Any]] = {}
         timings: dict[str, Counter] = {}
         stream_error = None
         try:
-            for batch in build_stream(cfg, stages, streamed, storage, layout, again).iter_batches(
+            for batch in build_stream(run.cfg, run.stages, streamed, storage, layout, run.again).iter_batches(
                 batch_size=None, batch_format="pyarrow"
             ):
                 for shard, n, report, t in zip(
@@ -187,7 +216,7 @@ def execute(
                 commits.harvest(block=False)
                 commits.release()
         except Exception as err:  # noqa: BLE001 - commit what is complete, then report the rest
-            stream_error = ray.get(registry.state.remote())["tripped"] or _one_line(err)
+            stream_error = ray.get(run.registry.state.remote())["tripped"] or _one_line(err)
             log.error("the stream stopped: %s", stream_error)
         bar.close()
         for p in streamed:
