@@ -11,15 +11,18 @@ import shutil
 import pytest
 from helpers import stage_output
 
-from vecap import schemas
+from vecap import schemas, vocab
 from vecap.config import ConfigError
 from vecap.layout import STAGES
 from vecap.pipeline import run
 
 pytestmark = pytest.mark.slow
-FAILED = {
-    "00000": ["model_error: RuntimeError: simulated", "engine_crash: this sample made the engine process exit"],
-    "00001": ["model_error: APIStatusError: 500"],
+FAILED = {  # shard → (reason, error) of the rows made failed
+    "00000": [
+        (vocab.MODEL_ERROR, "RuntimeError: simulated"),
+        (vocab.ENGINE_CRASH, "this sample made the engine process exit"),
+    ],
+    "00001": [(vocab.MODEL_ERROR, "APIStatusError: 500")],
 }
 
 
@@ -40,10 +43,11 @@ def _fail_rows(root) -> dict[str, set[str]]:
         rows = fused.read_table(shard).to_pylist()
         called = [r for r in rows if r["n_output_tokens"] is not None][: len(errors)]
         assert len(called) == len(errors)
-        for r, error in zip(called, errors, strict=True):
+        for r, (reason, error) in zip(called, errors, strict=True):
             r.update(
                 vec_caption=r["vlm_caption"],
                 vec_source="vlm",
+                reason=reason,
                 error=error,
                 finish_reason=None,
                 n_prompt_tokens=None,
