@@ -76,6 +76,7 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
             vec_source = None if failed else vec_sources[i % 4]
             alt = (alt_of and alt_of(s, i)) or f"Tower Bridge in London, {2000 + i} edition of sample {i}"
             vec = f"A red bus near Tower Bridge, London, {2000 + i}" if vec_source == "fused" else "a bus on a bridge"
+            fallback_reason = {"vlm": "lost_entities", "alt": "no_vlm"}
             row = {
                 "key": key, "shard": shard, "url": f"http://x/{key}", "alt_text": alt,
                 "vlm_caption": "a bus on a bridge", "vec_caption": None if failed else vec,
@@ -83,7 +84,8 @@ def vecap_root(root: Path, alt_of=None, key_of=None, n_per_shard: int = 8) -> li
                 "txt_source": None if failed else ("alt" if i % 2 else "vec"),
                 "image_ext": None if failed else ext, "width": None if failed else 10, "height": None if failed else 10,
                 "status": "download_failed" if failed else "ok",
-                "error": "HTTP 404" if failed else ({"vlm": "lost_entities", "alt": "no_vlm"}.get(str(vec_source))),
+                "reason": "download_failed" if failed else fallback_reason.get(str(vec_source)),
+                "error": "HTTP 404" if failed else None,
                 "caption_model": "models/tiny-llava", "caption_prompt_id": "concise",
                 "fuse_model": "models/tiny-llama", "fuse_prompt_id": "vecap",
             }  # fmt: skip
@@ -322,11 +324,11 @@ def test_report_of_a_root_with_only_fused(tmp_path):
     fused = [
         {"key": k, "shard": "00000", "status": "ok" if i < 4 else "download_failed", "alt_text": f"Eiffel Tower {i}",
          "vlm_caption": "a tall tower", "vec_caption": f"The Eiffel Tower {i} at dusk" if i < 2 else "a tall tower",
-         "vec_source": "fused" if i < 2 else "vlm", "error": None if i < 2 else "truncated",
+         "vec_source": "fused" if i < 2 else "vlm", "reason": None if i < 2 else "truncated",
          "model": "models/tiny-llama", "prompt_id": "vecap"}
         for i, k in enumerate(keys)
     ]  # fmt: skip
-    fused[4].update(vec_caption=None, vec_source=None, error="HTTP 404")
+    fused[4].update(vec_caption=None, vec_source=None, reason="download_failed", error="HTTP 404")
     write_stage(root, "fuse", "00000", fused, schemas.FUSED,
                 {"fallbacks": {"truncated": 2}, "statuses": {"ok": 4, "download_failed": 1}})  # fmt: skip
     (root / "fused" / "00001.parquet").write_bytes(
@@ -406,7 +408,7 @@ def test_hostile_values_never_become_markup(tmp_path):
         if row["status"] != "ok":
             row.update(status=SCRIPT_TAG, error=IMG_TAG)
         elif row["vec_source"] in ("vlm", "alt"):
-            row["error"] = SCRIPT_TAG * 10  # a long hostile fallback reason
+            row.update(reason=SCRIPT_TAG, error=SCRIPT_TAG * 10)  # a hostile fallback reason and a long detail
     write_stage(root, "write", "00001", rows, schemas.VECAP, {"n_rows": 8, "statuses": {SCRIPT_TAG: 2, "ok": 6}})
     Path(layout.marker("fuse", "00001")).write_text(json.dumps({"fallbacks": {IMG_TAG: 3}}))
     Path(layout.run_file("write")).write_text(json.dumps({
@@ -575,7 +577,8 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
 
     root = tmp_path / "root"
     (root / "images").mkdir(parents=True)
-    reasons = ["refusal: I'm sorry", "repetition: 'bridge' x12", "refusal", "empty", "boilerplate: The image shows."]
+    reasons = [("refusal", "I'm sorry"), ("repetition", "'bridge' x12"), ("refusal", None), ("empty", None),
+               ("boilerplate", "The image shows.")]  # (reason, error) of the rejected captions  # fmt: skip
     alts = {}
     for s, shard in enumerate(("00000", "00001")):
         caps = []
@@ -586,7 +589,8 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
             caps.append({
                 "key": key, "shard": shard,
                 "status": "download_failed" if i == 8 else "caption_rejected" if rejected else "ok",
-                "error": "HTTP 404" if i == 8 else reasons[(i + s) % 5] if rejected else None,
+                "reason": "download_failed" if i == 8 else reasons[(i + s) % 5][0] if rejected else None,
+                "error": "HTTP 404" if i == 8 else reasons[(i + s) % 5][1] if rejected else None,
                 "vlm_caption": None if i == 8 else (SCRIPT_TAG if i == 3 else f"a red bridge {i} " * (i + 1)),
                 "q_repetition": None if i == 8 else round(0.11 * i * (s + 1), 3),
                 "q_words": None if i == 8 else 3 * i + s,
@@ -607,12 +611,14 @@ def test_quality_and_rejections_of_caption_and_fuse_stages(tmp_path):
         fused = []
         for i in range(9):
             key = f"{s}{i:06d}"
-            error, source = [(None, "fused"), ("lost_entities: kept 0 of 3", "vlm"), ("invented: 1999", "alt"),
-                             ("no_vlm_caption", "alt"), ("model_error: boom", "vlm"), ("lost_entities", "vlm"),
-                             ("caption_failed: model_error", "alt"), ("empty", None),
-                             ("HTTP 404", None)][i]  # fmt: skip
+            reason, error, source = [
+                (None, None, "fused"), ("lost_entities", "kept 0 of 3", "vlm"), ("invented", "1999", "alt"),
+                ("no_vlm_caption", None, "alt"), ("model_error", "boom", "vlm"), ("lost_entities", None, "vlm"),
+                ("caption_failed", "model_error", "alt"), ("empty", None, None),
+                ("download_failed", "HTTP 404", None)][i]  # fmt: skip
             fused.append({
-                "key": key, "shard": shard, "status": {7: "no_text", 8: "download_failed"}.get(i, "ok"), "error": error,
+                "key": key, "shard": shard, "status": {7: "no_text", 8: "download_failed"}.get(i, "ok"),
+                "reason": reason, "error": error,
                 "alt_text": alts[key], "vlm_caption": "a red bridge", "vec_source": source,
                 "vec_caption": {"vlm": "a red bridge", "alt": alts[key]}.get(source, "fused text" if source else None),
                 "q_entity_recall": None if i in (3, 8) else i / 8, "q_novel": i % 3, "q_lang_out": "en",

@@ -102,14 +102,15 @@ def _hostile_root(root: Path) -> int:
     rows = vecap_root(root, alt_of=lambda s, i: HOSTILE[i % 3] if s == 0 and i < 3 else None)
     layout = Layout(str(root))
     shard = pq.read_table(layout.parquet("write", "00001")).to_pylist()
-    long_reason = "lost_entities:" + "x" * 300  # one unbroken word, far wider than its card
+    long_reason = "lost_entities_" + "x" * 300  # one unbroken word, far wider than its card
     for i, row in enumerate(shard):
         row["q_clip_score"] = 0.1 * i
         row["vec_caption"] = (row["vec_caption"] or "") + " " + IMG_TAG
         if row["vec_source"] in ("vlm", "alt"):
-            row["error"] = long_reason if i % 2 else SCRIPT_TAG + " " + "y" * 200
+            row["reason"] = long_reason if i % 2 else SCRIPT_TAG
+            row["error"] = "x" * 300 if i % 2 else SCRIPT_TAG + " " + "y" * 200
         if row["status"] != "ok":
-            row["status"], row["error"] = "image_undecodable_" + "z" * 120, SCRIPT_TAG * 8
+            row["status"], row["reason"], row["error"] = "image_undecodable_" + "z" * 120, "z" * 150, SCRIPT_TAG * 8
     write_stage(
         root, "write", "00001", shard, schemas.VECAP, {"n_rows": len(shard), "statuses": {"ok": 6, "x" * 150: 2}}
     )
@@ -119,12 +120,14 @@ def _hostile_root(root: Path) -> int:
     for i, row in enumerate(shard):
         rejected = i % 2 == 0
         caps.append({"key": row["key"], "shard": "00001", "status": "caption_rejected" if rejected else "ok",
-                     "error": f"repetition: {'w' * 250}" if rejected else None, "vlm_caption": ("v" * 400 + " ") * 2,
+                     "reason": "repetition" if rejected else None, "error": "w" * 250 if rejected else None,
+                     "vlm_caption": ("v" * 400 + " ") * 2,
                      "q_repetition": 0.1 * i, "q_words": 3 * i,
                      "q_lang_out": "l" * 150 if i == 1 else "en"})  # fmt: skip
         fused.append({"key": row["key"], "shard": "00001", "status": "ok", "alt_text": IMG_TAG + "a" * 300,
                       "vlm_caption": "a bus", "vec_caption": "b" * 400 if rejected else "a bus, London",
-                      "vec_source": "vlm" if rejected else "fused", "error": long_reason if rejected else None,
+                      "vec_source": "vlm" if rejected else "fused", "reason": long_reason if rejected else None,
+                      "error": "x" * 300 if rejected else None,
                       "q_entity_recall": i / 8, "q_novel_terms": "|".join(["n" * 60] * 4),
                       "q_words": 2 * i})  # fmt: skip
     write_stage(root, "caption", "00001", caps, schemas.CAPTIONS, {"n_rows": len(caps)})
