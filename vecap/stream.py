@@ -15,8 +15,32 @@ from vecap.finalize import write_parts
 from vecap.layout import Layout
 from vecap.planning import ShardPlan
 from vecap.reuse import DUPLICATE, Reuse
-from vecap.stages.base import Stage
+from vecap.stages.base import Stage, Step, check_steps
 from vecap.storage import Storage
+
+# What the read step writes into the work rows: an image shard's rows (pixels, reuse, a cached
+# caption) or a captions shard's (vecap.stages.caption.read_image_rows, vecap.stages.fuse.read_caption_rows).
+READ_OUTPUTS = (
+    "status",
+    "reason",
+    "error",
+    "alt_text",
+    "url",
+    "pixels",
+    "pixels_w",
+    "pixels_h",
+    "needs_caption",
+    "sha256",
+    "caption_source",
+    "caption_from",
+    "caption_from_shard",
+    "vlm_caption",
+    "caption_finish_reason",
+    "caption_n_prompt_tokens",
+    "caption_n_output_tokens",
+    "caption_seed",
+    "caption_quality",
+)
 
 
 def read_planned_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None):
@@ -51,8 +75,6 @@ def build_stream(
     """from_items(planned shards) → read → each stream stage's steps → part writer (manifest rows)."""
     import ray.data
 
-    from vecap.stages.base import Step
-
     items = [
         {
             "source": p.source,
@@ -75,12 +97,25 @@ def build_stream(
         memory_mb=1024,
     ).apply(ds)
     in_stream = [stages[s] for s in (vocab.CAPTION, vocab.FUSE) if any(s in p.stream for p in plans)]
-    for stage in in_stream:
-        for step in stage.steps():
-            ds = step.apply(ds)
-    return Step(
-        "write-parts", write_parts, {"storage": storage, "layout": layout, "stages": in_stream}, num_cpus=0.25
-    ).apply(ds)
+    for step in work_steps(in_stream, storage, layout):
+        ds = step.apply(ds)
+    return ds
+
+
+def work_steps(in_stream: list[Stage], storage: Storage, layout: Layout) -> list[Step]:
+    """The steps after the read: each stream stage's, then the part writer; their declared
+    columns checked against what the steps before them write (:func:`vecap.stages.base.check_steps`)."""
+    steps = [step for stage in in_stream for step in stage.steps()]
+    reads = sorted({c for stage in in_stream for c in stage.reads} | {"caption_source", "engine_stats"})
+    writer = Step(
+        "write-parts",
+        write_parts,
+        {"storage": storage, "layout": layout, "stages": in_stream},
+        inputs=tuple(reads),
+        num_cpus=0.25,
+    )
+    check_steps([*steps, writer], READ_OUTPUTS)
+    return [*steps, writer]
 
 
 def progress_bar(total: int | None, enabled: bool):

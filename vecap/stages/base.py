@@ -20,6 +20,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -84,8 +85,33 @@ WORK = pa.schema(
 )
 
 
+# Columns of every work row, written by the read step and read by any step: the stream's bookkeeping.
+ROW_COLUMNS = ("key", "shard", "source", "is_marker", "report")
+
+
+class StageContractError(ValueError):
+    """A step declares it reads a column that no step before it writes, or writes one that is not a work column."""
+
+
 def work_table(rows: list[dict[str, Any]]) -> pa.Table:
     return schemas.table(rows, WORK)
+
+
+def check_steps(steps: Sequence[Step], written: Iterable[str] = ()) -> None:
+    """Each step's declared ``inputs`` are written by a step before it (or are :data:`ROW_COLUMNS`),
+    and each step writes only work columns; raises :class:`StageContractError` naming the step and
+    the columns. Called when the stream is built, before any data moves."""
+    have = set(ROW_COLUMNS) | set(written)
+    for step in steps:
+        missing = sorted(set(step.inputs) - have)
+        if missing:
+            raise StageContractError(
+                f"step {step.name!r} reads {missing}, which no step before it writes (written: {sorted(have)})"
+            )
+        unknown = sorted(set(step.outputs) - set(WORK.names))
+        if unknown:
+            raise StageContractError(f"step {step.name!r} writes {unknown}, which are not work columns (WORK)")
+        have |= set(step.outputs)
 
 
 def with_time(table: pa.Table, column: str, seconds: float, cpu_seconds: float | None = None) -> pa.Table:
@@ -121,7 +147,8 @@ class Step:
     name: str
     fn: Any  # a function (Ray tasks) or a callable class (an actor pool)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fn_kwargs / fn_constructor_kwargs
-    inputs: tuple[str, ...] = ()  # the WORK columns the step reads
+    inputs: tuple[str, ...] = ()  # the WORK columns the step reads (checked by check_steps)
+    outputs: tuple[str, ...] = ()  # the WORK columns it writes, its timing columns aside
     actors: int = 0
     batch_size: int | None = None
     num_cpus: float = 1.0
@@ -200,6 +227,8 @@ class Stage(ABC):
 
     name: ClassVar[str]
     schema: ClassVar[pa.Schema]
+    # The work columns output_table reads (a stream stage's; the part writer's inputs, checked).
+    reads: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:

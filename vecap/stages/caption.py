@@ -214,6 +214,21 @@ class CaptionStage(Stage):
 
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
+    reads: ClassVar[tuple[str, ...]] = (
+        "status",
+        "reason",
+        "error",
+        "vlm_caption",
+        "caption_finish_reason",
+        "caption_n_prompt_tokens",
+        "caption_n_output_tokens",
+        "caption_seed",
+        "caption_quality",
+        "sha256",
+        "caption_source",
+        "caption_from",
+        "caption_from_shard",
+    )
 
     def __init__(
         self,
@@ -268,7 +283,17 @@ class CaptionStage(Stage):
                     "faults": self.faults,
                     "batches_in_flight": c.max_batches_in_flight,
                 },
-                inputs=("pixels", "pixels_w", "pixels_h", "caption_seed", "needs_caption"),
+                inputs=("needs_caption", "pixels", "pixels_w", "pixels_h", "caption_seed"),
+                outputs=(
+                    "pixels",
+                    "vlm_caption",
+                    "caption_finish_reason",
+                    "caption_n_prompt_tokens",
+                    "caption_n_output_tokens",
+                    "status",
+                    "error",
+                    "engine_stats",
+                ),
                 actors=c.actors,
                 batch_size=c.batch_size,
                 num_cpus=c.cpus_per_actor,
@@ -282,7 +307,8 @@ class CaptionStage(Stage):
                 "caption-check",
                 check_captions,
                 {"checks": c.validation, "instructions": (self.prompt.system or "") + "\n" + self.prompt.template},
-                inputs=("vlm_caption", "caption_finish_reason"),
+                inputs=("status", "vlm_caption", "caption_finish_reason", "caption_source"),
+                outputs=("vlm_caption", "status", "reason", "error", "caption_quality"),
                 num_cpus=0.25,
             ),
         ]

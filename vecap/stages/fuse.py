@@ -161,6 +161,21 @@ class FuseStage(Stage):
 
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.FUSED
+    reads: ClassVar[tuple[str, ...]] = (
+        "fused_status",
+        "error",
+        "fuse_reason",
+        "fuse_error",
+        "alt_text",
+        "vlm_caption",
+        "vec_caption",
+        "vec_source",
+        "fuse_finish_reason",
+        "fuse_n_prompt_tokens",
+        "fuse_n_output_tokens",
+        "fuse_seed",
+        "fuse_quality",
+    )
 
     def __init__(self, cfg: FuseConfig, run_seed: int, faults: FaultPolicy | None = None) -> None:
         self.cfg = cfg
@@ -190,14 +205,34 @@ class FuseStage(Stage):
                 "fuse-prepare",
                 prepare_fuse_requests,
                 {"prompt": self.prompt, "max_alt_text_words": f.max_alt_text_words, "run_seed": self.run_seed},
-                inputs=("alt_text", "vlm_caption", "status"),
+                inputs=("status", "alt_text", "vlm_caption", "caption_source"),
+                outputs=(
+                    "fused_status",
+                    "fuse_seed",
+                    "fuse_messages",
+                    "needs_fuse",
+                    "vec_caption",
+                    "vec_source",
+                    "fuse_reason",
+                    "fuse_error",
+                ),
                 num_cpus=0.25,
             ),
             Step(
                 "fuse",
                 FuseWorker,
                 {"spec": self.spec, "faults": self.faults, "batches_in_flight": f.max_batches_in_flight},
-                inputs=("fuse_messages", "fuse_seed", "needs_fuse"),
+                inputs=("needs_fuse", "fuse_messages", "fuse_seed"),
+                outputs=(
+                    "fuse_messages",
+                    "fuse_output",
+                    "fuse_finish_reason",
+                    "fuse_n_prompt_tokens",
+                    "fuse_n_output_tokens",
+                    "fuse_reason",
+                    "fuse_error",
+                    "engine_stats",
+                ),
                 actors=f.actors,
                 batch_size=f.batch_size,
                 num_cpus=f.cpus_per_actor,
@@ -215,7 +250,18 @@ class FuseStage(Stage):
                     "max_alt_text_words": f.max_alt_text_words,
                     "checks": f.validation,
                 },
-                inputs=("fuse_output", "fuse_finish_reason", "fuse_error", "alt_text", "vlm_caption"),
+                inputs=(
+                    "fuse_seed",
+                    "vec_source",
+                    "fused_status",
+                    "alt_text",
+                    "vlm_caption",
+                    "fuse_output",
+                    "fuse_finish_reason",
+                    "fuse_reason",
+                    "fuse_error",
+                ),
+                outputs=("vec_caption", "vec_source", "fuse_reason", "fuse_error", "fused_status", "fuse_quality"),
                 num_cpus=0.25,
             ),
         ]
