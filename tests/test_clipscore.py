@@ -251,9 +251,13 @@ def test_pipeline_clip_scores(make_root, demo_config, tiny_clip: Path, monkeypat
 
 
 def test_fingerprint_unchanged_without_clip() -> None:
+    import dataclasses
+
+    from vecap.config import PipelineConfig
     from vecap.stages.write import WriteStage
 
-    assert WriteStage().fingerprint() == {
+    stage = WriteStage.from_config(PipelineConfig(root="r"))  # the recipe schema's defaults
+    assert stage.fingerprint() == {
         "mix": "random",
         "p_vec": 0.5,
         "seed": 0,
@@ -261,4 +265,4 @@ def test_fingerprint_unchanged_without_clip() -> None:
         "max_image_bytes": 32 << 20,
         "alt_text": {"clean": "vecap.validation", "max_words": 64},
     }
-    assert WriteStage(clip_model="m").fingerprint()["clip_model"] == "m"
+    assert dataclasses.replace(stage, clip_model="m").fingerprint()["clip_model"] == "m"

@@ -26,6 +26,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from vecap.config import FaultsConfig, ModelConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,20 @@ class CircuitOpen(RuntimeError):
 class FaultPolicy:
     """How an engine actor handles faults; from the recipe's ``faults`` section and stage section."""
 
-    registry: str | None = None  # name of the run's FaultRegistry actor (None: no isolation)
-    call_timeout_s: float = 600.0  # an engine call with no engine progress for this long: a hung engine
-    max_restarts: int = 20  # restarts of one engine actor
-    max_task_retries: int = 12  # retries of one batch on restarted actors (poison isolation needs ~log2(batch)+3)
+    registry: str | None  # name of the run's FaultRegistry actor (None: no isolation)
+    call_timeout_s: float  # an engine call with no engine progress for this long: a hung engine
+    max_restarts: int  # restarts of one engine actor
+    max_task_retries: int  # retries of one batch on restarted actors (poison isolation needs ~log2(batch)+3)
+
+    @classmethod
+    def of(
+        cls, stage: ModelConfig | None = None, faults: FaultsConfig | None = None, registry: str | None = None
+    ) -> FaultPolicy:
+        """The policy of a model stage's section and the recipe's ``faults``; the recipe schema's
+        defaults for either when None (an engine actor built outside a run: benchmarks, tests)."""
+        faults = faults or FaultsConfig()
+        timeout = stage.call_timeout_s if stage is not None else ModelConfig.model_fields["call_timeout_s"].default
+        return cls(registry, timeout, faults.max_actor_restarts, faults.max_task_retries)
 
 
 class FaultRegistry:

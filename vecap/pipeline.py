@@ -49,12 +49,7 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
     from vecap.stages.write import WriteStage
 
     def faults(section: Any) -> FaultPolicy:
-        return FaultPolicy(
-            registry,
-            section.call_timeout_s,
-            cfg.faults.max_actor_restarts,
-            cfg.faults.max_task_retries,
-        )
+        return FaultPolicy.of(section, cfg.faults, registry)
 
     built: dict[str, Stage] = {}
     if vocab.CAPTION in steps:
@@ -64,18 +59,7 @@ def build_stages(cfg: PipelineConfig, steps: Sequence[str], registry: str | None
     if vocab.FUSE in steps:
         built[vocab.FUSE] = FuseStage(cfg.fuse, cfg.seed, faults(cfg.fuse))
     if vocab.WRITE in steps:
-        w = cfg.write
-        built[vocab.WRITE] = WriteStage(
-            w.mix,
-            w.p_vec,
-            cfg.seed,
-            tuple(w.image_exts),
-            cfg.caption.max_image_bytes,
-            clip_model=w.clip_model,
-            clip_batch_size=w.clip_batch_size,
-            max_image_pixels=cfg.caption.max_image_pixels,
-            max_alt_text_words=cfg.fuse.max_alt_text_words,
-        )
+        built[vocab.WRITE] = WriteStage.from_config(cfg)
     return built
 
 

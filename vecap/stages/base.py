@@ -156,8 +156,11 @@ class Step:
     memory_mb: int = 256  # task steps: the memory they declare to Ray's scheduler
     concurrency: int | None = None  # task steps: at most this many tasks at once
     batches_in_flight: int = 1  # actor steps: batches one actor works on at once (async UDFs)
-    max_restarts: int = 20  # actor steps: restarts of one actor (after a fatal engine error)
-    max_task_retries: int = 12  # actor steps: retries of one batch on a restarted actor
+    # Actor steps: restarts of one actor (after a fatal engine error) and retries of one batch on a
+    # restarted actor, from the run's FaultPolicy; an actor step without them is refused (Ray's
+    # defaults are unbounded).
+    max_restarts: int | None = None
+    max_task_retries: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # actor steps: environment of the actors
 
     def apply(self, ds: Any) -> Any:
@@ -167,6 +170,9 @@ class Step:
         common = {"batch_format": "pyarrow", "batch_size": self.batch_size, "num_cpus": self.num_cpus}
         if self.actors:
             import warnings
+
+            if self.max_restarts is None or self.max_task_retries is None:
+                raise StageContractError(f"actor step {self.name!r} must bound its restarts and retries")
 
             compute = ray.data.ActorPoolStrategy(
                 size=self.actors,
@@ -337,7 +343,7 @@ class EngineWorker:
 
     def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None, batches_in_flight: int = 1) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.faults = faults or FaultPolicy()
+        self.faults = faults or FaultPolicy.of()
         # Ray Data runs up to 4 batches of each of an actor's tasks at once in an async UDF (Ray 2.60's
         # DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), whatever the actor's task limit: the limit is kept here.
         self._in_flight = asyncio.Semaphore(batches_in_flight)

@@ -44,12 +44,13 @@ STAGE = "caption"
 
 @dataclass(frozen=True)
 class ImageReadOptions:
-    """How the CPU workers turn untrusted input images into pixels for the VLM."""
+    """How the CPU workers turn untrusted input images into pixels for the VLM (from the recipe's
+    ``caption`` section: no defaults of its own)."""
 
-    image_size: int = 336
-    max_pixels: int = 64_000_000
-    max_bytes: int = 32 << 20
-    run_seed: int = 0
+    image_size: int
+    max_pixels: int
+    max_bytes: int
+    run_seed: int
     # Formats the CLIP tar takes (the recipe's write.image_exts); others are settled here, before any GPU
     # time, as unsupported_format. None: every decodable format.
     image_exts: tuple[str, ...] | None = None
@@ -239,7 +240,7 @@ class CaptionStage(Stage):
         image_exts: tuple[str, ...] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.faults = faults or FaultPolicy()
+        self.faults = faults or FaultPolicy.of(cfg)
         self.spec = engine_spec(cfg, multimodal=True)
         self.prompt = load_prompt(STAGE, cfg.prompt)
         self.read_options = ImageReadOptions(

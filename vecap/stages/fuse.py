@@ -179,7 +179,7 @@ class FuseStage(Stage):
 
     def __init__(self, cfg: FuseConfig, run_seed: int, faults: FaultPolicy | None = None) -> None:
         self.cfg = cfg
-        self.faults = faults or FaultPolicy()
+        self.faults = faults or FaultPolicy.of(cfg)
         self.run_seed = run_seed
         self.spec = engine_spec(cfg, multimodal=False)
         self.prompt = load_prompt(STAGE, cfg.prompt)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from vecap import schemas, vocab
+from vecap.config import PipelineConfig
 from vecap.images import ImageRejected, image_size, prepare_image, sniff_image_format
 from vecap.layout import Layout
 from vecap.mixing import choose_txt
@@ -36,21 +37,40 @@ _PROVENANCE = ("model", "prompt_id", "prompt_sha256", "params_sha256")
 
 @dataclass(frozen=True)
 class WriteStage(Stage):
-    """The write stage of a recipe: how alt-text and VeC captions are mixed into the CLIP tars."""
+    """The write stage of a recipe: how alt-text and VeC captions are mixed into the CLIP tars.
 
-    mix: str = "random"
-    p_vec: float = 0.5
-    seed: int = 0
-    image_exts: tuple[str, ...] = ("jpg", "png", "webp")
-    max_image_bytes: int = 32 << 20
+    Built by :meth:`from_config` from the recipe (no defaults of its own): the ``write`` section,
+    and the limits and alt-text cap the caption and fuse stages used on the same samples.
+    """
+
+    mix: str
+    p_vec: float
+    seed: int
+    image_exts: tuple[str, ...]
+    max_image_bytes: int
     # Optional CLIPScore (vecap.clipscore); None: off, the clip_score_* columns stay null.
-    clip_model: str | None = None
-    clip_batch_size: int = 32
-    max_image_pixels: int = 64_000_000  # the caption stage's decode limit, reused for CLIP's decode
+    clip_model: str | None
+    clip_batch_size: int
+    max_image_pixels: int  # the caption stage's decode limit, reused for CLIP's decode
     # The fusion's alt-text cap: the alt-text side is the same cleaned text the fusion saw.
-    max_alt_text_words: int = 64
+    max_alt_text_words: int
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.VECAP
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> WriteStage:
+        w = cfg.write
+        return cls(
+            mix=w.mix,
+            p_vec=w.p_vec,
+            seed=cfg.seed,
+            image_exts=tuple(w.image_exts),
+            max_image_bytes=cfg.caption.max_image_bytes,
+            clip_model=w.clip_model,
+            clip_batch_size=w.clip_batch_size,
+            max_image_pixels=cfg.caption.max_image_pixels,
+            max_alt_text_words=cfg.fuse.max_alt_text_words,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {
