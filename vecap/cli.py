@@ -11,12 +11,14 @@ import logging
 import os
 import sys
 
+from vecap import vocab
+
 log = logging.getLogger("vecap")
 
 STAGE_HELP = {
-    "caption": "stage 1: a VLM captions every image of the pending input shards → <root>/captions/",
-    "fuse": "stage 2: an LLM fuses alt-text and VLM caption into the VeC caption → <root>/fused/",
-    "write": "stage 3: CLIP-ready shards mixing alt-text and VeC captions → <root>/vecap/",
+    vocab.CAPTION: "stage 1: a VLM captions every image of the pending input shards → <root>/captions/",
+    vocab.FUSE: "stage 2: an LLM fuses alt-text and VLM caption into the VeC caption → <root>/fused/",
+    vocab.WRITE: "stage 3: CLIP-ready shards mixing alt-text and VeC captions → <root>/vecap/",
     "run": "caption → fuse → write in one Ray job, streaming; the same files as the three stages",
 }
 
@@ -67,7 +69,7 @@ def _stage_cmd(args: argparse.Namespace) -> int:
         cfg.ray.dashboard = True
     if not args.verbose:
         _quiet_ray_terminal()
-    steps = ["caption", "fuse", "write"] if args.command == "run" else [args.command]
+    steps = list(vocab.STAGES) if args.command == "run" else [args.command]
     result = run(
         cfg,
         steps,
@@ -80,7 +82,7 @@ def _stage_cmd(args: argparse.Namespace) -> int:
     print(result.summary())
     for step in steps:
         print(f"{step:<8} → {result.layout.stage(step)}")
-    if "write" in steps:
+    if vocab.WRITE in steps:
         print(f"{'clip':<8} → {result.layout.clip} (CLIP-ready tars + sizes.json)")
     return 0
 
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="read and decode every shard and run every step but the models (a fixed caption), "
                 "into <root>/_dry_run/: finds broken shards and sizes the CPU side before paying for GPUs",
             )
-        if name in ("caption", "fuse"):
+        if name in (vocab.CAPTION, vocab.FUSE):
             p.add_argument(
                 "--retry-failed",
                 action="store_true",

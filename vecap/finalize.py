@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vecap import metrics
+from vecap import metrics, vocab
 from vecap.layout import STAGES, Layout
 from vecap.outputs import StageOutput
 from vecap.stages.base import CPU_TIMINGS, TIMINGS, Stage
@@ -50,15 +50,16 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
                 timings[k] = timings.get(k, 0) + v
         if rows.num_rows:
             name = _part_name(rows["key"].to_pylist())
-            from_captions = "captions" in pc.unique(rows["source"]).to_pylist()
+            from_captions = vocab.FROM_CAPTIONS in pc.unique(rows["source"]).to_pylist()
             # Duplicates read from the images wait for their caption: they are fused in a second pass.
             waiting = pc.fill_null(
-                pc.and_(pc.equal(rows["source"], "images"), pc.equal(rows["caption_source"], "duplicate")), False
+                pc.and_(pc.equal(rows["source"], vocab.FROM_IMAGES), pc.equal(rows["caption_source"], vocab.DUPLICATE)),
+                False,
             )
             for stage in stages:
-                if stage.name == "caption" and from_captions:
+                if stage.name == vocab.CAPTION and from_captions:
                     continue  # the captions of this shard are committed already
-                mine = rows if stage.name == "caption" else rows.filter(pc.invert(waiting))
+                mine = rows if stage.name == vocab.CAPTION else rows.filter(pc.invert(waiting))
                 if mine.num_rows:
                     storage.write_table(f"{layout.parts(stage.name, shard)}/{name}", stage.output_table(mine))
         out.append(
@@ -110,7 +111,7 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
         table = table if table is not None else stage.schema.empty_table()
         expected = int(job.report.get("n_rows", table.num_rows))
         if job.rest_in_parts:  # every row of the shard, as its committed captions count them
-            expected = int(StageOutput(layout, "caption", storage).read_stats(job.shard)["n_rows"])
+            expected = int(StageOutput(layout, vocab.CAPTION, storage).read_stats(job.shard)["n_rows"])
         if job.retry_keys is not None:
             committed = out.read_table(job.shard)
             keep = committed.filter(pc.invert(pc.is_in(committed["key"], value_set=table["key"])))
@@ -137,10 +138,10 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
         done[stage.name] = stats
         if job.retry_keys is not None:  # what was built from the old rows is stale now
             for later in STAGES[STAGES.index(stage.name) + 1 :]:
-                if later not in {s.name for s in job.stages} and (later != "write" or job.write is None):
+                if later not in {s.name for s in job.stages} and (later != vocab.WRITE or job.write is None):
                     StageOutput(layout, later, storage).invalidate(job.shard)
     if job.write is not None:
-        done["write"] = job.write.write_shard(storage, layout, job.shard)  # type: ignore[attr-defined]
+        done[vocab.WRITE] = job.write.write_shard(storage, layout, job.shard)  # type: ignore[attr-defined]
     metrics.record_commit(done)  # counted once the shard is committed: the counters equal the Parquet rows
     return done
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vecap import validation
+from vecap import validation, vocab
 from vecap.config import FuseChecks
 
 # --- alt-text cleaning (vecap.validation.tidy: one cleaned form for the fusion and the write stage) ---
@@ -57,16 +57,16 @@ def rejection_reason(
 @dataclass(frozen=True)
 class Fused:
     vec_caption: str | None
-    vec_source: str | None  # "fused" | "vlm" | "alt" | None (nothing usable)
-    reason: str | None  # why not "fused"
+    vec_source: str | None  # vocab.VEC_SOURCES, or None (nothing usable)
+    reason: str | None  # why not the fusion (vocab: a check's name, no_alt_text …)
 
 
 def fall_back(alt_text: str, vlm_caption: str, reason: str) -> Fused:
     """VLM caption first (it describes the image), then the alt-text."""
     if vlm_caption.strip():
-        return Fused(vlm_caption.strip(), "vlm", reason)
+        return Fused(vlm_caption.strip(), vocab.VLM_SOURCE, reason)
     if alt_text.strip():
-        return Fused(alt_text.strip(), "alt", reason)
+        return Fused(alt_text.strip(), vocab.ALT_SOURCE, reason)
     return Fused(None, None, reason)
 
 

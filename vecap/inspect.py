@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vecap import vocab
 from vecap.layout import CLIP_DIR, DONE_DIR, IMAGES_DIR, LEGACY_STATS_SUFFIX, SIZES_FILE, STAGE_DIRS, STAGES, Layout
 from vecap.outputs import check_layout
 from vecap.report.data import (
@@ -140,7 +141,7 @@ def _stage_summary(storage: Storage, layout: Layout, step: str, n_rows: int) -> 
     for name in ("statuses", "fallbacks", "caption_sources"):
         if any(name in m for m in markers.values()):
             lines.append(f"  {name} (markers): {_kv(sum_markers(markers, name))}")
-    if shards and step in ("caption", "fuse"):
+    if shards and step in (vocab.CAPTION, vocab.FUSE):
         rejected = read_stage_quality(storage, layout, step, shards).rejection_counts()
         lines.append(f"  rejected by reason (rows): {_kv(rejected)}")
     if shards:
@@ -196,7 +197,7 @@ def root_summary(data: ReportData) -> str:
             lines.append(f"  {column}: {_kv(counts)}")
     if data.fallback_reasons():
         lines.append(f"  fallback reasons (rows): {_kv(data.fallback_reasons())}")
-    fallbacks = data.marker_totals("fuse", "fallbacks")
+    fallbacks = data.marker_totals(vocab.FUSE, "fallbacks")
     if fallbacks:
         lines.append(f"  fallbacks (fused markers): {_kv(fallbacks)}")
     for m in data.models:
@@ -204,6 +205,6 @@ def root_summary(data: ReportData) -> str:
     for sq in data.stage_quality:
         lines.append(f"  {sq.folder}/ q_* columns ({sq.n_rows} rows):" if sq.columns else f"  {sq.folder}/:")
         lines += ["  " + line for line in _quality_lines(sq.columns)]
-        if sq.step in ("caption", "fuse"):
+        if sq.step in (vocab.CAPTION, vocab.FUSE):
             lines.append(f"    rejected by reason: {_kv(sq.rejection_counts())}")
     return "\n".join(lines)

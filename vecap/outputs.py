@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from vecap import vocab
-from vecap.layout import LEGACY_STATS_SUFFIX, STAGE_DIRS, STAGES, Layout
+from vecap.layout import CLIP_DIR, LEGACY_STATS_SUFFIX, STAGE_DIRS, STAGES, Layout
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class StageOutput:
     def invalidate(self, shard: str) -> None:
         """Remove a shard: marker first, then its files (``--overwrite``, ``--retry-failed``)."""
         self.storage.remove(self.layout.marker(self.step, shard))
-        if self.step == "write":
+        if self.step == vocab.WRITE:
             write_sizes(self.layout, self.storage)  # never list a tar that is about to go
             self.storage.remove(self.layout.tar(shard))
         self.storage.remove(self.layout.parquet(self.step, shard))
@@ -100,7 +100,7 @@ def remove_dead_runs_files(layout: Layout, storage: Storage) -> None:
 
 def write_sizes(layout: Layout, storage: Storage) -> dict[str, int]:
     """``clip/sizes.json``: tar name → sample count of every done write shard, as open_clip reads it."""
-    sizes = {f"{s}.tar": int(m["n_samples"]) for s, m in StageOutput(layout, "write", storage).markers().items()}
+    sizes = {f"{s}.tar": int(m["n_samples"]) for s, m in StageOutput(layout, vocab.WRITE, storage).markers().items()}
     storage.write_json(layout.sizes, sizes)
     return sizes
 
@@ -110,7 +110,7 @@ def check_layout(layout: Layout, storage: Storage) -> None:
     for step in STAGES:
         names = storage.names(layout.stage(step))
         if any(n.endswith(LEGACY_STATS_SUFFIX) for n in names) or (
-            step == "write" and any(n.endswith(".tar") for n in names)
+            step == vocab.WRITE and any(n.endswith(".tar") for n in names)
         ):
             raise LegacyLayoutError(
                 f"{layout.stage(step)} was written by vecap 0.1 (markers '*{LEGACY_STATS_SUFFIX}' beside the Parquet, "
@@ -160,7 +160,7 @@ def _with_reason(table: pa.Table, step: str) -> pa.Table:
     rows = table.select([c for c in ("status", "error", "vec_source") if c in table.column_names]).to_pylist()
     reasons, errors = [], []
     for r in rows:
-        if step == "caption":
+        if step == vocab.CAPTION:
             rejected = r["status"] == vocab.CAPTION_REJECTED
         else:
             rejected = r.get("vec_source") in vocab.FALLBACK_SOURCES or r["status"] == vocab.NO_TEXT
@@ -186,12 +186,12 @@ def migrate_layout(layout: Layout, storage: Storage) -> dict[str, int]:
             if "reason" not in storage.read_schema(path).names:
                 storage.write_table(path, _with_reason(storage.read_table(path), step))
                 moved["tables"] += 1
-    names = storage.names(layout.stage("write"))
+    names = storage.names(layout.stage(vocab.WRITE))
     if storage.local:
         os.makedirs(layout.clip, exist_ok=True)
     for name in names:
         if name.endswith(".tar") or name == "sizes.json":
-            storage.fs.mv(layout.join(STAGE_DIRS["write"], name), layout.join("clip", name))
+            storage.fs.mv(layout.join(STAGE_DIRS[vocab.WRITE], name), layout.join(CLIP_DIR, name))
             moved["tars"] += name.endswith(".tar")
     for step in STAGES:
         for name in storage.names(layout.stage(step)):

@@ -178,14 +178,14 @@ def _cache_entries(batch: pa.Table, cache: CaptionCache) -> Iterator[pa.Table]:
     storage = cache.storage()
     for path in batch["path"].to_pylist():
         t = storage.read_table(path).cast(CACHE_SCHEMA)
-        yield t.add_column(0, "role", pa.array(["cache"] * t.num_rows, pa.string()))
+        yield t.add_column(0, "role", pa.array([CACHE] * t.num_rows, pa.string()))
 
 
 def _assign(group: pa.Table, dedup: bool) -> pa.Table:
     """Ray Data UDF, one image (sha256): which copy is captioned, which reuse what."""
     rows = group.to_pylist()
     inputs = sorted((r for r in rows if r["role"] == "input"), key=lambda r: (r["shard"], r["key"]))
-    cached = sorted((r for r in rows if r["role"] == "cache"), key=lambda r: (r["shard"], r["key"]))
+    cached = sorted((r for r in rows if r["role"] == CACHE), key=lambda r: (r["shard"], r["key"]))
     out = []
     if cached:
         c = cached[0]

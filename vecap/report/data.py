@@ -276,7 +276,7 @@ def entity_retention(rows: list[dict[str, Any]]) -> list[Retention]:
     """Alt-text entity retention of the VeC and VLM captions, over all rows and over fused ones."""
     from vecap.validation import entity_counts
 
-    fused = [r for r in rows if r.get("vec_source") == "fused"]
+    fused = [r for r in rows if r.get("vec_source") == vocab.FUSED_SOURCE]
     lines = [
         ("vec_all", "VeC caption, all rows", rows, "vec_caption"),
         ("vec_fused", "VeC caption, vec_source = fused", fused, "vec_caption"),
@@ -560,7 +560,7 @@ def _read_rows(
     if not shards:
         folders = ", ".join(f"{STAGE_DIRS[s]}/{DONE_DIR}/" for s in READ_ORDER)
         raise FileNotFoundError(f"{layout.root}: no done marker in {folders} and no images/*.parquet")
-    return "images", shards, rows
+    return vocab.FROM_IMAGES, shards, rows
 
 
 def _run_info(storage: Storage, layout: Layout) -> tuple[dict[str, Any], str | None]:
@@ -601,7 +601,7 @@ def _models(data: ReportData) -> list[ModelInfo]:
     out = []
     for step in (vocab.CAPTION, vocab.FUSE):
         fp = prints.get(step)
-        ran = data.stage == "write" or bool(data.done.get(step))
+        ran = data.stage == vocab.WRITE or bool(data.done.get(step))
         if ran and isinstance(fp, dict) and fp.get("model"):
             sha = str(fp.get("prompt_sha256") or "")[:12]
             out.append(

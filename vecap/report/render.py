@@ -198,7 +198,7 @@ def _stage_quality(sq: StageQuality) -> dict[str, Any]:
              {"key": e.key, "shard": e.shard, "detail": _cut(e.detail, MAX_ERROR_CHARS),
               "text": None if e.text is None else _cut(e.text, MAX_EXAMPLE_CHARS),
               "alt_text": _cut(e.alt_text, MAX_EXAMPLE_CHARS),
-              "fallback": None if sq.step != "fuse" else _cut(e.fallback, MAX_EXAMPLE_CHARS),
+              "fallback": None if sq.step != vocab.FUSE else _cut(e.fallback, MAX_EXAMPLE_CHARS),
               "fallback_source": e.fallback_source or "none"}
              for e in r.examples]}
         for r in sq.rejections
@@ -206,7 +206,7 @@ def _stage_quality(sq: StageQuality) -> dict[str, Any]:
     return {"step": sq.step, "folder": sq.folder, "n_rows": sq.n_rows, "n_shards": sq.n_shards,
             "numeric": numeric, "categorical": categorical, "empty": empty, "rejections": rejections,
             "n_rejected": sq.n_rejected, "pct_rejected": _pct(sq.n_rejected, sq.n_rows),
-            "judged": sq.step in ("caption", "fuse")}  # fmt: skip
+            "judged": sq.step in (vocab.CAPTION, vocab.FUSE)}  # fmt: skip
 
 
 def _card(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
@@ -215,7 +215,11 @@ def _card(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
 
     txt_col = {"alt": "alt_text", "vec": "vec_caption"}.get(row.get("txt_source") or "")
     badges = [
-        {"cls": "st-ok" if row.get("status") == "ok" else "st-bad", "text": row.get("status") or NULL, "title": None}
+        {
+            "cls": "st-ok" if row.get("status") == vocab.OK else "st-bad",
+            "text": row.get("status") or NULL,
+            "title": None,
+        }
     ]
     if row.get("vec_source"):
         badges.append({"cls": "src", "text": f"vec: {row['vec_source']}", "title": None})
@@ -248,7 +252,7 @@ def page_context(data: ReportData) -> dict[str, Any]:
             meta.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))))
     meta.append(("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
 
-    marker_fallbacks = data.marker_totals("fuse", "fallbacks")
+    marker_fallbacks = data.marker_totals(vocab.FUSE, "fallbacks")
     panels = [
         _count_panel("Statuses", "status", data.counts("status"), data.marker_totals(data.stage, "statuses"),
                      f"{data.folder}/_done"),
