@@ -229,3 +229,16 @@ def test_driver_log_on_an_object_store_is_uploaded_with_the_error_that_ended_the
     finally:
         sink.detach(log)
         sink.close()
+
+
+def test_marker_stats_read_and_add_one_way_whatever_a_marker_lacks():
+    from vecap.stats import ShardStats
+
+    caption = {"n_rows": 4, "statuses": {"ok": 3, "model_error": 1}, "prompt_tokens": 40, "timings": {"t_read": 0.5}}
+    write = {"n_rows": 4, "n_samples": 3, "statuses": {"ok": 3, "no_text": 1}}  # a write marker: no tokens
+    damaged = {"n_rows": "four", "statuses": ["ok"], "fallbacks": {"truncated": True, "refusal": 2}}
+    total = ShardStats.total([caption, write, damaged])
+    assert (total.shards, total.rows, total.samples, total.prompt_tokens) == (3, 8, 3, 40)
+    assert total.statuses == {"ok": 6, "model_error": 1, "no_text": 1}
+    assert total.fallbacks == {"refusal": 2} and total.timings == {"t_read": 0.5}
+    assert ShardStats.of_marker(caption) + ShardStats() == ShardStats.of_marker(caption)

@@ -189,31 +189,27 @@ def cpu_per_sample(timings: dict[str, float], samples: int) -> dict[str, float]:
 
 def cpu_cost_from_dry_run(root: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, float], int]:
     """Per-step CPU seconds per sample of the dry run under ``root`` (``<root>/_dry_run/``), and its samples."""
+    from vecap import vocab
     from vecap.layout import DRY_RUN_DIR, Layout
     from vecap.outputs import StageOutput
+    from vecap.stats import ShardStats
     from vecap.storage import Storage
 
     root = root.rstrip("/")
     layout = Layout(f"{root}/{DRY_RUN_DIR}", input_root=root)
     storage = Storage.for_path(layout.root, storage_options)
-    totals: dict[str, float] = {}
-    samples = 0
     stream = None
-    for stage in ("fuse", "caption"):  # the stream's timings ride on each of its stages' markers: read one
+    for stage in (vocab.FUSE, vocab.CAPTION):  # the stream's timings ride on each of its stages' markers: read one
         out = StageOutput(layout, stage, storage)
         if out.done():
             stream = out
             break
     if stream is None:
         raise FileNotFoundError(f"no dry-run markers under {layout.root}: run `vecap run --dry-run` first")
-    for stats in stream.markers().values():
-        samples += int(stats.get("n_rows", 0))
-        for k, v in (stats.get("timings") or {}).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    for stats in StageOutput(layout, "write", storage).markers().values():
-        for k, v in (stats.get("timings") or {}).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return cpu_per_sample(totals, samples), samples
+    streamed = ShardStats.total(stream.markers().values())
+    written = ShardStats.total(StageOutput(layout, vocab.WRITE, storage).markers().values())
+    totals = {k: float(v) for k, v in (streamed.timings + written.timings).items()}
+    return cpu_per_sample(totals, streamed.rows), streamed.rows
 
 
 # ----------------------------------------------------------------------------- the plan

