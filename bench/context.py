@@ -182,12 +182,10 @@ def summed_timings(markers: dict[str, dict[str, Any]]) -> dict[str, float]:
     ``<stage>_steps``, ``<stage>_underfull_steps``, ``<stage>_seq_steps``, ``<stage>_busy_s``), each
     summed over shards (the counters are attributed to the shard of the batch that reported
     them, so their sums over a run are exact). The two never share a name."""
-    total: dict[str, float] = {}
-    for m in markers.values():
-        for part in ("timings", "engine"):
-            for k, v in (m.get(part) or {}).items():
-                total[k] = total.get(k, 0.0) + float(v)
-    return total
+    from vecap.stats import ShardStats
+
+    total = ShardStats.total(markers.values())
+    return {k: float(v) for part in (total.timings, total.engine) for k, v in part.items()}
 
 
 def busy_fraction(steps: float | None, underfull_steps: float | None) -> float | None:

@@ -46,6 +46,7 @@ class ShardStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
     timings: Counter = field(default_factory=Counter)  # t_* wall and cpu_* process seconds per step
+    engine: Counter = field(default_factory=Counter)  # the engine actors' counters (<stage>_requests, _steps …)
 
     @classmethod
     def of_marker(cls, marker: dict[str, Any]) -> ShardStats:
@@ -59,6 +60,7 @@ class ShardStats:
             prompt_tokens=int(_number(marker.get("prompt_tokens"))),
             output_tokens=int(_number(marker.get("output_tokens"))),
             timings=_counts(marker.get("timings"), "timings"),
+            engine=_counts(marker.get("engine"), "engine"),
         )
 
     @classmethod
@@ -79,6 +81,7 @@ class ShardStats:
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             timings=_plus(self.timings, other.timings),
+            engine=_plus(self.engine, other.engine),
         )
 
     def to_dict(self) -> dict[str, Any]:
