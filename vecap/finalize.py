@@ -24,6 +24,7 @@ from vecap import metrics, vocab
 from vecap.layout import STAGES, Layout
 from vecap.outputs import StageOutput
 from vecap.stages.base import CPU_TIMINGS, TIMINGS, Stage
+from vecap.stages.write import WriteStage
 from vecap.storage import Storage
 
 MANIFEST = pa.schema(
@@ -79,7 +80,7 @@ class ShardJob:
 
     shard: str
     stages: list[Stage]  # stream stages whose parts become this shard's Parquet
-    write: Stage | None = None  # the write stage, run once the fused rows are committed
+    write: WriteStage | None = None  # the write stage, run once the fused rows are committed
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     retry_keys: set[str] | None = None  # --retry-failed: only these keys were recomputed
@@ -141,7 +142,7 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
                 if later not in {s.name for s in job.stages} and (later != vocab.WRITE or job.write is None):
                     StageOutput(layout, later, storage).invalidate(job.shard)
     if job.write is not None:
-        done[vocab.WRITE] = job.write.write_shard(storage, layout, job.shard)  # type: ignore[attr-defined]
+        done[vocab.WRITE] = job.write.write_shard(storage, layout, job.shard)
     metrics.record_commit(done)  # counted once the shard is committed: the counters equal the Parquet rows
     return done
 

@@ -147,13 +147,14 @@ def resolve_reuse(
     stages: dict[str, Stage], plans: list[ShardPlan], storage: Storage, layout: Layout, run_id: str
 ) -> Reuse:
     """Which images of the planned shards are duplicates or cached (:mod:`vecap.reuse`)."""
+    from vecap.stages.caption import CaptionStage
+
     caption = stages.get(vocab.CAPTION)
     todo = [p.shard for p in plans if p.source == vocab.FROM_IMAGES and p.retry_keys is None]
-    if caption is None or not todo:
+    if not isinstance(caption, CaptionStage) or not todo:
         return Reuse("")
     t0 = time.time()
-    cfg = caption.cfg  # type: ignore[attr-defined]
-    again = resolve(todo, layout.images, storage, layout.reuse(run_id), dedup=cfg.dedup, cache=caption.cache)  # type: ignore[attr-defined]
+    again = resolve(todo, layout.images, storage, layout.reuse(run_id), dedup=caption.cfg.dedup, cache=caption.cache)
     log.info(
         "captions reused: %d duplicate image(s), %d from the cache (resolved in %.1fs)",
         again.n_duplicate,

@@ -22,6 +22,7 @@ from vecap.layout import Layout
 from vecap.planning import ShardPlan
 from vecap.reuse import Reuse, ShardReuse
 from vecap.stages.base import Stage
+from vecap.stages.write import WriteStage
 from vecap.storage import Storage
 from vecap.stream import build_stream, expected_rows, progress_bar
 from vecap.summary import StageTally
@@ -84,10 +85,13 @@ class CommitScheduler:
             self.again.held[p.shard] = dict(timings)
         if p.duplicates_only:
             timings = dict(Counter(self.again.held.pop(p.shard, {})) + Counter(timings))
+        write = self.stages[vocab.WRITE] if p.write else None
+        if write is not None and not isinstance(write, WriteStage):
+            raise TypeError(f"the write stage of this run is a {type(write).__name__}, not a WriteStage")
         job = ShardJob(
             p.shard,
             [self.stages[s] for s in p.commits],
-            self.stages[vocab.WRITE] if p.write else None,
+            write,
             report,
             timings,
             p.retry_keys,
