@@ -155,7 +155,9 @@ class Step:
     num_gpus: float = 0.0
     memory_mb: int = 256  # task steps: the memory they declare to Ray's scheduler
     concurrency: int | None = None  # task steps: at most this many tasks at once
-    batches_in_flight: int = 1  # actor steps: batches one actor works on at once (async UDFs)
+    # Actor steps: batches one actor works on at once (async UDFs); the actor class is given it too
+    # (its constructor takes ``batches_in_flight``), as Ray Data alone does not hold an async UDF to it.
+    batches_in_flight: int = 1
     # Actor steps: restarts of one actor (after a fatal engine error) and retries of one batch on a
     # restarted actor, from the run's FaultPolicy; an actor step without them is refused (Ray's
     # defaults are unbounded).
@@ -185,7 +187,7 @@ class Step:
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 return ds.map_batches(
                     self.fn,
-                    fn_constructor_kwargs=self.kwargs,
+                    fn_constructor_kwargs={**self.kwargs, "batches_in_flight": self.batches_in_flight},
                     compute=compute,
                     num_gpus=self.num_gpus,
                     max_restarts=self.max_restarts,

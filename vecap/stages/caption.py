@@ -278,12 +278,7 @@ class CaptionStage(Stage):
             Step(
                 "caption",
                 CaptionWorker,
-                {
-                    "spec": self.spec,
-                    "prompt": self.prompt,
-                    "faults": self.faults,
-                    "batches_in_flight": c.max_batches_in_flight,
-                },
+                {"spec": self.spec, "prompt": self.prompt, "faults": self.faults},
                 inputs=("needs_caption", "pixels", "pixels_w", "pixels_h", "caption_seed"),
                 outputs=(
                     "pixels",

@@ -221,7 +221,7 @@ class FuseStage(Stage):
             Step(
                 "fuse",
                 FuseWorker,
-                {"spec": self.spec, "faults": self.faults, "batches_in_flight": f.max_batches_in_flight},
+                {"spec": self.spec, "faults": self.faults},
                 inputs=("needs_fuse", "fuse_messages", "fuse_seed"),
                 outputs=(
                     "fuse_messages",
