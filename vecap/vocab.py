@@ -77,8 +77,10 @@ CAPTION_FAILED = "caption_failed"  # the VLM caption was unusable (its status in
 # Fallbacks caused by the infrastructure rather than by a model's output: never silent (the
 # shard's stats count them apart, the summary and the report show them).
 INFRA_REASONS = frozenset({MODEL_ERROR, ENGINE_CRASH, CAPTION_FAILED})
-# Fallback reasons that are not a rejected LLM output.
-NOT_REJECTIONS = INFRA_REASONS | {NO_ALT_TEXT, NO_VLM_CAPTION}
+# Settled without a model: nothing to fuse on one side.
+SETTLED_WITHOUT_MODEL = frozenset({NO_ALT_TEXT, NO_VLM_CAPTION})
+# Fallback reasons that are not a rejected LLM output (the rest are the validator's checks).
+NOT_REJECTIONS = INFRA_REASONS | SETTLED_WITHOUT_MODEL
 
 
 def caption_reason(status: str | None, rejected_by: str | None = None) -> str | None:

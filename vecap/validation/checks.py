@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from vecap import vocab
 from vecap.config import CaptionChecks, FuseChecks
 from vecap.validation.measures import _FuseMeasures, _measure, _quality_of, _repetition, _word_script, caption_quality
 from vecap.validation.text import (
@@ -40,7 +41,7 @@ from vecap.validation.tidy import _INLINE_ALTERNATIVES, _LABEL_ECHO, _SPECIAL_TO
 
 # --- reason vocabulary ------------------------------------------------------------------
 # Reasons decided outside the validators (engine errors, missing sources).
-OTHER_REASONS = ("model_error", "no_alt_text", "no_vlm_caption")
+OTHER_REASONS = (vocab.MODEL_ERROR, vocab.NO_ALT_TEXT, vocab.NO_VLM_CAPTION)  # reasons no check gives
 REASON_DOCS = {
     "empty": "nothing, or only whitespace, special tokens or a preamble",
     "truncated": "stopped at the token limit (finish_reason == 'length')",
