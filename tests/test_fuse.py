@@ -99,7 +99,9 @@ def test_retry_failed_redoes_only_failed_rows(captioned, tmp_path, demo_config):
     ok_keys = [r["key"] for r in rows if r["status"] == vocab.OK][:2]
     for r in rows:
         if r["key"] in ok_keys:
-            r.update(status=vocab.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None)
+            r.update(
+                status=vocab.MODEL_ERROR, reason=vocab.MODEL_ERROR, error="RuntimeError: simulated", vlm_caption=None
+            )
     stats = captions.read_stats(shard)
     captions.commit(shard, schemas.table(rows, schemas.CAPTIONS), stats)
     fused = stage_output(root, "fuse")
