@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from helpers import stage_output
 
@@ -132,7 +133,8 @@ def test_second_lease_on_a_root_is_refused_and_a_dead_one_taken_over(tmp_path):
 def test_old_layout_is_refused_with_the_command_that_converts_it(tmp_path):
     (tmp_path / "fused").mkdir(parents=True)
     (tmp_path / "vecap").mkdir()
-    (tmp_path / "fused" / "00000.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"key": ["a"], "status": ["ok"], "error": [None]}), tmp_path / "fused" / "00000.parquet")
+    (tmp_path / "fused" / "00001.parquet").write_bytes(b"")  # damaged: left as it is, said in the log
     (tmp_path / "fused" / "00000_stats.json").write_text(json.dumps({"n_rows": 1}))
     (tmp_path / "vecap" / "00000.tar").write_bytes(b"tar")
     (tmp_path / "vecap" / "00000_stats.json").write_text(json.dumps({"n_samples": 1}))
@@ -140,7 +142,8 @@ def test_old_layout_is_refused_with_the_command_that_converts_it(tmp_path):
     layout, storage = Layout(str(tmp_path)), Storage.for_path(str(tmp_path))
     with pytest.raises(LegacyLayoutError, match=f"vecap migrate {tmp_path}"):
         check_layout(layout, storage)
-    assert migrate_layout(layout, storage) == {"markers": 2, "tars": 1}
+    assert migrate_layout(layout, storage) == {"markers": 2, "tars": 1, "tables": 1}
     check_layout(layout, storage)  # no error now
+    assert pq.read_table(tmp_path / "fused" / "00000.parquet").column_names == ["key", "status", "reason", "error"]
     assert json.loads((tmp_path / "clip" / "sizes.json").read_text()) == {"00000.tar": 1}
     assert StageOutput(layout, "fuse", storage).done() == {"00000"}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -116,26 +117,33 @@ def check_layout(layout: Layout, storage: Storage) -> None:
                 f"{layout.stage(step)} was written by vecap 0.1 (markers '*{LEGACY_STATS_SUFFIX}' beside the Parquet, "
                 f"tars in vecap/). Convert it in place with: vecap migrate {layout.root}"
             )
-        sample = next(iter(_stage_parquet(layout, step, storage, first_only=True)), None)
-        if sample is not None and "reason" not in storage.read_schema(sample).names:
+        readable = (n for n in map(partial(_columns, storage), _stage_parquet(layout, step, storage)) if n is not None)
+        names: list[str] | None = next(readable, None)
+        if names is not None and "reason" not in names:
             raise LegacyLayoutError(
                 f"{layout.stage(step)} was written before the 'reason' column (its rows keep the reason at the head "
                 f"of 'error'). Convert it in place with: vecap migrate {layout.root}"
             )
 
 
-def _stage_parquet(layout: Layout, step: str, storage: Storage, first_only: bool = False) -> list[str]:
-    """A stage's Parquet files: committed shards, then work in progress (``_parts``)."""
+def _stage_parquet(layout: Layout, step: str, storage: Storage) -> Iterator[str]:
+    """A stage's Parquet files, listed as they are needed: committed shards, then work in progress (``_parts``)."""
     folder = layout.stage(step)
-    files = [f"{folder}/{n}" for n in storage.names(folder) if n.endswith(".parquet") and not n.startswith(".")]
-    if first_only and files:
-        return files[:1]
+    yield from (f"{folder}/{n}" for n in storage.names(folder) if n.endswith(".parquet") and not n.startswith("."))
     for shard in storage.names(layout.parts(step)):
         parts = storage.names(layout.parts(step, shard))
-        files += [f"{layout.parts(step, shard)}/{n}" for n in parts if n.endswith(".parquet") and not n.startswith(".")]
-        if first_only and files:
-            return files[:1]
-    return files
+        yield from (
+            f"{layout.parts(step, shard)}/{n}" for n in parts if n.endswith(".parquet") and not n.startswith(".")
+        )
+
+
+def _columns(storage: Storage, path: str) -> list[str] | None:
+    """The column names of a Parquet file; None (logged) for one that is not readable Parquet."""
+    try:
+        return storage.read_schema(path).names
+    except (OSError, pa.ArrowException) as err:
+        log.warning("%s is not readable Parquet (%s): left as it is", path, err)
+        return None
 
 
 def split_legacy_error(status: str | None, error: str | None, rejected: bool) -> tuple[str | None, str | None]:
@@ -182,8 +190,9 @@ def migrate_layout(layout: Layout, storage: Storage) -> dict[str, int]:
     """
     moved = {"markers": 0, "tars": 0, "tables": 0}
     for step in STAGES:
-        for path in _stage_parquet(layout, step, storage):
-            if "reason" not in storage.read_schema(path).names:
+        for path in list(_stage_parquet(layout, step, storage)):
+            names = _columns(storage, path)
+            if names is not None and "reason" not in names:
                 storage.write_table(path, _with_reason(storage.read_table(path), step))
                 moved["tables"] += 1
     names = storage.names(layout.stage(vocab.WRITE))
