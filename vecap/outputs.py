@@ -118,8 +118,8 @@ def check_layout(layout: Layout, storage: Storage) -> None:
                 f"tars in vecap/). Convert it in place with: vecap migrate {layout.root}"
             )
         readable = (n for n in map(partial(_columns, storage), _stage_parquet(layout, step, storage)) if n is not None)
-        names: list[str] | None = next(readable, None)
-        if names is not None and "reason" not in names:
+        columns = next(readable, None)
+        if columns is not None and "reason" not in columns:
             raise LegacyLayoutError(
                 f"{layout.stage(step)} was written before the 'reason' column (its rows keep the reason at the head "
                 f"of 'error'). Convert it in place with: vecap migrate {layout.root}"
