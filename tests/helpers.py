@@ -20,10 +20,32 @@ from vecap.backends.base import ChatEngine, Generation
 
 
 def free_port() -> int:
-    """A TCP port free on loopback now (for a server a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback now (for a server a test starts), outside the ranges Ray takes its
+    own ports from: the kernel's ephemeral range (Ray binds port 0 for its agents' gRPC servers,
+    so a port the kernel just handed out here can be a Ray server's a moment later; the metrics
+    test once scraped one) and Ray's worker ports (10002-19999)."""
+    import random
+
+    low, high = 20000, _ephemeral_low() - 1
+    if high - low < 1000:  # an unusual ephemeral range: the kernel's choice, as before
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for port in random.SystemRandom().sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def png_bytes(color=(200, 30, 30), size=(24, 16), mode="RGB") -> bytes:
