@@ -91,12 +91,21 @@ class StageOutput:
 def remove_dead_runs_files(layout: Layout, storage: Storage) -> None:
     """Temporary files, part files and reuse plans of runs that died: call only holding the lease
     (parts were made with settings that may have changed since; they are redone)."""
+    remove_temp_files(layout, storage)
+    for step in STAGES:
+        storage.remove(layout.parts(step), recursive=True)
+    storage.remove(layout.reuse(), recursive=True)
+
+
+def remove_temp_files(layout: Layout, storage: Storage) -> None:
+    """The hidden temporary files of unfinished writes in the stage folders and ``clip/``: call only
+    holding the lease, when none of this run's writes is in flight. A run does so when it starts and
+    again when it ends: a killed run's tasks can outlive their driver for a moment and leave one
+    after the next run's start."""
     for step in STAGES:
         storage.remove_temps(layout.stage(step))
         storage.remove_temps(layout.done_dir(step))
-        storage.remove(layout.parts(step), recursive=True)
     storage.remove_temps(layout.clip)
-    storage.remove(layout.reuse(), recursive=True)
 
 
 def write_sizes(layout: Layout, storage: Storage) -> dict[str, int]:

@@ -25,7 +25,7 @@ from vecap.config import PipelineConfig
 from vecap.faults import registry_name, start_registry
 from vecap.layout import DRY_RUN_DIR, STAGES, Layout
 from vecap.lease import Lease, new_run_id
-from vecap.outputs import check_layout, remove_dead_runs_files, write_sizes
+from vecap.outputs import check_layout, remove_dead_runs_files, remove_temp_files, write_sizes
 from vecap.planning import ShardPlan, check_root, invalidate_stale, plan, select_shards
 from vecap.ray_env import init_ray
 from vecap.reuse import Reuse, resolve
@@ -127,6 +127,7 @@ def run(
             shared = RunContext(cfg, stages, storage, layout, tallies, registry, again, run_id, progress)
             failed = execute_passes(shared, plans)
             storage.remove(layout.reuse(run_id), recursive=True)
+            remove_temp_files(layout, storage)  # every commit of this run has returned
             restarts = _engine_restarts(registry)
         else:
             log.info("nothing to do: every selected shard is done for %s", ", ".join(steps))
