@@ -134,12 +134,13 @@ def load_status(
     stages = []
     for s in STAGES:
         p = StageProgress(s, layout.stage(s), done=len(done[s]))
-        total = ShardStats.total(markers[s][shard] for shard in done[s])
+        per_shard = {shard: ShardStats.of_marker(markers[s][shard]) for shard in done[s]}
+        total = sum(per_shard.values(), ShardStats())
         p.samples, p.prompt_tokens, p.output_tokens = total.rows, total.prompt_tokens, total.output_tokens
         p.statuses, p.fallbacks = dict(total.statuses), dict(total.fallbacks)
         for shard in done[s]:
             stats = markers[s][shard]
-            n = ShardStats.of_marker(stats).rows
+            n = per_shard[shard].rows
             committed = _ts(stats.get("committed_at"))
             if committed is not None:
                 p.last_commit = max(p.last_commit or committed, committed)
