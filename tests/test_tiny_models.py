@@ -27,8 +27,8 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def test_build_is_deterministic_and_idempotent(models: dict[str, Path], tmp_path: Path) -> None:
-    assert set(models) == {"llava", "llama"}
-    assert models["llava"].name == "tiny-llava" and models["llama"].name == "tiny-llama"
+    assert set(models) == {"llava", "llama", "qwen2vl"}
+    assert [models[k].name for k in ("llava", "llama", "qwen2vl")] == ["tiny-llava", "tiny-llama", "tiny-qwen2vl"]
 
     again = build_tiny_models(tmp_path)
     for kind in models:
@@ -42,7 +42,7 @@ def test_build_is_deterministic_and_idempotent(models: dict[str, Path], tmp_path
     (again["llama"] / MARKER).unlink()
     build_tiny_models(tmp_path)
     assert (again["llama"] / MARKER).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama", "tiny-llava"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama", "tiny-llava", "tiny-qwen2vl"]
 
 
 def test_llava_checkpoint_has_llava_hf_layout(models: dict[str, Path]) -> None:

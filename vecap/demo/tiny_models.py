@@ -1,10 +1,12 @@
-"""Tiny random-weight LLaVA and Llama checkpoints, built offline, for tests, the demo and benchmarks.
+"""Tiny random-weight LLaVA, Qwen2.5-VL and Llama checkpoints, built offline, for tests, the demo and benchmarks.
 
 Nothing can be downloaded on the machines that run the tests, so the models the pipeline
 drives (a VLM that captions images, an LLM that fuses captions) are built here from
 scratch: a byte-level BPE tokenizer trained on generated English sentences, and models
 with fixed-seed random weights. Their output is gibberish, but they exercise the same code
-paths as ``llava-hf/llava-1.5-7b-hf`` and a Llama chat model, in vLLM and in transformers.
+paths as ``llava-hf/llava-1.5-7b-hf``, ``Qwen/Qwen2.5-VL-7B-Instruct`` (a second VLM family:
+its own processor, image tokens, chat template and resolution rules) and a Llama chat model,
+in vLLM and in transformers.
 
 Two scales share one code path: ``tiny`` (under 1 MB, for tests) and ``bench`` (tens of
 millions of parameters, so that generation rather than overhead dominates on a CPU).
@@ -109,17 +111,18 @@ CHAT_TEMPLATE = (
 
 
 def model_dirs(out_dir: str | Path, scale: str = "tiny") -> dict[str, Path]:
-    """Where ``build_tiny_models`` puts each model (``{scale}-llava``, ``{scale}-llama``)."""
+    """Where ``build_tiny_models`` puts each model (``{scale}-llava``, ``{scale}-llama``, ``{scale}-qwen2vl``)."""
     _check_scale(scale)
     out = Path(out_dir)
-    return {"llava": out / f"{scale}-llava", "llama": out / f"{scale}-llama"}
+    return {kind: out / f"{scale}-{kind}" for kind in ("llava", "llama", "qwen2vl")}
 
 
 def build_tiny_models(out_dir: str | Path, scale: str = "tiny", overwrite: bool = False) -> dict[str, Path]:
-    """Build (or reuse) the random LLaVA and Llama of ``scale`` under ``out_dir``.
+    """Build (or reuse) the random LLaVA, Llama and Qwen2.5-VL of ``scale`` under ``out_dir``.
 
-    Returns ``{"llava": out_dir/"{scale}-llava", "llama": out_dir/"{scale}-llama"}``. A folder whose
-    marker matches what would be built is kept unless ``overwrite``; anything else there is replaced.
+    Returns ``{"llava": out_dir/"{scale}-llava", "llama": out_dir/"{scale}-llama", "qwen2vl":
+    out_dir/"{scale}-qwen2vl"}``. A folder whose marker matches what would be built is kept unless
+    ``overwrite``; anything else there is replaced.
     The result depends only on ``scale`` and this code (fixed seeds), byte for byte.
     """
     dirs = model_dirs(out_dir, scale)
@@ -157,15 +160,21 @@ def _spec(kind: str, scale: str) -> dict[str, Any]:
         "seed": SEED,
         "vocab_size_max": VOCAB_SIZE,
         "text": sizes["text"],
-        "description": (
-            "random-weight LlavaForConditionalGeneration (CLIP vision + Llama text), llava-hf key layout"
-            if kind == "llava"
-            else "random-weight LlamaForCausalLM chat model"
-        ),
+        "description": _DESCRIPTIONS[kind],
     }
     if kind == "llava":
         spec["vision"] = sizes["vision"]
+    if kind == "qwen2vl":
+        spec["vision"] = QWEN2VL_VISION[scale]
+        spec["image_pixels"] = QWEN2VL_PIXELS[scale]
     return spec
+
+
+_DESCRIPTIONS = {
+    "llava": "random-weight LlavaForConditionalGeneration (CLIP vision + Llama text), llava-hf key layout",
+    "llama": "random-weight LlamaForCausalLM chat model",
+    "qwen2vl": "random-weight Qwen2_5_VLForConditionalGeneration (native-resolution ViT + Qwen2 text), hub key layout",
+}
 
 
 def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None:
@@ -179,6 +188,8 @@ def _build_atomically(path: Path, spec: dict[str, Any], overwrite: bool) -> None
     try:
         if spec["kind"] == "llava":
             _build_llava(tmp, spec["scale"])
+        elif spec["kind"] == "qwen2vl":
+            _build_qwen2vl(tmp, spec["scale"])
         elif spec["kind"] == "clip":
             _build_clip(tmp)
         else:
@@ -490,6 +501,206 @@ def _rewrite_llava_hf_layout(model: Any, out: Path) -> None:
     for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
         stale.unlink()
     state = {llava_hf_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL
+
+# Qwen's own special tokens (the order fixes their ids); the image is one <|image_pad|> between
+# <|vision_start|> and <|vision_end|> in the prompt, which the processor (transformers) or vLLM
+# repeats once per merged patch of the image at the size the image processor resizes it to.
+QWEN_EOT, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
+QWEN_IMAGE, QWEN_VIDEO = "<|image_pad|>", "<|video_pad|>"
+QWEN_SPECIAL_TOKENS = [QWEN_EOT, QWEN_IM_START, QWEN_IM_END, QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE, QWEN_VIDEO]
+
+# The vision tower (a ViT over patch_size px patches, 2x2 patches merged into one image token)
+# and the image processor's pixel bounds, per scale. Qwen2.5-VL-7B: 14 px patches, window 112 px,
+# 3136..12845056 pixels; here 8 px patches keep a few hundred pixels a handful of tokens. The
+# processor resizes every image so that both sides are multiples of patch_size x spatial_merge_size
+# and its area lies within [min_pixels, max_pixels], keeping the aspect ratio: no square crop.
+QWEN2VL_VISION: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 32,
+        "fullatt_block_indexes": [1],
+    },
+    "bench": {
+        "depth": 4,
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_heads": 4,
+        "patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 64,
+        "fullatt_block_indexes": [1, 3],
+    },
+}
+QWEN2VL_PIXELS: dict[str, dict[str, int]] = {
+    "tiny": {"min_pixels": 32 * 32, "max_pixels": 64 * 64},  # 4..16 image tokens
+    "bench": {"min_pixels": 32 * 32, "max_pixels": 128 * 128},  # 4..64 image tokens
+}
+
+# Qwen2.5-VL's conversation format: a default system turn, then
+# "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe...<|im_end|>\n<|im_start|>assistant\n".
+# As in CHAT_TEMPLATE, every literal newline is emitted from inside {{ }} (trim_blocks).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def build_qwen_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE with Qwen2's conventions: no BOS, ``<|im_end|>`` ends a turn (EOS),
+    ``<|endoftext|>`` pads (on the left), the vision tokens are special (never split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [*training_sentences(), "system\nYou are a helpful assistant.", "user\n", "assistant\n"]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=QWEN_IM_END,
+        pad_token=QWEN_EOT,
+        padding_side="left",
+        model_max_length=MAX_POSITIONS,
+        chat_template=QWEN_CHAT_TEMPLATE,
+        extra_special_tokens={
+            "image_token": QWEN_IMAGE,
+            "video_token": QWEN_VIDEO,
+            "vision_start_token": QWEN_VISION_START,
+            "vision_end_token": QWEN_VISION_END,
+        },
+    )
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """How multimodal RoPE splits a head's rotary frequencies between time, height and width
+    (Qwen2.5-VL-7B, head_dim 128: [16, 24, 24]; the three sum to head_dim / 2)."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def _build_qwen2vl(out: Path, scale: str) -> None:
+    """A Qwen2.5-VL-shaped model (window-attention ViT, patch merger, Qwen2 text with M-RoPE) plus
+    its processor (``Qwen2VLImageProcessor`` with small pixel bounds), in the hub's key layout."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    text = SIZES[scale]["text"]
+    vision = QWEN2VL_VISION[scale]
+    pixels = QWEN2VL_PIXELS[scale]
+    tokenizer = build_qwen_tokenizer(VOCAB_SIZE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **text,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": MAX_POSITIONS,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": mrope_section(head_dim),
+            },
+            "bos_token_id": ids[QWEN_EOT],
+            "eos_token_id": ids[QWEN_IM_END],
+            "pad_token_id": ids[QWEN_EOT],
+            "tie_word_embeddings": False,
+        },
+        vision_config={**vision, "out_hidden_size": text["hidden_size"], "in_channels": 3},
+        image_token_id=ids[QWEN_IMAGE],
+        video_token_id=ids[QWEN_VIDEO],
+        vision_start_token_id=ids[QWEN_VISION_START],
+        vision_end_token_id=ids[QWEN_VISION_END],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[QWEN_EOT], eos_token_id=[ids[QWEN_IM_END], ids[QWEN_EOT]], pad_token_id=ids[QWEN_EOT]
+    )
+    model.save_pretrained(out)
+    _rewrite_keys(model, out, _QWEN_HUB_PREFIXES)
+
+    merge = {
+        "patch_size": vision["patch_size"],
+        "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"],
+    }
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **merge),
+        video_processor=Qwen2VLVideoProcessor(size=size, **merge),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# transformers 5 writes `model.visual...` and `model.language_model...`; Qwen/Qwen2.5-VL-*-Instruct
+# on the hub (what vLLM and transformers both read for the GPU recipe) use `visual...`, `model...`.
+_QWEN_HUB_PREFIXES = [
+    ("model.visual.", "visual."),
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+]
+
+
+def _rewrite_keys(model: Any, out: Path, prefixes: list[tuple[str, str]]) -> None:
+    """Replace the weights ``save_pretrained`` wrote with one file whose keys are renamed by ``prefixes``."""
+    from safetensors.torch import save_file
+
+    def key(name: str) -> str:
+        for old, new in prefixes:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        raise ValueError(f"unexpected parameter name {name!r}")
+
+    for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        stale.unlink()
+    state = {key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
