@@ -159,7 +159,12 @@ class CaptionConfig(ModelConfig):
     prompt: str = "concise"
     # Images are resized on the CPU workers so that the shorter side is at most this
     # (never upscaled) before they reach an actor: actors never see megapixel images.
-    image_size: int = Field(336, ge=8)
+    # None: no bound on the shorter side (then image_pixels must bound the area).
+    image_size: int | None = Field(336, ge=8)
+    # ... and so that width x height is at most this, aspect ratio kept (None: no such bound). For
+    # native-resolution VLMs (Qwen2-VL, Qwen2.5-VL: image_size null, image_pixels = the processor's
+    # max_pixels), whose processor then rounds each side to its patch grid instead of cropping a square.
+    image_pixels: int | None = Field(None, ge=64)
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     validation: CaptionChecks = Field(default_factory=CaptionChecks)
@@ -169,6 +174,12 @@ class CaptionConfig(ModelConfig):
     # image sha256 and this stage's fingerprint; cache_storage_options default to the root's.
     cache: str | None = None
     cache_storage_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _images_are_bounded(self) -> CaptionConfig:
+        if self.image_size is None and self.image_pixels is None:
+            raise ValueError("image_size and image_pixels are both null: set one (the VLM's input is bounded)")
+        return self
 
 
 class FuseConfig(ModelConfig):

@@ -10,6 +10,7 @@ orientation is applied, and the result is downscaled to what the model needs.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -40,12 +41,17 @@ class PreparedImage:
         return Image.frombytes("RGB", (self.width, self.height), self.pixels)
 
 
-def _target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Scale so the shorter side is at most ``short_side``; never upscale."""
+def _target_size(width: int, height: int, short_side: int | None, area: int | None = None) -> tuple[int, int]:
+    """Scale so the shorter side is at most ``short_side`` and width x height at most ``area``
+    (None: no such bound), keeping the aspect ratio; never upscale."""
     shorter = min(width, height)
-    if shorter <= short_side:
+    scale = 1.0 if short_side is None or shorter <= short_side else short_side / shorter
+    if area is not None and width * height * scale * scale > area:
+        # The area bound is the tighter one: round down, so that the result never exceeds it.
+        scale = math.sqrt(area / (width * height))
+        return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    if scale == 1.0:
         return width, height
-    scale = short_side / shorter
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -71,8 +77,15 @@ def _to_rgb(im):
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_bytes: int) -> PreparedImage:
-    """Decode, normalise and downscale one image; raises :class:`ImageRejected` with a status."""
+def prepare_image(
+    data: bytes | None, short_side: int | None, max_pixels: int, max_bytes: int, area: int | None = None
+) -> PreparedImage:
+    """Decode, normalise and downscale one image; raises :class:`ImageRejected` with a status.
+
+    The result's shorter side is at most ``short_side`` (LLaVA's processor then crops a square)
+    and its area at most ``area`` (a native-resolution model such as Qwen2-VL, whose processor
+    keeps the aspect ratio and rounds to its patch grid); None: no such bound. ``max_pixels`` and
+    ``max_bytes`` are limits on the input, which is refused beyond them."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -90,14 +103,14 @@ def prepare_image(data: bytes | None, short_side: int, max_pixels: int, max_byte
                 raise ImageRejected(vocab.IMAGE_TOO_LARGE, f"{width}x{height} pixels > limit {max_pixels}")
             if getattr(im, "is_animated", False):
                 im.seek(0)
-            target = _target_size(width, height, short_side)
+            target = _target_size(width, height, short_side, area)
             if im.format == "JPEG":
                 im.draft("RGB", target)  # decode at reduced scale: much cheaper for big JPEGs
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to rotate
             im = _to_rgb(im)
             # exif_transpose may swap the axes: recompute from the decoded image.
-            target = _target_size(im.width, im.height, short_side)
+            target = _target_size(im.width, im.height, short_side, area)
             if im.size != target:
                 im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     except ImageRejected:

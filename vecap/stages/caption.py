@@ -47,13 +47,14 @@ class ImageReadOptions:
     """How the CPU workers turn untrusted input images into pixels for the VLM (from the recipe's
     ``caption`` section: no defaults of its own)."""
 
-    image_size: int
+    image_size: int | None
     max_pixels: int
     max_bytes: int
     run_seed: int
     # Formats the CLIP tar takes (the recipe's write.image_exts); others are settled here, before any GPU
     # time, as unsupported_format. None: every decodable format.
     image_exts: tuple[str, ...] | None = None
+    image_pixels: int | None = None  # the VLM's input area bound (caption.image_pixels)
 
 
 def read_image_rows(
@@ -105,7 +106,7 @@ def read_image_rows(
             row.update(reused_row(again))
         elif sample.status == vocab.OK:
             try:
-                img = prepare_image(sample.image, opts.image_size, opts.max_pixels, opts.max_bytes)
+                img = prepare_image(sample.image, opts.image_size, opts.max_pixels, opts.max_bytes, opts.image_pixels)
                 row.update(pixels=img.pixels, pixels_w=img.width, pixels_h=img.height, needs_caption=True)
             except ImageRejected as err:
                 row.update(status=err.status, error=str(err))
@@ -244,7 +245,7 @@ class CaptionStage(Stage):
         self.spec = engine_spec(cfg, multimodal=True)
         self.prompt = load_prompt(STAGE, cfg.prompt)
         self.read_options = ImageReadOptions(
-            cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed, image_exts
+            cfg.image_size, cfg.max_image_pixels, cfg.max_image_bytes, run_seed, image_exts, cfg.image_pixels
         )
         self.provenance = Provenance(self.spec.model, self.prompt.id, self.prompt.sha256, params_hash(self.spec))
         self.cache = (
@@ -268,6 +269,7 @@ class CaptionStage(Stage):
                 "max_pixels": o.max_pixels,
                 "max_bytes": o.max_bytes,
                 **({"formats": sorted(o.image_exts)} if o.image_exts is not None else {}),
+                **({"pixels": o.image_pixels} if o.image_pixels is not None else {}),
             },
             "seed": o.run_seed if self.cfg.temperature > 0 else None,
         }
