@@ -102,19 +102,27 @@ def plan(
             need[steps[0]] = retry is not None
         for s in steps:
             tallies[s].skipped_shards += 0 if need[s] else 1
-        stream: list[str] = []
-        source = None
-        if need[vocab.CAPTION]:
-            source, stream = vocab.FROM_IMAGES, [vocab.CAPTION] + ([vocab.FUSE] if vocab.FUSE in steps else [])
-        elif need[vocab.FUSE]:
-            if shard not in done[vocab.CAPTION]:
-                raise ConfigError(f"shard {shard} has no captions yet: run `vecap caption` (or `vecap run`) first")
-            source, stream = vocab.FROM_CAPTIONS, [vocab.FUSE]
-        if need[vocab.WRITE] and vocab.FUSE not in stream and shard not in done[vocab.FUSE]:
-            raise ConfigError(f"shard {shard} has no fused captions yet: run `vecap fuse` first")
+        stream, source = _stream_of(shard, steps, need, done)
         if stream or need[vocab.WRITE]:
             plans.append(ShardPlan(shard, source, stream, need[vocab.WRITE], retry))
     return plans, tallies
+
+
+def _stream_of(
+    shard: str, steps: list[str], need: dict[str, bool], done: dict[str, set[str]]
+) -> tuple[list[str], str | None]:
+    """The stages a shard streams through (from the first that has work to every requested one after
+    it, in vocab.STREAM_STAGES order) and where the stream reads it; an error when what the first of them
+    or the write stage takes is not committed yet."""
+    in_order = [s for s in vocab.STREAM_STAGES if s in steps]
+    first = next((s for s in in_order if need[s]), None)
+    stream = in_order[in_order.index(first) :] if first is not None else []
+    stages = [*vocab.STREAM_STAGES, vocab.WRITE]
+    for stage in [*stream[:1], *([vocab.WRITE] if need[vocab.WRITE] else [])]:
+        before = stages[stages.index(stage) - 1] if stages.index(stage) else None
+        if before is not None and before not in stream and shard not in done[before]:
+            raise ConfigError(f"shard {shard} has no {before} output yet: run `vecap {before}` (or `vecap run`) first")
+    return stream, vocab.READS_FROM[first] if first is not None else None
 
 
 def check_root(cfg: PipelineConfig, layout: Layout, storage: Storage) -> list[str]:
