@@ -49,8 +49,8 @@ from typing import Any
 
 from bench.context import REPO, WORK, Ctx, read_markers, set_env, summed_timings
 from bench.harness import Harness, Target, TreeSampler, alternating, median, timed
+from bench.workload import work_rows_schema
 from vecap.plan import CPU_STEPS, cpu_per_sample
-from vecap.stages.base import TIMINGS
 
 log = logging.getLogger("bench")
 
@@ -70,7 +70,15 @@ QUOTED = (
     f"(issue 10 quoted {QUOTED_ROW_HOLDING_MS_PER_ROW} ms per row + {QUOTED_ROW_HOLDING_MS_PER_SHARD:.0f} ms per "
     "shard for the row-holding driver it replaced: a past figure, not measured here)"
 )
-STEPS = (*TIMINGS, "t_write")  # the stream steps' wall seconds (vecap.stages.base), then the write stage's
+
+
+def _wall_steps() -> tuple[str, ...]:
+    """The stream steps' wall-seconds columns (the caption and fuse stages' work rows, in stream
+    order), then the write stage's."""
+    return (*(name for name in work_rows_schema().names if name.startswith("t_")), "t_write")
+
+
+STEPS = _wall_steps()
 FLAT = Target("<=", 1.3)
 # The fit runs (one node, one driver process): (samples, shard size) beside the main runs, so that
 # driver CPU = a·wall + b·rows + c·shards (+ d per run) can be told apart; sized for a 2-core machine.

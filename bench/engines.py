@@ -43,7 +43,7 @@ from typing import Any
 
 from bench.context import CAPTION_LENGTHS, FUSE_LENGTHS, WORK, Ctx, busy_fraction, read_markers, summed_timings
 from bench.harness import Target, median, timed
-from bench.workload import caption_rows, fuse_rows, vllm_reset, write_captions
+from bench.workload import caption_rows, fuse_rows, vllm_reset, work_rows_schema, write_captions
 
 log = logging.getLogger("bench")
 
@@ -138,7 +138,8 @@ def actor_rep(worker: Any, rows: list[dict[str, Any]], batch_size: int, in_fligh
     from vecap.stages.base import work_table
 
     vllm_reset(worker.engine)
-    tables = [work_table([dict(r) for r in rows[i : i + batch_size]]) for i in range(0, len(rows), batch_size)]
+    schema = work_rows_schema()
+    tables = [work_table([dict(r) for r in rows[i : i + batch_size]], schema) for i in range(0, len(rows), batch_size)]
     seconds, out, c = counted(worker.engine, lambda: drive_actor(worker, tables, in_flight))
     done = sum(t.num_rows for t in out)
     if done != len(rows) or any(v for t in out for v in t[flag].to_pylist()):

@@ -29,6 +29,7 @@ def vecap_path(images: Path, shards: list[str], out_root: Path, cfg: Any, image_
 
     from vecap.layout import Layout
     from vecap.outputs import StageOutput
+    from vecap.stages.base import work_schema
     from vecap.stages.caption import CaptionStage, ImageReadOptions, read_image_rows
     from vecap.storage import Storage
 
@@ -39,7 +40,7 @@ def vecap_path(images: Path, shards: list[str], out_root: Path, cfg: Any, image_
     out = StageOutput(Layout(str(out_root)), "caption", storage)
     n = 0
     for shard in shards:
-        work = pa.concat_tables(list(read_image_rows(storage, str(images), shard, opts)))
+        work = pa.concat_tables(list(read_image_rows(storage, str(images), shard, opts, work_schema([stage]))))
         table = stage.output_table(work)
         n += table.num_rows
         out.commit(shard, table, stage.stats(table) | {"shard": shard})

@@ -7,8 +7,21 @@ Shared by :mod:`bench.engines` and :mod:`bench.profile` (which imports nothing o
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+
+@cache
+def work_rows_schema() -> Any:
+    """The work rows of a run of the caption and fuse stages (the demo recipe's), as the stream carries them."""
+    from vecap.config import load_config
+    from vecap.stages.base import work_schema
+    from vecap.stages.caption import CaptionStage
+    from vecap.stages.fuse import FuseStage
+
+    cfg = load_config("demo")
+    return work_schema([CaptionStage(cfg.caption, cfg.seed), FuseStage(cfg.fuse, cfg.seed)])
 
 
 def vllm_reset(engine: Any) -> None:
@@ -27,6 +40,7 @@ def vllm_reset(engine: Any) -> None:
 
 def caption_rows(cfg: Any, images: Path, shards: list[str]) -> list[dict[str, Any]]:
     """The rows the caption actor gets, read by the stage's own reader (pixels, seeds); captioned rows only."""
+    from vecap.stages.base import work_schema
     from vecap.stages.caption import CaptionStage, read_image_rows
     from vecap.storage import Storage
 
@@ -35,7 +49,7 @@ def caption_rows(cfg: Any, images: Path, shards: list[str]) -> list[dict[str, An
     return [
         r
         for shard in shards
-        for table in read_image_rows(storage, str(images), shard, stage.read_options)
+        for table in read_image_rows(storage, str(images), shard, stage.read_options, work_schema([stage]))
         for r in table.to_pylist()
         if r.get("needs_caption")
     ]
@@ -71,7 +85,7 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
     from vecap.demo.tiny_models import training_sentences
     from vecap.layout import Layout
     from vecap.outputs import StageOutput
-    from vecap.stages.base import seed_for
+    from vecap.stages.base import seed_for, work_schema
     from vecap.stages.caption import CaptionStage, read_image_rows
     from vecap.storage import Storage
 
@@ -83,7 +97,7 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
     i = 0
     for shard in shards:
         rows = []
-        for table in read_image_rows(storage, layout.images, shard, stage.read_options):
+        for table in read_image_rows(storage, layout.images, shard, stage.read_options, work_schema([stage])):
             for r in table.to_pylist():
                 if r["is_marker"]:
                     continue
@@ -110,6 +124,7 @@ def write_captions(root: Path, shards: list[str], cfg: Any) -> None:
 def fuse_rows(cfg: Any, root: Path, shards: list[str]) -> list[dict[str, Any]]:
     """The rows the fuse actor gets, made by the stage's own CPU steps (messages, seeds); rows that need the LLM."""
     from vecap.layout import Layout
+    from vecap.stages.base import work_schema
     from vecap.stages.fuse import FuseStage, prepare_fuse_requests, read_caption_rows
     from vecap.storage import Storage
 
@@ -118,7 +133,7 @@ def fuse_rows(cfg: Any, root: Path, shards: list[str]) -> list[dict[str, Any]]:
     storage = Storage.for_path(str(root))
     rows = []
     for shard in shards:
-        for table in read_caption_rows(storage, Layout(str(root)), shard):
+        for table in read_caption_rows(storage, Layout(str(root)), shard, work_schema([stage])):
             table = prepare_fuse_requests(table, stage.prompt, f.max_alt_text_words, cfg.seed)
             rows += [r for r in table.to_pylist() if r.get("needs_fuse")]
     return rows

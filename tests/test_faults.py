@@ -185,15 +185,18 @@ def test_an_engine_actor_works_on_at_most_its_batches_in_flight():
     from helpers import ConcurrencyEngine
 
     from vecap.backends import EngineSpec
-    from vecap.stages.base import work_table
-    from vecap.stages.fuse import FuseWorker
+    from vecap.config import load_config
+    from vecap.stages.base import work_schema, work_table
+    from vecap.stages.fuse import FuseStage, FuseWorker
+
+    schema = work_schema([FuseStage(load_config("demo").fuse, 0)])
 
     def batch(i: int):
         rows = [
             {"key": f"{i}{j}", "shard": "00000", "needs_fuse": True, "fuse_seed": j, "fuse_messages": json.dumps([])}
             for j in range(2)
         ]
-        return work_table(rows)
+        return work_table(rows, schema)
 
     for limit in (1, 3):
         ConcurrencyEngine.most = 0

@@ -23,14 +23,13 @@ import pyarrow.compute as pc
 from vecap import metrics, vocab
 from vecap.layout import STAGES, Layout
 from vecap.outputs import StageOutput
-from vecap.stages.base import CPU_TIMINGS, TIMINGS, Stage
+from vecap.stages.base import Stage, is_timing
 from vecap.stages.write import WriteStage
 from vecap.storage import Storage
 
 MANIFEST = pa.schema(
     [("shard", pa.string()), ("n_rows", pa.int64()), ("report", pa.string()), ("timings", pa.string())]
 )
-_COUNTED = (*TIMINGS, *CPU_TIMINGS)
 
 
 def _part_name(keys: list[str]) -> str:
@@ -45,7 +44,7 @@ def write_parts(batch: pa.Table, storage: Storage, layout: Layout, stages: list[
         is_marker = pc.fill_null(sub["is_marker"], False)
         rows = sub.filter(pc.invert(is_marker))
         reports = sub.filter(is_marker)["report"].to_pylist()
-        timings = {c: pc.sum(sub[c]).as_py() or 0 for c in _COUNTED}
+        timings = {c: pc.sum(sub[c]).as_py() or 0 for c in sub.column_names if is_timing(c)}  # each step's seconds
         for stats in sub["engine_stats"].drop_null().to_pylist():
             for k, v in json.loads(stats).items():
                 timings[k] = timings.get(k, 0) + v
@@ -127,8 +126,8 @@ def finalize_shard(storage: Storage, layout: Layout, job: ShardJob) -> dict[str,
             shard=job.shard,
             fingerprint=stage.fingerprint(),
             read_report={k: v for k, v in job.report.items() if k != "n_rows"},
-            timings={k: round(float(v), 4) for k, v in job.timings.items() if v and _is_timing(k)},
-            engine={k: round(float(v), 4) for k, v in job.timings.items() if v and not _is_timing(k)},
+            timings={k: round(float(v), 4) for k, v in job.timings.items() if v and is_timing(k)},
+            engine={k: round(float(v), 4) for k, v in job.timings.items() if v and not is_timing(k)},
             committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             run_id=job.run_id,
         )
@@ -154,11 +153,6 @@ def _committed_by_earlier_attempt(out: StageOutput, job: ShardJob) -> dict[str, 
         return None
     stats = out.read_stats(job.shard)
     return stats if stats.get("run_id") == job.run_id else None
-
-
-def _is_timing(name: str) -> bool:
-    """Step timings (``t_*`` wall, ``cpu_*`` CPU seconds) as opposed to engine counters."""
-    return name.startswith(("t_", "cpu_"))
 
 
 def sum_timings(into: Counter, timings_json: str) -> None:

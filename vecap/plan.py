@@ -8,10 +8,13 @@ Per-GPU engine throughput comes from a GPU benchmark's results when one is given
 
 times an *assumed* utilisation (said as such in the output). FLOPs per request are counted
 from the model's architecture: 2 x matmul parameters per token, the LM head per sampled
-token, attention's quadratic term, and for LLaVA the vision tower and projector. For
+token, attention's quadratic term, and for a VLM its vision tower and projector. For
 LLaVA-1.5-7B that is about 9 TFLOP per 336 px image (576 image tokens + the prompt), and for
 an 8B model about 4.4 TFLOP per fusion of 250 input and 60 output tokens, the published
-figures (``tests/test_plan.py`` holds them to ±15 %).
+figures (``tests/test_plan.py`` holds them to ±15 %). A LLaVA's image tokens are fixed by its
+square input; a native-resolution VLM's (Qwen2-VL, Qwen2.5-VL: one token per 2x2 patches of
+the image as its processor resizes it) follow the recipe's image bound (``caption.image_pixels``):
+Qwen2.5-VL-7B at 448x448 px is 256 image tokens, about 5.6 TFLOP per image.
 
 The CPU side per sample (read, decode, resize, prompt building, validation, writing) comes
 from a dry run's markers (``--dry-run-root``: ``vecap run --dry-run`` on your own data) or
@@ -74,8 +77,35 @@ LLAMA_3_8B: dict[str, Any] = {
     "num_key_value_heads": 8,
     "vocab_size": 128256,
 }
+QWEN25_VL_7B: dict[str, Any] = {
+    "model_type": "qwen2_5_vl",
+    "text_config": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+    },
+    "vision_config": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "out_hidden_size": 3584,
+    },
+}
+# A native-resolution VLM's image area when the recipe bounds it by neither image_pixels nor image_size:
+# transformers' Qwen2VLImageProcessor's default max_pixels (1280 image tokens of 28 px).
+NATIVE_DEFAULT_PIXELS = 28 * 28 * 1280
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "llava-hf/llava-1.5-7b-hf": LLAVA_15_7B,
+    "Qwen/Qwen2.5-VL-7B-Instruct": QWEN25_VL_7B,
     "meta-llama/Llama-3.1-8B-Instruct": LLAMA_3_8B,
     "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA_3_8B,
     "meta-llama/Llama-3.1-8B": LLAMA_3_8B,
@@ -93,7 +123,7 @@ FUSE_PROMPT_TOKENS, FUSE_OUTPUT_TOKENS = 250, 60
 DEFAULT_CPU_STEPS = {
     "cpu_read": 0.0049,
     "cpu_caption_check": 0.0003,
-    "cpu_fuse_prep": 0.0001,
+    "cpu_fuse_prepare": 0.0001,
     "cpu_fuse_check": 0.0010,
     "t_write": 0.0010,
 }
@@ -121,18 +151,57 @@ def matmul_params(config: dict[str, Any]) -> int:
     return t["num_hidden_layers"] * per_layer
 
 
-def image_tokens(config: dict[str, Any]) -> int:
-    """Image tokens a LLaVA-style model puts in the prompt (the patch grid; CLS dropped)."""
+def native_resolution(config: dict[str, Any]) -> bool:
+    """A Qwen2-VL-style VLM: the image's own size sets its tokens (patches merged 2x2), no fixed input size."""
+    return "spatial_merge_size" in (config.get("vision_config") or {})
+
+
+def image_tokens(config: dict[str, Any], image_size: int | None = None, image_pixels: int | None = None) -> int:
+    """Image tokens a VLM puts in the prompt. LLaVA-style: the patch grid of its square input (CLS dropped),
+    whatever the recipe's image bounds (its processor crops that square). Native resolution (Qwen2-VL): one
+    per merged patch of an image at the recipe's bound: ``image_pixels`` (caption.image_pixels), else a
+    square of ``image_size``, else the processor's default maximum; a figure for images at least that large."""
     v = config.get("vision_config")
     if not v:
         return 0
+    if native_resolution(config):
+        unit = v["patch_size"] * v["spatial_merge_size"]
+        pixels = image_pixels or (image_size * image_size if image_size else NATIVE_DEFAULT_PIXELS)
+        return max(1, pixels // (unit * unit))
     return config.get("image_seq_length") or (v["image_size"] // v["patch_size"]) ** 2
 
 
-def flops_per_request(config: dict[str, Any], prompt_tokens: float, output_tokens: float) -> float:
+def native_vision_flops(config: dict[str, Any], n_image_tokens: int) -> float:
+    """Forward FLOPs of a Qwen2-VL / Qwen2.5-VL vision tower for one image of ``n_image_tokens``: the ViT
+    over its patches (Qwen2.5-VL: gated MLP, window attention but in fullatt_block_indexes), the patch
+    embedding and the merger's MLP."""
+    v = config["vision_config"]
+    merge = v["spatial_merge_size"] ** 2
+    n = n_image_tokens * merge  # patches
+    if "embed_dim" in v:  # Qwen2-VL: hidden_size is the merger's output, the ViT is embed_dim wide, GELU MLP
+        width, out = v["embed_dim"], v["hidden_size"]
+        mlp = 2 * width * int(width * v.get("mlp_ratio", 4))
+    else:  # Qwen2.5-VL: a gated SiLU MLP
+        width, out = v["hidden_size"], v.get("out_hidden_size") or _text(config)["hidden_size"]
+        mlp = 3 * width * v["intermediate_size"]
+    depth = v["depth"]
+    window = (v["window_size"] // v["patch_size"]) ** 2 if "window_size" in v else n
+    full = set(v.get("fullatt_block_indexes") or range(depth)) if "window_size" in v else set(range(depth))
+    flops = 2.0 * depth * (4 * width * width + mlp) * n
+    flops += sum(4.0 * width * n * (n if layer in full else min(n, window)) for layer in range(depth))
+    flops += 2.0 * 3 * v.get("temporal_patch_size", 2) * v["patch_size"] ** 2 * width * n  # patch embedding
+    merged = width * merge
+    flops += 2.0 * (merged * merged + merged * out) * n_image_tokens  # the merger's two-layer MLP
+    return flops
+
+
+def flops_per_request(
+    config: dict[str, Any], prompt_tokens: float, output_tokens: float, n_image_tokens: int | None = None
+) -> float:
     """Forward FLOPs of one request: 2 x matmul parameters per token (+ the LM head per sampled
-    token), attention scores and values over the context, and for LLaVA the vision tower and
-    projector. ``prompt_tokens`` includes a LLaVA prompt's image tokens."""
+    token), attention scores and values over the context, and for a VLM the vision tower and
+    projector. ``prompt_tokens`` includes the prompt's image tokens; ``n_image_tokens`` says how many
+    for a native-resolution VLM (default: :func:`image_tokens` of the model alone)."""
     t = _text(config)
     layers, h = t["num_hidden_layers"], t["hidden_size"]
     attn_dim = t["num_attention_heads"] * (t.get("head_dim") or h // t["num_attention_heads"])
@@ -141,7 +210,9 @@ def flops_per_request(config: dict[str, Any], prompt_tokens: float, output_token
     # QK^T and AV: 2 x 2 x attn_dim FLOPs per (query, key) pair; causal: ~P^2/2 + P*O + O^2/2 pairs.
     flops += 4.0 * layers * attn_dim * (p * p / 2 + p * o + o * o / 2)
     v = config.get("vision_config")
-    if v:
+    if v and native_resolution(config):
+        flops += native_vision_flops(config, image_tokens(config) if n_image_tokens is None else n_image_tokens)
+    elif v:
         n = (v["image_size"] // v["patch_size"]) ** 2 + 1  # patches + CLS
         used = v["num_hidden_layers"] + config.get("vision_feature_layer", -1) + 1  # layers whose output is used
         vh = v["hidden_size"]
@@ -173,7 +244,7 @@ def model_config(model: str) -> dict[str, Any]:
 CPU_STEPS = {  # marker timing → what it covers
     "cpu_read": "read + decode + resize",
     "cpu_caption_check": "caption validation",
-    "cpu_fuse_prep": "fuse prompt building",
+    "cpu_fuse_prepare": "fuse prompt building",
     "cpu_fuse_check": "fuse validation",
     "t_write": "write (CLIP tar + Parquet; wall seconds)",
 }
@@ -223,6 +294,7 @@ class Throughput:
     source: str
     tflop_per_request: float | None = None
     ceiling_per_s: float | None = None
+    image_tokens: int | None = None  # the caption stage's image tokens per request, as the plan assumes them
 
 
 @dataclass
@@ -314,21 +386,31 @@ def measured_throughput(path: str, gpu: GPU) -> dict[str, Throughput]:
     return out
 
 
-def ceiling_throughput(stage: str, model: str, gpu: GPU, utilisation: float, pipeline_efficiency: float) -> Throughput:
+def ceiling_throughput(
+    stage: str,
+    model: str,
+    gpu: GPU,
+    utilisation: float,
+    pipeline_efficiency: float,
+    image_size: int | None = None,
+    image_pixels: int | None = None,
+) -> Throughput:
+    """The compute ceiling's rate; ``image_size`` and ``image_pixels`` are the caption recipe's image bounds."""
     config = model_config(model)
-    if stage == "caption":
-        prompt, output = image_tokens(config) + CAPTION_TEXT_TOKENS, CAPTION_OUTPUT_TOKENS
+    tokens = image_tokens(config, image_size, image_pixels) if stage == "caption" else None
+    if tokens is not None:
+        prompt, output = tokens + CAPTION_TEXT_TOKENS, CAPTION_OUTPUT_TOKENS
     else:
         prompt, output = FUSE_PROMPT_TOKENS, FUSE_OUTPUT_TOKENS
-    tflop = flops_per_request(config, prompt, output) / 1e12
+    tflop = flops_per_request(config, prompt, output, tokens) / 1e12
     ceiling = gpu.bf16_tflops / tflop
     per_s = ceiling * utilisation * pipeline_efficiency
     source = (
         f"compute ceiling: {gpu.bf16_tflops:.0f} TFLOP/s / {tflop:.2f} TFLOP per request ({prompt:.0f} prompt + "
         f"{output:.0f} output tokens) = {ceiling:.1f}/s, x {utilisation:.2f} ASSUMED utilisation x "
-        f"{pipeline_efficiency:.2f} stage/engine"
+        f"{pipeline_efficiency:.2f} stage/engine" + (f"; {tokens} image tokens per image" if tokens else "")
     )
-    return Throughput(stage, model, per_s, source, tflop, ceiling)
+    return Throughput(stage, model, per_s, source, tflop, ceiling, tokens or None)
 
 
 def make_plan(
@@ -362,7 +444,11 @@ def make_plan(
     else:
         u = DEFAULT_UTILISATION if utilisation is None else utilisation
         e = DEFAULT_PIPELINE_EFFICIENCY if pipeline_efficiency is None else pipeline_efficiency
-        rates = {s: ceiling_throughput(s, getattr(cfg, s).model, card, u, e) for s in ("caption", "fuse")}
+        c = cfg.caption
+        rates = {
+            "caption": ceiling_throughput("caption", c.model, card, u, e, c.image_size, c.image_pixels),
+            "fuse": ceiling_throughput("fuse", cfg.fuse.model, card, u, e),
+        }
     steps: dict[str, float] = {}
     if cpu_s_per_sample is not None:
         cpu, cpu_source = cpu_s_per_sample, "given (--cpu-s-per-sample)"

@@ -9,42 +9,21 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
+
 from vecap import vocab
 from vecap.config import PipelineConfig
 from vecap.finalize import write_parts
 from vecap.layout import Layout
 from vecap.planning import ShardPlan
 from vecap.reuse import DUPLICATE, Reuse
-from vecap.stages.base import Stage, Step, check_steps
+from vecap.stages.base import READ_STEP, Stage, Step, check_steps, work_schema
 from vecap.storage import Storage
 
-# What the read step writes into the work rows: an image shard's rows (pixels, reuse, a cached
-# caption) or a captions shard's (vecap.stages.caption.read_image_rows, vecap.stages.fuse.read_caption_rows).
-READ_OUTPUTS = (
-    "status",
-    "reason",
-    "error",
-    "alt_text",
-    "url",
-    "pixels",
-    "pixels_w",
-    "pixels_h",
-    "needs_caption",
-    "sha256",
-    "caption_source",
-    "caption_from",
-    "caption_from_shard",
-    "vlm_caption",
-    "caption_finish_reason",
-    "caption_n_prompt_tokens",
-    "caption_n_output_tokens",
-    "caption_seed",
-    "caption_quality",
-)
 
-
-def read_planned_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None):
-    """Ray Data UDF: one planned shard → its work rows, from the images or from committed captions."""
+def read_planned_shards(batch, storage: Storage, layout: Layout, caption_stage: Stage | None, schema: pa.Schema):
+    """Ray Data UDF: one planned shard → its work rows (of the run's work ``schema``), from the images
+    or from committed captions."""
     from vecap.reuse import read_shard_reuse
     from vecap.stages.caption import CaptionStage, read_image_rows
     from vecap.stages.fuse import read_caption_rows
@@ -56,12 +35,12 @@ def read_planned_shards(batch, storage: Storage, layout: Layout, caption_stage: 
         if source == vocab.FROM_IMAGES:
             if not isinstance(caption_stage, CaptionStage):  # the plan reads images only for a run that captions
                 raise TypeError(f"shard {shard}: images to read but no caption stage")
-            yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, only, again)
+            yield from read_image_rows(storage, layout.images, shard, caption_stage.read_options, schema, only, again)
         elif again:  # the second pass: the shard's duplicates, whose captions are committed now
             only = {k for k, r in again.items() if r["caption_source"] == DUPLICATE}
-            yield from read_caption_rows(storage, layout, shard, only_keys=only)
+            yield from read_caption_rows(storage, layout, shard, schema, only_keys=only)
         else:
-            yield from read_caption_rows(storage, layout, shard, only_keys=only)
+            yield from read_caption_rows(storage, layout, shard, schema, only_keys=only)
 
 
 def build_stream(
@@ -86,25 +65,27 @@ def build_stream(
         if p.stream
     ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    in_stream = [stages[s] for s in vocab.STREAM_STAGES if any(s in p.stream for p in plans)]
+    schema = work_schema(in_stream)
     ds = Step(
-        "read",
+        READ_STEP,
         read_planned_shards,
-        {"storage": storage, "layout": layout, "caption_stage": stages.get(vocab.CAPTION)},
+        {"storage": storage, "layout": layout, "caption_stage": stages.get(vocab.CAPTION), "schema": schema},
         # At most max_inflight_shards shards are being read at once; Ray Data's back-pressure bounds the rest.
         inputs=("source", "shard", "keys", "reuse"),
         batch_size=1,
         concurrency=cfg.max_inflight_shards,
         memory_mb=1024,
     ).apply(ds)
-    in_stream = [stages[s] for s in (vocab.CAPTION, vocab.FUSE) if any(s in p.stream for p in plans)]
     for step in work_steps(in_stream, storage, layout):
         ds = step.apply(ds)
     return ds
 
 
 def work_steps(in_stream: list[Stage], storage: Storage, layout: Layout) -> list[Step]:
-    """The steps after the read: each stream stage's, then the part writer; their declared
-    columns checked against what the steps before them write (:func:`vecap.stages.base.check_steps`)."""
+    """The steps after the read: each stream stage's, then the part writer; their declared columns
+    checked against what the read and the steps before them write, in the run's work schema
+    (:func:`vecap.stages.base.check_steps`)."""
     steps = [step for stage in in_stream for step in stage.steps()]
     reads = sorted({c for stage in in_stream for c in stage.reads} | {"caption_source", "engine_stats"})
     writer = Step(
@@ -113,8 +94,10 @@ def work_steps(in_stream: list[Stage], storage: Storage, layout: Layout) -> list
         {"storage": storage, "layout": layout, "stages": in_stream},
         inputs=tuple(reads),
         num_cpus=0.25,
+        timed=False,  # it returns manifest rows, not work rows: it sums the others' timings
     )
-    check_steps([*steps, writer], READ_OUTPUTS)
+    read = {c for stage in in_stream for c in stage.read_columns}
+    check_steps([*steps, writer], work_schema(in_stream), read)
     return [*steps, writer]
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 # --- stages, in pipeline order ----------------------------------------------------------------
 CAPTION, FUSE, WRITE = "caption", "fuse", "write"
 STAGES = (CAPTION, FUSE, WRITE)
+# The model stages, streamed through one dataset in this order (each takes the rows of the one before);
+# the write stage runs per shard once the last of them is committed.
+STREAM_STAGES = (CAPTION, FUSE)
 
 # --- per-sample statuses (the ``status`` column) ----------------------------------------------
 OK = "ok"
@@ -93,3 +96,5 @@ def caption_reason(status: str | None, rejected_by: str | None = None) -> str | 
 
 # --- where a shard's rows are read from (plans and the work rows' ``source``) ------------------
 FROM_IMAGES, FROM_CAPTIONS = "images", "captions"  # the input tar, or the committed captions
+# Where a stream that starts at a stage reads a shard: its first stage's input.
+READS_FROM = {CAPTION: FROM_IMAGES, FUSE: FROM_CAPTIONS}

@@ -5,10 +5,11 @@ actor pool, resources, declared input columns), its output schema, its fingerpri
 (what must match for committed shards to be reused) and how its per-shard stats are
 counted. The driver (:mod:`vecap.pipeline`) is a loop over stages and knows none of them.
 
-Rows flow between steps as Arrow tables with the :data:`WORK` schema. Each shard ends
-with one *marker* row (``is_marker``) carrying the shard's row count and read report.
-Steps record their own timings in ``t_*`` columns (seconds, spread over the batch's
-rows), which the part writer sums per shard into the shard's stats.
+Rows flow between steps as Arrow tables of the run's work schema (:func:`work_schema`:
+the columns of :data:`ROW` and of the stages in the stream). Each shard ends with one
+*marker* row (``is_marker``) carrying the shard's row count and read report. Each step's
+wall and CPU seconds go into its own ``t_<step>``/``cpu_<step>`` columns (spread over the
+batch's rows), which the part writer sums per shard into the shard's stats.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,70 +38,72 @@ from vecap.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
-TIMINGS = ("t_read", "t_caption_engine", "t_caption_check", "t_fuse_prep", "t_fuse_engine", "t_fuse_check")
-CPU_TIMINGS = tuple("cpu_" + t[2:] for t in TIMINGS)  # process CPU seconds beside the wall seconds
-
-WORK = pa.schema(
+# Columns of every work row, whatever stages run: the stream's bookkeeping, the row's outcome, and the
+# engine actors' counters (JSON, on the first row of a batch). The stages add the columns they declare
+# (``Stage.columns``) and each step its wall and CPU seconds (:func:`timing_columns`): :func:`work_schema`.
+ROW = pa.schema(
     [
         ("key", pa.string()),
         ("shard", pa.string()),
-        ("source", pa.string()),  # "images" (read from the input tar) or "captions" (committed captions)
+        ("source", pa.string()),  # vocab.FROM_IMAGES (read from the input tar) or FROM_CAPTIONS (committed captions)
         ("is_marker", pa.bool_()),
         ("report", pa.string()),  # marker rows: JSON of the shard's read report and row count
         ("status", pa.string()),
         ("reason", pa.string()),  # a rejected VLM caption's check (vecap.vocab's reason column)
         ("error", pa.string()),
-        ("alt_text", pa.string()),
-        ("url", pa.string()),
-        ("pixels", pa.binary()),
-        ("pixels_w", pa.int32()),
-        ("pixels_h", pa.int32()),
-        ("needs_caption", pa.bool_()),
-        ("sha256", pa.string()),
-        ("caption_source", pa.string()),  # computed | duplicate | cache (vecap.reuse)
-        ("caption_from", pa.string()),
-        ("caption_from_shard", pa.string()),
-        ("vlm_caption", pa.string()),
-        ("caption_finish_reason", pa.string()),
-        ("caption_n_prompt_tokens", pa.int32()),
-        ("caption_n_output_tokens", pa.int32()),
-        ("caption_seed", pa.int64()),
-        ("needs_fuse", pa.bool_()),
-        ("fuse_messages", pa.string()),  # JSON chat messages, built on CPU before the actor
-        ("fuse_output", pa.string()),
-        ("fuse_finish_reason", pa.string()),
-        ("fuse_n_prompt_tokens", pa.int32()),
-        ("fuse_n_output_tokens", pa.int32()),
-        ("fuse_seed", pa.int64()),
-        ("vec_caption", pa.string()),
-        ("vec_source", pa.string()),
-        ("fuse_reason", pa.string()),  # why the VeC caption is not the LLM's (vecap.vocab)
-        ("fuse_error", pa.string()),  # its detail
-        ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
-        ("caption_quality", pa.string()),  # JSON: vecap.validation's quality columns of the VLM caption
-        ("fuse_quality", pa.string()),  # JSON: the same for the fused caption
-        ("engine_stats", pa.string()),  # JSON counters of the engine actors (first row of a batch)
-        *[(t, pa.float64()) for t in TIMINGS + CPU_TIMINGS],
+        ("engine_stats", pa.string()),
     ]
 )
 
-
-# Columns of every work row, written by the read step and read by any step: the stream's bookkeeping.
+# Columns of every work row that the read step writes and any step may read: the stream's bookkeeping.
 ROW_COLUMNS = ("key", "shard", "source", "is_marker", "report")
+
+READ_STEP = "read"  # the stream's first step (vecap.stream), timed like the stages' steps
 
 
 class StageContractError(ValueError):
-    """A step declares it reads a column that no step before it writes, or writes one that is not a work column."""
+    """A step declares it reads a column that no step before it writes, or writes one that is not a work
+    column of the run; or two stages declare one column with different types."""
 
 
-def work_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return schemas.table(rows, WORK)
+def timing_columns(step_name: str) -> tuple[str, str]:
+    """The work columns of a step's wall seconds (``t_*``) and process CPU seconds (``cpu_*``), by its name."""
+    name = step_name.replace("-", "_")
+    return f"t_{name}", f"cpu_{name}"
 
 
-def check_steps(steps: Sequence[Step], written: Iterable[str] = ()) -> None:
+def is_timing(column: str) -> bool:
+    """Whether a work column (or a marker's ``timings`` key) is a step's seconds rather than an engine counter."""
+    return column.startswith(("t_", "cpu_"))
+
+
+def work_schema(stages: Sequence[Stage]) -> pa.Schema:
+    """The work rows of a run of ``stages``: :data:`ROW`, the columns the stages declare, and the wall and
+    CPU seconds of the read step and of each stage's steps. Assembled when the stream is built, so a run
+    carries only its own stages' columns."""
+    fields = {f.name: f for f in ROW}
+    for stage in stages:
+        for f in stage.columns:
+            if f.name in fields and not fields[f.name].type.equals(f.type):
+                raise StageContractError(
+                    f"stage {stage.name!r} declares {f.name!r} as {f.type}, another stage as {fields[f.name].type}"
+                )
+            fields.setdefault(f.name, f)
+    for step_name in (READ_STEP, *(step.name for stage in stages for step in stage.steps())):
+        for column in timing_columns(step_name):
+            fields.setdefault(column, pa.field(column, pa.float64()))
+    return pa.schema(list(fields.values()))
+
+
+def work_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Work rows (dicts; absent columns are null) as a table of the run's work schema."""
+    return schemas.table(rows, schema)
+
+
+def check_steps(steps: Sequence[Step], schema: pa.Schema, written: Iterable[str] = ()) -> None:
     """Each step's declared ``inputs`` are written by a step before it (or are :data:`ROW_COLUMNS`),
-    and each step writes only work columns; raises :class:`StageContractError` naming the step and
-    the columns. Called when the stream is built, before any data moves."""
+    and each step writes only columns of the run's work ``schema``; raises :class:`StageContractError`
+    naming the step and the columns. Called when the stream is built, before any data moves."""
     have = set(ROW_COLUMNS) | set(written)
     for step in steps:
         missing = sorted(set(step.inputs) - have)
@@ -108,9 +111,9 @@ def check_steps(steps: Sequence[Step], written: Iterable[str] = ()) -> None:
             raise StageContractError(
                 f"step {step.name!r} reads {missing}, which no step before it writes (written: {sorted(have)})"
             )
-        unknown = sorted(set(step.outputs) - set(WORK.names))
+        unknown = sorted(set(step.outputs) - set(schema.names))
         if unknown:
-            raise StageContractError(f"step {step.name!r} writes {unknown}, which are not work columns (WORK)")
+            raise StageContractError(f"step {step.name!r} writes {unknown}, which are not work columns of this run")
         have |= set(step.outputs)
 
 
@@ -147,8 +150,8 @@ class Step:
     name: str
     fn: Any  # a function (Ray tasks) or a callable class (an actor pool)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fn_kwargs / fn_constructor_kwargs
-    inputs: tuple[str, ...] = ()  # the WORK columns the step reads (checked by check_steps)
-    outputs: tuple[str, ...] = ()  # the WORK columns it writes, its timing columns aside
+    inputs: tuple[str, ...] = ()  # the work columns the step reads (checked by check_steps)
+    outputs: tuple[str, ...] = ()  # the work columns it writes, its timing columns aside
     actors: int = 0
     batch_size: int | None = None
     num_cpus: float = 1.0
@@ -164,6 +167,9 @@ class Step:
     max_restarts: int | None = None
     max_task_retries: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # actor steps: environment of the actors
+    # Task steps: their wall and CPU seconds are added to the rows they return, under timing_columns(name);
+    # actor steps time themselves (EngineWorker, given step_name). Off for a step that returns no work rows.
+    timed: bool = True
 
     def apply(self, ds: Any) -> Any:
         """Append this step to a Ray Data dataset."""
@@ -187,7 +193,11 @@ class Step:
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 return ds.map_batches(
                     self.fn,
-                    fn_constructor_kwargs={**self.kwargs, "batches_in_flight": self.batches_in_flight},
+                    fn_constructor_kwargs={
+                        **self.kwargs,
+                        "batches_in_flight": self.batches_in_flight,
+                        "step_name": self.name,
+                    },
                     compute=compute,
                     num_gpus=self.num_gpus,
                     max_restarts=self.max_restarts,
@@ -198,12 +208,38 @@ class Step:
         # Task steps declare memory, engine actors do not: their resources then differ, and
         # Ray Data never fuses a CPU step into an engine actor (it stays off the engine's path).
         return ds.map_batches(
-            self.fn,
+            timed(self.fn, self.name) if self.timed else self.fn,
             fn_kwargs=self.kwargs,
             compute=ray.data.TaskPoolStrategy(size=self.concurrency),
             memory=self.memory_mb * 1024 * 1024,
             **common,
         )
+
+
+def timed(fn: Any, step_name: str) -> Any:
+    """``fn`` (a task UDF returning or yielding work tables) with its wall and CPU seconds added to
+    the rows it returns, under the step's :func:`timing_columns`: steps time themselves by their name."""
+    import functools
+    import inspect
+
+    column = timing_columns(step_name)[0]
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generate(batch: Any, **kwargs: Any) -> Iterator[pa.Table]:
+            clock = Clock()
+            for table in fn(batch, **kwargs):
+                yield clock.stamp(table, column)
+                clock = Clock()  # the time the stream spent elsewhere between two tables is not this step's
+
+        return generate
+
+    @functools.wraps(fn)
+    def call(batch: Any, **kwargs: Any) -> pa.Table:
+        clock = Clock()
+        return clock.stamp(fn(batch, **kwargs), column)
+
+    return call
 
 
 def with_json_fields(table: pa.Table, column: str, fields: list[tuple[str, pa.DataType]]) -> pa.Table:
@@ -235,6 +271,11 @@ class Stage(ABC):
 
     name: ClassVar[str]
     schema: ClassVar[pa.Schema]
+    # The work columns this stage's steps and its read write and read, beyond vecap.stages.base.ROW:
+    # a run's work schema is assembled from its stages' (work_schema).
+    columns: ClassVar[pa.Schema] = pa.schema([])
+    # The work columns its read of a shard writes (the stream's read step, for a shard this stage reads).
+    read_columns: ClassVar[tuple[str, ...]] = ()
     # The work columns output_table reads (a stream stage's; the part writer's inputs, checked).
     reads: ClassVar[tuple[str, ...]] = ()
 
@@ -340,11 +381,17 @@ class EngineWorker:
     """
 
     flag: ClassVar[str] = ""
-    timing: ClassVar[str] = ""
     stage: ClassVar[str] = ""
 
-    def __init__(self, spec: EngineSpec, faults: FaultPolicy | None = None, batches_in_flight: int = 1) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        faults: FaultPolicy | None = None,
+        batches_in_flight: int = 1,
+        step_name: str | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.WARNING)
+        self.timing = timing_columns(step_name or self.stage)[0]  # its engine calls' wall seconds
         self.faults = faults or FaultPolicy.of()
         # Ray Data runs up to 4 batches of each of an actor's tasks at once in an async UDF (Ray 2.60's
         # DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), whatever the actor's task limit: the limit is kept here.
@@ -408,7 +455,7 @@ class EngineWorker:
                 r[self.flag] = False
         if rows:
             self._report(rows[0])
-        table = work_table(rows)
+        table = work_table(rows, batch.schema)  # the run's work schema, as the batch came
         # The engine call's CPU runs in the engine's threads: only wall time is meaningful here.
         return with_time(table, self.timing, time.perf_counter() - clock.wall)
 

@@ -23,7 +23,6 @@ from vecap.images import ImageRejected, prepare_image, sniff_image_format
 from vecap.prompting import Prompt, load_prompt
 from vecap.reader import ShardReader
 from vecap.stages.base import (
-    Clock,
     EngineWorker,
     Provenance,
     Stage,
@@ -39,7 +38,30 @@ from vecap.storage import Storage
 from vecap.validation import check_caption
 from vecap.validation import fingerprint as checks_fingerprint
 
-STAGE = "caption"
+STAGE = vocab.CAPTION
+
+# The work columns of the caption stage (beyond vecap.stages.base.ROW): what the read of an image
+# shard writes, then the VLM's answer and its check.
+COLUMNS = pa.schema(
+    [
+        ("alt_text", pa.string()),
+        ("url", pa.string()),
+        ("pixels", pa.binary()),
+        ("pixels_w", pa.int32()),
+        ("pixels_h", pa.int32()),
+        ("needs_caption", pa.bool_()),
+        ("sha256", pa.string()),
+        ("caption_source", pa.string()),  # computed | duplicate | cache (vecap.reuse)
+        ("caption_from", pa.string()),
+        ("caption_from_shard", pa.string()),
+        ("vlm_caption", pa.string()),
+        ("caption_finish_reason", pa.string()),
+        ("caption_n_prompt_tokens", pa.int32()),
+        ("caption_n_output_tokens", pa.int32()),
+        ("caption_seed", pa.int64()),
+        ("caption_quality", pa.string()),  # JSON: vecap.validation's quality columns of the VLM caption
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +84,13 @@ def read_image_rows(
     images_dir: str,
     shard: str,
     opts: ImageReadOptions,
+    schema: pa.Schema,
     only_keys: set[str] | None = None,
     reused: dict[str, dict[str, Any]] | None = None,
     rows_per_block: int = 32,
 ) -> Iterator[pa.Table]:
-    """One input shard → work rows with decoded pixels (blocks of ``rows_per_block``), then its marker row.
+    """One input shard → work rows (of the run's work ``schema``) with decoded pixels (blocks of
+    ``rows_per_block``), then its marker row.
 
     ``only_keys`` restricts the rows to those keys (retrying failed rows alone). Keys in
     ``reused`` (:mod:`vecap.reuse`) are not decoded and skip the VLM: cached captions are
@@ -76,7 +100,6 @@ def read_image_rows(
     seen: set[str] = set()
     dropped: list[str] = []
     rows: list[dict[str, Any]] = []
-    clock = Clock()
     for sample in reader:
         if sample.key in seen:  # one row per key: later copies are counted, not written
             dropped.append(sample.key)
@@ -112,8 +135,8 @@ def read_image_rows(
                 row.update(status=err.status, error=str(err))
         rows.append(row)
         if len(rows) >= rows_per_block:
-            yield clock.stamp(work_table(rows), "t_read")
-            rows, clock = [], Clock()
+            yield work_table(rows, schema)
+            rows = []
     report = {
         "n_rows": len(seen) if only_keys is None else len(seen & only_keys),
         "truncated": reader.report.truncated,
@@ -124,7 +147,7 @@ def read_image_rows(
         "dropped_duplicate_keys": dropped,
     }
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps(report)})
-    yield clock.stamp(work_table(rows), "t_read")
+    yield work_table(rows, schema)
 
 
 def _tar_format(data: bytes | None, opts: ImageReadOptions) -> bool:
@@ -158,13 +181,17 @@ class CaptionWorker(EngineWorker):
     """Holds the VLM; captions the rows that have pixels."""
 
     flag = "needs_caption"
-    timing = "t_caption_engine"
-    stage = "caption"
+    stage = STAGE
 
     def __init__(
-        self, spec: EngineSpec, prompt: Prompt, faults: FaultPolicy | None = None, batches_in_flight: int = 1
+        self,
+        spec: EngineSpec,
+        prompt: Prompt,
+        faults: FaultPolicy | None = None,
+        batches_in_flight: int = 1,
+        step_name: str | None = None,
     ) -> None:
-        super().__init__(spec, faults, batches_in_flight)
+        super().__init__(spec, faults, batches_in_flight, step_name)
         self.messages = prompt.messages(image=True)
 
     def request(self, row: dict[str, Any]) -> Request:
@@ -191,7 +218,6 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
     A rejected caption keeps its text for inspection, but its status says it is not used:
     the fusion then falls back to the alt-text.
     """
-    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r["status"] != vocab.OK or r.get("caption_finish_reason") is None:
@@ -208,7 +234,7 @@ def check_captions(batch: pa.Table, checks: CaptionChecks, instructions: str) ->
                 reason=verdict.reason,
                 error=(verdict.detail or None) and verdict.detail[:500],
             )
-    return clock.stamp(work_table(rows), "t_caption_check")
+    return work_table(rows, batch.schema)
 
 
 class CaptionStage(Stage):
@@ -216,6 +242,28 @@ class CaptionStage(Stage):
 
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
+    columns: ClassVar[pa.Schema] = COLUMNS
+    read_columns: ClassVar[tuple[str, ...]] = (
+        "status",
+        "reason",
+        "error",
+        "alt_text",
+        "url",
+        "pixels",
+        "pixels_w",
+        "pixels_h",
+        "needs_caption",
+        "sha256",
+        "caption_source",
+        "caption_from",
+        "caption_from_shard",
+        "vlm_caption",  # a cached caption (vecap.reuse), and what follows it
+        "caption_finish_reason",
+        "caption_n_prompt_tokens",
+        "caption_n_output_tokens",
+        "caption_seed",
+        "caption_quality",
+    )
     reads: ClassVar[tuple[str, ...]] = (
         "status",
         "reason",

@@ -23,7 +23,6 @@ from vecap.layout import Layout
 from vecap.prompting import Prompt, load_prompt
 from vecap.reader import read_alt_texts
 from vecap.stages.base import (
-    Clock,
     EngineWorker,
     Provenance,
     Stage,
@@ -35,18 +34,40 @@ from vecap.stages.base import (
     with_json_fields,
     work_table,
 )
+from vecap.stages.caption import COLUMNS as CAPTION_COLUMNS
 from vecap.storage import Storage
 from vecap.validation import check_fused
 from vecap.validation import fingerprint as checks_fingerprint
 
 STAGE = vocab.FUSE
 
+# The work columns of the fuse stage (beyond vecap.stages.base.ROW): what it reads of a committed
+# caption and its alt-text (the caption stage's columns), then the LLM's request, answer and verdict.
+COLUMNS = pa.schema(
+    [
+        *(CAPTION_COLUMNS.field(name) for name in ("alt_text", "url", "vlm_caption", "caption_seed", "caption_source")),
+        ("needs_fuse", pa.bool_()),
+        ("fuse_messages", pa.string()),  # JSON chat messages, built on CPU before the actor
+        ("fuse_output", pa.string()),
+        ("fuse_finish_reason", pa.string()),
+        ("fuse_n_prompt_tokens", pa.int32()),
+        ("fuse_n_output_tokens", pa.int32()),
+        ("fuse_seed", pa.int64()),
+        ("vec_caption", pa.string()),
+        ("vec_source", pa.string()),
+        ("fuse_reason", pa.string()),  # why the VeC caption is not the LLM's (vecap.vocab)
+        ("fuse_error", pa.string()),  # its detail
+        ("fused_status", pa.string()),  # the fused row's status (image failure, ok or no_text)
+        ("fuse_quality", pa.string()),  # JSON: vecap.validation's quality columns of the fused caption
+    ]
+)
+
 
 def read_caption_rows(
-    storage: Storage, layout: Layout, shard: str, only_keys: set[str] | None = None
+    storage: Storage, layout: Layout, shard: str, schema: pa.Schema, only_keys: set[str] | None = None
 ) -> Iterator[pa.Table]:
-    """One shard's committed captions, joined with its alt-texts → work rows, then its marker row."""
-    clock = Clock()
+    """One shard's committed captions, joined with its alt-texts → work rows (of the run's work
+    ``schema``), then its marker row."""
     alts = read_alt_texts(layout.images, shard, storage)
     rows = []
     for c in storage.read_table(layout.parquet("caption", shard)).to_pylist():
@@ -65,10 +86,11 @@ def read_caption_rows(
                 "url": alt.get("url"),
                 "vlm_caption": c["vlm_caption"],
                 "caption_seed": c["seed"],
+                "caption_source": c["caption_source"],
             }
         )
     rows.append({"shard": shard, "is_marker": True, "report": json.dumps({"n_rows": len(rows)})})
-    yield clock.stamp(work_table(rows), "t_read")
+    yield work_table(rows, schema)
 
 
 def instructions_of(prompt: Prompt) -> str:
@@ -81,7 +103,6 @@ def instructions_of(prompt: Prompt) -> str:
 
 def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: int, run_seed: int) -> pa.Table:
     """Ray Data UDF (CPU): decide which rows need the LLM and render their messages."""
-    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"]:
@@ -103,15 +124,14 @@ def prepare_fuse_requests(batch: pa.Table, prompt: Prompt, max_alt_text_words: i
             continue
         r["fuse_messages"] = json.dumps(prompt.messages(alt_text=alt, vlm_caption=vlm), ensure_ascii=False)
         r["needs_fuse"] = True
-    return clock.stamp(work_table(rows), "t_fuse_prep")
+    return work_table(rows, batch.schema)
 
 
 class FuseWorker(EngineWorker):
     """Holds the text LLM; generates for the rows that need fusing."""
 
     flag = "needs_fuse"
-    timing = "t_fuse_engine"
-    stage = "fuse"
+    stage = STAGE
 
     def request(self, row: dict[str, Any]) -> Request:
         return Request(messages=json.loads(row["fuse_messages"]), seed=row["fuse_seed"], key=row["key"])
@@ -130,7 +150,6 @@ class FuseWorker(EngineWorker):
 
 def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, checks: FuseChecks) -> pa.Table:
     """Ray Data UDF (CPU): accept the LLM's caption (tidied) or fall back, recording the reason."""
-    clock = Clock()
     rows = batch.to_pylist()
     for r in rows:
         if r["is_marker"] or r.get("fuse_seed") is None or r.get("vec_source") is not None or r.get("fused_status"):
@@ -146,7 +165,7 @@ def validate_fused(batch: pa.Table, instructions: str, max_alt_text_words: int, 
             _set_result(r, fusion.Fused(verdict.text, "fused", None))
         else:
             _set_result(r, fusion.fall_back(alt, vlm, verdict.reason), detail=verdict.detail)
-    return clock.stamp(work_table(rows), "t_fuse_check")
+    return work_table(rows, batch.schema)
 
 
 def _set_result(row: dict[str, Any], fused: fusion.Fused, detail: str | None = None) -> None:
@@ -161,6 +180,16 @@ class FuseStage(Stage):
 
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.FUSED
+    columns: ClassVar[pa.Schema] = COLUMNS
+    read_columns: ClassVar[tuple[str, ...]] = (
+        "status",
+        "error",
+        "alt_text",
+        "url",
+        "vlm_caption",
+        "caption_seed",
+        "caption_source",
+    )
     reads: ClassVar[tuple[str, ...]] = (
         "fused_status",
         "error",
