@@ -28,6 +28,33 @@ def test_flops_match_the_published_figures():
     assert within(plan.matmul_params(plan.LLAMA_3_8B) / 1e9, 7.0, 0.05)
 
 
+def test_a_native_resolution_vlm_is_planned_at_the_recipes_image_bound(tiny_models):
+    """Qwen2.5-VL (``qwen2vl-gpu``): image tokens follow the recipe's area bound (448x448 px: 256 tokens of
+    28 px), not LLaVA's fixed 576; its FLOPs per image and the caption:fuse split follow."""
+    qwen, llava = load_config("qwen2vl-gpu"), load_config("gpu")
+    assert qwen.caption.model == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen.caption.image_size is None
+    bound = qwen.caption.engine["mm_processor_kwargs"]["size"]["longest_edge"]
+    assert qwen.caption.image_pixels == bound == 448 * 448  # the CPU's bound is the processor's
+    q = plan.make_plan(qwen, 10_000_000, "h100", cpu_s_per_sample=0.02)
+    ll = plan.make_plan(llava, 10_000_000, "h100", cpu_s_per_sample=0.02)
+    assert (q.caption.image_tokens, ll.caption.image_tokens) == (256, 576) and ll.fuse.image_tokens is None
+    assert "256 image tokens per image" in q.caption.source and "576 image tokens" in ll.caption.source
+    assert q.fuse.tflop_per_request == ll.fuse.tflop_per_request  # the same fusion LLM
+    assert q.caption.tflop_per_request is not None and ll.caption.tflop_per_request is not None
+    assert within(q.caption.tflop_per_request, 5.7, 0.05) and q.caption.tflop_per_request < ll.caption.tflop_per_request
+    assert q.caption_share < ll.caption_share
+    assert (q.caption_gpus, q.fuse_gpus) == (qwen.caption.actors, qwen.fuse.actors) == (4, 4)  # the recipe's split
+    # the vision tower: ~0.63B matmul parameters over 1,024 patches, ~1.35 TFLOP per image; more pixels, more tokens
+    assert within(plan.native_vision_flops(plan.QWEN25_VL_7B, 256) / 1e12, 1.35, 0.05)
+    assert plan.image_tokens(plan.QWEN25_VL_7B, image_size=336) == 144
+    assert plan.image_tokens(plan.QWEN25_VL_7B) == 1280  # unbounded: the processor's default max_pixels
+    assert plan.image_tokens(plan.LLAVA_15_7B, image_size=672, image_pixels=10**6) == 576  # LLaVA crops its square
+    # A local checkpoint's config.json (transformers' nested layout), as for the tiny model: the same formulas.
+    tiny = plan.model_config(str(tiny_models["qwen2vl"]))
+    assert plan.native_resolution(tiny) and plan.image_tokens(tiny, image_pixels=64 * 64) == 16
+    assert plan.flops_per_request(tiny, 16 + 40, 30, 16) > plan.flops_per_request(tiny, 4 + 40, 30, 4)
+
+
 def test_gpu_table_is_dense_bf16():
     assert plan.GPUS["h100"].bf16_tflops == plan.GPUS["h200"].bf16_tflops == 989.0
     assert plan.GPUS["a100"].bf16_tflops == 312.0 and plan.GPUS["l40s"].bf16_tflops == 362.0

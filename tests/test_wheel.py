@@ -64,7 +64,7 @@ def _probe(cwd: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["recipes"] == ["demo", "gpu"]
+    assert out["recipes"] == ["demo", "gpu", "qwen2vl-gpu"]
     assert out["models"][1] == "llava-hf/llava-1.5-7b-hf"
     assert out["prompts"] == {"caption": ["concise", "detailed"], "fuse": ["capsfusion", "vecap"]}
     assert out["prompt_ids"] == ["concise", "vecap"]
@@ -114,6 +114,7 @@ def test_wheel_holds_the_library_and_its_package_data(wheel):
         "vecap/prompts/fuse/vecap.yaml",
         "vecap/pipelines/demo.yaml",
         "vecap/pipelines/gpu.yaml",
+        "vecap/pipelines/qwen2vl-gpu.yaml",
         "vecap/prompting.py",
         "vecap/pipeline.py",
         "vecap/demo/tiny_models.py",
