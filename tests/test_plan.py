@@ -85,7 +85,7 @@ def test_plan_from_the_ceiling_says_it_is_assumed():
     assert "ASSUMED utilisation" in text and "vendor datasheets" in text and "--set caption.actors=" in text
 
 
-def test_plan_from_a_gpu_benchmark(tmp_path):
+def test_plan_from_a_gpu_benchmark(tmp_path, capsys, caplog):
     doc = {
         "mode": "full",
         "peak_tflops": 989.0,
@@ -99,9 +99,21 @@ def test_plan_from_a_gpu_benchmark(tmp_path):
     assert same.caption.per_s == 38.0 and same.fuse.per_s == 96.0 and "measured" in same.caption.source
     a100 = plan.make_plan(cfg, 10_000_000, "a100", measured=str(path), cpu_s_per_sample=0.01)
     assert a100.caption.per_s == pytest.approx(38.0 * 312 / 989) and "scaled" in a100.caption.source
+    # the README's `vecap plan ... --measured bench/results/gpu.json`, from the CLI
+    from vecap.cli import main
+
+    capsys.readouterr()
+    argv = ["plan", "-c", "gpu", "--images", "10000000", "--gpu", "h200", "--measured", str(path)]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["caption"]["per_s"] == 38.0 and out["fuse"]["per_s"] == 96.0
+    assert main(argv) == 0 and f"measured: {path}" in capsys.readouterr().out
     path.write_text(json.dumps(doc | {"mode": "reduced"}))
     with pytest.raises(ValueError, match="reduced"):
         plan.make_plan(cfg, 10_000_000, "h200", measured=str(path))
+    with caplog.at_level("ERROR"):
+        assert main(argv) == 2  # a reduced (CPU) result is refused with the reason, no traceback
+    assert "not a GPU measurement" in caplog.text
 
 
 def test_cpu_cost_per_step():

@@ -6,12 +6,13 @@ following the tars, and retrying several stages at once is an error."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 from helpers import stage_output
 
-from vecap import schemas, vocab
+from vecap import cli, schemas, vocab
 from vecap.config import ConfigError
 from vecap.layout import STAGES
 from vecap.pipeline import run
@@ -58,7 +59,9 @@ def _fail_rows(root) -> dict[str, set[str]]:
     return chosen
 
 
-def test_retry_failed_fuse_sends_only_the_failed_keys_to_the_engine(pipeline_root, tmp_path, demo_config):
+def test_retry_failed_fuse_sends_only_the_failed_keys_to_the_engine(
+    pipeline_root, tmp_path, demo_config, tiny_models, capsys
+):
     root = tmp_path / "root"
     shutil.copytree(pipeline_root, root)
     cfg = demo_config(root)
@@ -68,8 +71,15 @@ def test_retry_failed_fuse_sends_only_the_failed_keys_to_the_engine(pipeline_roo
 
     failed = _fail_rows(root)
     before = _committed(root)
-    result = run(cfg, ["fuse"], retry_failed=True, progress=False)
-    assert result.tallies["fuse"].shards == len(FAILED) and not result.failed
+    # `vecap fuse --retry-failed`, the CLI in this process (its exit code and summary)
+    models = [f"caption.model={tiny_models['llava']}", f"fuse.model={tiny_models['llama']}"]
+    capsys.readouterr()
+    argv = ["fuse", "--retry-failed", "--no-progress", "--set", f"root={root}"]
+    rc = cli.main([*argv, *(a for m in models for a in ("--set", m))])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"fuse     → {root / 'fused'}" in out and "wall time" in out and "FAILED" not in out
+    assert re.search(rf"^fuse\s+{len(FAILED)}\s+", out, re.M), out  # the summary's row: the two shards redone
     fused = stage_output(root, "fuse")
     requests = 0
     for shard, keys in failed.items():
