@@ -563,14 +563,16 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
     shutil.copytree(pipeline_root / "captions", root / "captions")
     server = _start_server(tiny_models["llama"], port, tmp_path / "server.log")
     restarted: list = []
+    committed_at_kill: list[set[str]] = []
 
     def chaos() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and not list(root.glob("fused/_parts/*/*.parquet")):
             time.sleep(0.2)
         _stop(server)  # mid-run: some shards fused, others not
+        committed_at_kill.append(stage_output(root, "fuse").done())
         time.sleep(3)
-        restarted.append(_start_server(tiny_models["llama"], port, tmp_path / "server.log"))
+        restarted.append(_start_server(tiny_models["llama"], port, tmp_path / "restarted.log"))
 
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
@@ -592,6 +594,12 @@ def test_openai_server_killed_and_restarted_mid_run_loses_no_caption(pipeline_ro
             _stop(s)
     assert restarted, "the server was never restarted"
     assert not result.failed
+    # The kill came before the stage was done, and the restarted server answered the rest: the requests
+    # that met the dead server were sent again (the client's retries, or a restarted actor's).
+    done = stage_output(root, "fuse").done()
+    assert committed_at_kill and committed_at_kill[0] < done, (committed_at_kill, done)
+    served = (tmp_path / "restarted.log").read_text().count('POST /v1/chat/completions HTTP/1.1" 200')
+    assert served > 0, (tmp_path / "restarted.log").read_text()[-2000:]
     rows = [
         r
         for s in sorted(stage_output(root, "fuse").done())

@@ -226,6 +226,7 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
     env = _env() | {"RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    leftover = tempfile.mkdtemp(prefix="raytmp", dir="/tmp")  # a RAY_TMPDIR holding a `ray start` address file
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [
@@ -336,8 +337,13 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
         assert proc.returncode == 2 and "ray job submit" in proc.stderr and "Traceback" not in proc.stderr
         assert marker_path(root / "_dry_run", "write", "00000").read_bytes() == marker
         assert "00001" not in stage_output(root / "_dry_run", "caption").done()  # refused before any work
-        proc = dry_run("00001", "--set", "ray.num_cpus=3")
+        # No RAY_ADDRESS, and the file a `ray start` without --temp-dir leaves (<RAY_TMPDIR>/ray/ray_current_cluster)
+        # names the running cluster, as on a machine where one was started by hand: a new local Ray all the same.
+        (Path(leftover) / "ray").mkdir()
+        (Path(leftover) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{gcs}")
+        proc = dry_run("00001", "--set", "ray.num_cpus=3", RAY_TMPDIR=leftover)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (Path(leftover) / "ray" / "ray_current_cluster").read_text() == f"127.0.0.1:{gcs}"
         assert "a new local Ray (3 logical CPUs): 3 CPUs, 0 GPUs, 1 node(s)" in proc.stderr
         assert len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 2  # the cluster untouched
     finally:
@@ -351,6 +357,7 @@ def test_cluster_path_through_ray_job_submit(make_root, tiny_models, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(leftover, ignore_errors=True)
     assert set(_vecap_rows(root)) == _all_input_keys(root / "images")
     import ray
 
