@@ -7,6 +7,7 @@ their own seed, since ``generate`` has a single random stream per call.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from vecap.backends.base import ChatEngine, EngineSpec, Generation, Request, load_chat_renderer
 
@@ -30,9 +31,15 @@ class HFEngine(ChatEngine):
             else getattr(torch, {"half": "float16", "float": "float32"}.get(spec.dtype, spec.dtype))
         )
         auto = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
-        self.hf_model = auto.from_pretrained(
+        self.hf_model = self._load_model(auto, dtype).eval()
+
+    def _load_model(self, auto: Any, dtype: Any) -> Any:
+        """The model from ``spec.model``'s weights (``engine_kwargs`` go to ``from_pretrained``, e.g.
+        ``device_map``); a subclass may build it otherwise (bench.gpu_hf: random weights on the GPU)."""
+        spec = self.spec
+        return auto.from_pretrained(
             spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code, **spec.engine_kwargs
-        ).eval()
+        )
 
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
         if self.spec.sampling.temperature > 0:
@@ -53,6 +60,7 @@ class HFEngine(ChatEngine):
             )
         else:
             inputs = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        inputs = inputs.to(self.hf_model.device)  # a model on a GPU (device_map) takes its inputs there
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
