@@ -151,6 +151,45 @@ def test_registry_counts_open_calls_and_trips_the_breaker():
     assert "3 fatal engine errors in a row" in reg.fatal("boom")
 
 
+def test_the_circuit_breaker_exits_non_zero_and_keeps_what_was_committed(
+    make_root, tiny_models, ray_local, capsys, caplog
+):
+    """`vecap caption` commits shard 00000; a second `vecap caption` of 00000–00001 meets a dead device on
+    every call of 00001's: the engine actor exits, Ray restarts it, the second fatal error in a row trips
+    the breaker; the command exits 1 saying so, 00000 stays as it was committed (marker and rows, byte for
+    byte), 00001 is reported failed and not committed. (The engine is vecap.demo.faulty's model-less one:
+    the breaker's plumbing; the unreachable-server test trips it with a real backend.)"""
+    import json
+
+    from helpers import marker_path
+
+    from vecap import cli
+    from vecap.layout import Layout
+    from vecap.reader import ShardReader
+
+    root = make_root()
+    dead = sorted(r.key for r in ShardReader(str(root / "images"), "00001"))
+    sets = [
+        f"root={root}",
+        f"caption.model={tiny_models['llava']}",
+        "caption.backend=vecap.demo.faulty:DeadDeviceEngine",
+        f"caption.env={json.dumps({'VECAP_DEAD_KEYS': ','.join(dead)})}",
+        "faults.max_consecutive_fatal=2",
+    ]
+    argv = ["caption", "--no-progress", *(a for x in sets for a in ("--set", x)), "--shards", "00000"]
+    assert cli.main(argv) == 0
+    out = stage_output(root, "caption")
+    parquet = Path(Layout(str(root)).parquet("caption", "00000"))
+    committed = {p: p.read_bytes() for p in (parquet, marker_path(root, "caption", "00000"))}
+    capsys.readouterr()
+    with caplog.at_level("ERROR"):
+        rc = cli.main([*argv, "00001"])
+    assert rc == 1
+    assert "2 fatal engine errors in a row" in caplog.text and "committed shards are kept" in caplog.text
+    assert "00001" in caplog.text and "DeadDeviceEngine" in caplog.text
+    assert out.done() == {"00000"} and {p: p.read_bytes() for p in committed} == committed
+
+
 def test_a_suspect_call_waits_for_the_calls_in_flight_and_runs_alone():
     import asyncio
 

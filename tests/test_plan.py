@@ -108,9 +108,10 @@ def test_plan_from_a_gpu_benchmark(tmp_path, capsys, caplog):
     out = json.loads(capsys.readouterr().out)
     assert out["caption"]["per_s"] == 38.0 and out["fuse"]["per_s"] == 96.0
     assert main(argv) == 0 and f"measured: {path}" in capsys.readouterr().out
-    path.write_text(json.dumps(doc | {"mode": "reduced"}))
-    with pytest.raises(ValueError, match="reduced"):
-        plan.make_plan(cfg, 10_000_000, "h200", measured=str(path))
+    for mode in ("reduced", "cpu-tiny"):  # bench.gpu --reduced, bench.gpu_hf --cpu-tiny
+        path.write_text(json.dumps(doc | {"mode": mode}))
+        with pytest.raises(ValueError, match=mode):
+            plan.make_plan(cfg, 10_000_000, "h200", measured=str(path))
     with caplog.at_level("ERROR"):
         assert main(argv) == 2  # a reduced (CPU) result is refused with the reason, no traceback
     assert "not a GPU measurement" in caplog.text

@@ -353,9 +353,9 @@ def card_of(device: str) -> GPU | None:
 def measured_throughput(path: str, gpu: GPU) -> dict[str, Throughput]:
     """Per-GPU rates from ``python -m bench.gpu``'s results; measured on another GPU, scaled by dense BF16 peak."""
     doc = json.loads(Path(path).read_text())
-    if doc.get("mode") == "reduced":
+    if doc.get("mode") in ("reduced", "cpu-tiny"):
         raise ValueError(
-            f"{path} comes from `python -m bench.gpu --reduced` (tiny models on a CPU): not a GPU measurement"
+            f"{path} comes from a benchmark's CPU mode ({doc['mode']}: tiny models on a CPU): not a GPU measurement"
         )
     out: dict[str, Throughput] = {}
     for stage in ("caption", "fuse"):
