@@ -48,6 +48,9 @@ class Sizes:
     # engine or the default (on) only.
     max_num_seqs: int = 16
     fuse_prefix_modes: tuple[str, ...] = ("on", "off")
+    # Peers section: repetitions of each job's two sides (vecap, a user's Ray Data LLM script), each a
+    # fresh process of its own (Ray and the engine start in each); the shards are caption_shards/fuse_shards.
+    peers_reps: int = 3
 
 
 # Realistic output lengths with random weights (Sampling.synthetic_lengths): EOS ignored, each
@@ -71,7 +74,16 @@ FULL = Sizes(
     driver_samples=10_000,
     driver_shard_sizes=(100, 10_000),
     driver_reps=1,
-    budget_s={"setup": 45, "io": 20, "driver": 900, "memory": 110, "caption": 200, "fuse": 360, "backends": 150},
+    budget_s={
+        "setup": 45,
+        "io": 20,
+        "driver": 900,
+        "memory": 110,
+        "caption": 200,
+        "fuse": 360,
+        "backends": 150,
+        "peers": 720,
+    },
 )
 QUICK = Sizes(
     reps=1,
@@ -88,11 +100,21 @@ QUICK = Sizes(
     driver_samples=500,
     driver_shard_sizes=(100, 500),
     driver_reps=1,
-    budget_s={"setup": 40, "io": 10, "driver": 200, "memory": 50, "caption": 90, "fuse": 150, "backends": 60},
+    budget_s={
+        "setup": 40,
+        "io": 10,
+        "driver": 200,
+        "memory": 50,
+        "caption": 90,
+        "fuse": 150,
+        "backends": 60,
+        "peers": 540,
+    },
     max_num_seqs=8,
     fuse_prefix_modes=("on",),
+    peers_reps=2,
 )
-SECTIONS = ("io", "driver", "memory", "caption", "fuse", "backends")
+SECTIONS = ("io", "driver", "memory", "caption", "fuse", "backends", "peers")
 
 
 def offline_env() -> dict[str, str]:

@@ -39,6 +39,16 @@ the results files come from the bench's one harness (:mod:`bench.harness`). Outp
 
     python -m bench.gpu                           # GPU: both models, ~5-6 minutes on an H100/H200 (estimate)
     python -m bench.gpu --reduced --out x.json
+    python -m bench.gpu --peers                   # GPU: vecap against a user's Ray Data LLM script (below)
+
+``--peers`` runs the CPU benchmark's peers section (:mod:`bench.peers`) on the GPU machine instead:
+``vecap caption`` / ``vecap fuse`` (the ``gpu`` recipe, one engine on one GPU, the full model
+configurations with dummy weights) against the same jobs written as a user's own ``ray.data.llm``
+script, each side in a fresh process, alternating, on the same img2dataset shards
+(``--peers-data``, or ``--peers-images`` generated ones), with realistic output lengths. It
+needs vLLM (GPU build), Ray (``ray[data]``) and img2dataset where the shards are generated; results
+to ``bench/results/gpu-peers.{json,md}`` by default. With ``--reduced`` the same runs on a CPU
+with the tiny configurations (a few minutes: each side starts Ray and its engine).
 """
 
 from __future__ import annotations
@@ -426,8 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reduced", action="store_true", help="tiny configs on the CPU, a few requests (CI)")
     p.add_argument(
         "--out",
-        default=str(REPO / "bench" / "results" / "gpu.json"),
-        help="JSON results (and the same name with .md) (default: %(default)s)",
+        default=None,
+        help="JSON results (and the same name with .md) (default: bench/results/gpu.json, with --peers gpu-peers.json)",
     )
     p.add_argument("--stages", default="caption,fuse")
     # requests > batch x in-flight > max_num_seqs: the actor refills a full engine as batches finish
@@ -448,6 +458,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=1, help="passes over the requests per side (median; 1 with --reduced)")
     p.add_argument("--budget-s", type=float, default=150.0, help="seconds per model after which no new pass starts")
     p.add_argument("--work", default=None, help="folder for the model folders (default: a temporary one)")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="vecap caption/fuse against a user's own Ray Data LLM script, fresh processes (bench.peers)",
+    )
+    p.add_argument("--peers-images", type=int, default=2048, help="--peers: images to generate (default: %(default)s)")
+    p.add_argument("--peers-shard-size", type=int, default=512, help="--peers: samples per generated shard")
+    p.add_argument("--peers-data", default=None, help="--peers: an img2dataset images/ folder to use instead")
+    p.add_argument("--peers-reps", type=int, default=2, help="--peers: repetitions of each side (alternating)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child process: run this one stage
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     return p
@@ -464,7 +483,11 @@ def _env(reduced: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / ("gpu-peers.json" if args.peers else "gpu.json"))
     _env(args.reduced)
+    if args.peers:
+        return run_peers(args)
     if args.stage:  # child
         result = run_stage(args.stage, args)
         Path(args.child_out).write_text(json.dumps(result))
@@ -544,6 +567,103 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     harness.write(out.parent, out.stem, "vecap GPU engines: stage against single-call engine and the compute ceiling")
+    print(json.dumps(json.loads(out.read_text())))  # the last line of stdout: the same JSON
+    return 1 if harness.failed() else 0
+
+
+# ------------------------------------------------------------------------------ peers
+def peers_overrides(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[str, dict[str, list[str]]]:
+    """The recipe and, per stage, the ``--set`` overrides of the peers runs: the ``gpu`` recipe with the
+    model folders (dummy weights), one engine, realistic output lengths and the fuse checks off (so that
+    both sides' texts can be compared); with ``--reduced`` the CPU ``demo`` recipe and the tiny configs."""
+    from vecap.validation.checks import FUSE_REASONS
+
+    recipe = "demo" if args.reduced else "gpu"
+    common = [f"caption.model={folders['caption']}", f"fuse.model={folders['fuse']}", "caption.dedup=false"]
+    if args.reduced:
+        common += ["caption.image_size=32", "caption.batch_size=4", "fuse.batch_size=4"]
+    else:
+        common += [f"{s}.engine.gpu_memory_utilization={args.gpu_memory_utilization}" for s in ("caption", "fuse")]
+        common += ["caption.batch_size=" + str(args.caption_batch), "fuse.batch_size=" + str(args.fuse_batch)]
+    out: dict[str, list[str]] = {}
+    for stage, (lo, hi), seqs in (
+        ("caption", CAPTION_LENGTHS, 4 if args.reduced else args.caption_max_num_seqs),
+        ("fuse", FUSE_LENGTHS, 4 if args.reduced else args.fuse_max_num_seqs),
+    ):
+        extra = [f"{stage}.synthetic_lengths=[{lo},{hi}]", f"{stage}.engine.max_num_seqs={seqs}", f"{stage}.actors=1"]
+        extra.append(f"{stage}.engine.load_format=dummy")
+        if not args.reduced:
+            extra += [f"{stage}.gpus_per_actor=1", f"{stage}.max_batches_in_flight={args.in_flight}"]
+        if stage == "fuse":
+            extra.append(f"fuse.validation.skip=[{','.join(FUSE_REASONS)}]")
+        out[stage] = common + extra
+    return recipe, out
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    """``--peers``: the peers section (bench.peers) with the full model configurations on this machine."""
+    import shutil
+
+    from bench import peers
+    from bench.workload import write_captions
+    from vecap.config import load_config
+    from vecap.reader import list_shards
+
+    stages = [s for s in args.stages.split(",") if s]
+    harness = Harness({"peers": args.budget_s * 4 * len(stages)}, reps=args.peers_reps, quick=args.reduced)
+    with tempfile.TemporaryDirectory(prefix="vecap-gpu-peers-") as tmp:
+        work = Path(args.work or tmp)
+        folders = {
+            "caption": write_model(work / "caption", _reduced(LLAVA_15_7B) if args.reduced else LLAVA_15_7B),
+            "fuse": write_model(work / "fuse", _reduced(LLAMA_3_8B) if args.reduced else LLAMA_3_8B),
+        }
+        if args.peers_data:
+            images = Path(args.peers_data).resolve()
+        else:
+            from vecap.demo.sample_data import make_sample_data
+
+            n = min(args.peers_images, 16) if args.reduced else args.peers_images
+            images = make_sample_data(work / "data", n_images=n, shard_size=min(args.peers_shard_size, n)).resolve()
+        shards = list_shards(str(images))
+
+        def make_root(name: str) -> Path:
+            root = work / "runs" / name
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            (root / "images").symlink_to(images, target_is_directory=True)
+            return root
+
+        recipe, overrides = peers_overrides(args, folders)
+        results: dict[str, Any] = {}
+        for stage in stages:
+            captions = None
+            if stage == "fuse":
+                base = make_root("peers-fuse-input")
+                write_captions(base, shards, load_config(recipe, [*overrides["fuse"], f"root={base}"]))
+                captions = base / "captions"
+            harness.section(
+                stage,
+                partial(
+                    peers.compare_job,
+                    harness,
+                    "peers",
+                    stage,
+                    recipe,
+                    overrides[stage],
+                    shards,
+                    make_root,
+                    images,
+                    captions,
+                    args.peers_reps,
+                ),
+            )
+            if "error" not in harness.results[stage]:
+                results[stage] = harness.results[stage]
+        peers.report(harness, "peers", results, note=f" ({'reduced configs, CPU' if args.reduced else 'GPU'})")
+        harness.results["mode"] = "reduced" if args.reduced else "full"
+    harness.note(peers.PEERS_NOTES.replace("-c demo", f"-c {recipe}"))
+    out = Path(args.out)
+    harness.write(out.parent, out.stem, "vecap against a user's own Ray Data LLM script (bench.peers)")
     print(json.dumps(json.loads(out.read_text())))  # the last line of stdout: the same JSON
     return 1 if harness.failed() else 0
 

@@ -11,11 +11,15 @@ Sections, in the order they run (each one's figures come from public interfaces 
    (realistic output lengths, busy fractions), the stage's actor alone, and batch by batch;
 5. ``fuse``: the same for the fuse stage, prefix caching on and off (on only with ``--quick``);
 6. ``backends``: the vLLM backend against the hf backend, same requests, greedy, and a profile
-   of one call on each (:mod:`bench.profile`).
+   of one call on each (:mod:`bench.profile`);
+7. ``peers``: ``vecap caption`` / ``vecap fuse`` against the same jobs written as a user's own Ray
+   Data LLM script (:mod:`bench.peers`), each side a fresh process, alternating.
 
 Sizes suit a 2-core machine: ``--quick`` about 12 minutes, the full run about 30 (the
-data-path runs of 10,000 samples take up to 15 of them). Each section has a time budget
-(:class:`bench.harness.Harness`): a loaded machine gives fewer repetitions, said in the results.
+data-path runs of 10,000 samples take up to 15 of them), plus the peers section (each side a
+fresh process that starts Ray and its engine): about 9 minutes more with ``--quick``, 12 in full.
+Each section has a time budget (:class:`bench.harness.Harness`): a loaded machine gives fewer
+repetitions, said in the results.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def _sections() -> dict[str, Callable[[Ctx], dict[str, Any]]]:
     from bench.engines import bench_backends, bench_caption, bench_fuse
     from bench.iopath import bench_io
     from bench.memory import bench_memory
+    from bench.peers import bench_peers
 
     return {
         "io": bench_io,
@@ -75,6 +80,7 @@ def _sections() -> dict[str, Callable[[Ctx], dict[str, Any]]]:
         "caption": bench_caption,
         "fuse": bench_fuse,
         "backends": bench_backends,
+        "peers": bench_peers,
     }
 
 
@@ -85,7 +91,7 @@ def main(quick: bool = False, sections: Sequence[str] = SECTIONS, out_dir: str |
     budgets = {k: v for k, v in sizes.budget_s.items() if k == "setup" or k in sections}
     harness = Harness(budgets, reps=sizes.reps, quick=quick)
     t0 = time.time()
-    ctx = prepare(sizes, harness, need_models=bool(set(sections) & {"memory", "caption", "fuse", "backends"}))
+    ctx = prepare(sizes, harness, need_models=bool(set(sections) & {"memory", "caption", "fuse", "backends", "peers"}))
     harness.section_s["setup"] = time.time() - t0
     fns = _sections()
     ray_tmp = tempfile.mkdtemp(prefix="vecap-bench-ray-", dir="/tmp")
