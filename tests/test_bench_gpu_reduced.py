@@ -81,3 +81,19 @@ def test_gpu_script_counts_flops_with_the_planner():
         (gpu.LLAMA_3_8B, plan.LLAMA_3_8B, 250, 60),
     ):
         assert plan.flops_per_request(full, prompt, output) == plan.flops_per_request(compact, prompt, output)
+
+
+def test_gpu_script_peers_arguments(tmp_path):
+    """`python -m bench.gpu --peers` (full configs, the gpu recipe) and its --reduced form (the demo recipe):
+    each side's overrides load as a valid recipe with the bench's output lengths and one engine."""
+    sys.path.insert(0, str(REPO))
+    from bench import gpu
+    from vecap.config import load_config
+
+    for argv, recipe in ((["--peers"], "gpu"), (["--peers", "--reduced"], "demo")):
+        args = gpu._parser().parse_args(argv)
+        got, overrides = gpu.peers_overrides(args, {"caption": tmp_path / "c", "fuse": tmp_path / "f"})
+        assert got == recipe and args.out is None
+        for stage in ("caption", "fuse"):
+            cfg = load_config(recipe, [*overrides[stage], f"root={tmp_path}"])
+            assert getattr(cfg, stage).synthetic_lengths is not None and getattr(cfg, stage).actors == 1
