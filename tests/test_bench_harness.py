@@ -109,7 +109,11 @@ def test_the_benchmark_modules_import_one_another_without_a_cycle():
         p.stem: {
             n.module.split(".")[1]
             for n in ast.walk(ast.parse(p.read_text()))
-            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("bench.")
+            if isinstance(n, ast.ImportFrom)
+            and n.module
+            and n.module.startswith("bench.")
+            # (a module run as __main__ that imports itself by name, for Ray to unpickle its functions)
+            and n.module.split(".")[1] != p.stem
         }
         for p in bench.glob("*.py")
     }
