@@ -188,6 +188,8 @@ def test_the_circuit_breaker_exits_non_zero_and_keeps_what_was_committed(
     assert "2 fatal engine errors in a row" in caplog.text and "committed shards are kept" in caplog.text
     assert "00001" in caplog.text and "DeadDeviceEngine" in caplog.text
     assert out.done() == {"00000"} and {p: p.read_bytes() for p in committed} == committed
+    # the first fatal error made the actor exit and Ray restart it: the second came from the new actor
+    assert json.loads(Path(Layout(str(root)).run_file("caption")).read_text())["engine_restarts"] >= 1
 
 
 def test_a_suspect_call_waits_for_the_calls_in_flight_and_runs_alone():

@@ -17,6 +17,7 @@ from vecap.stages.base import (
     ROW_COLUMNS,
     StageContractError,
     check_steps,
+    read_columns,
     timed,
     timing_columns,
     work_schema,
@@ -41,13 +42,10 @@ def stages():
     return _stages()
 
 
-def _read(stages):
-    """What the stream's read writes for these stages' shards."""
-    return {c for stage in stages for c in stage.read_columns}
-
-
 def _steps(stages):
-    return work_steps(list(stages), Storage.for_path("."), Layout("."))  # built, not run: nothing is read
+    return work_steps(
+        list(stages), work_schema(stages), Storage.for_path("."), Layout(".")
+    )  # built, not run: nothing is read
 
 
 def test_the_stream_of_both_stages_keeps_its_declarations(stages):
@@ -64,16 +62,16 @@ def test_a_wrong_declaration_fails_when_the_stream_is_built_with_the_column_name
     typo = [*steps]
     typo[check] = dataclasses.replace(steps[check], inputs=(*steps[check].inputs, "fuse_outputs"))
     with pytest.raises(StageContractError, match=r"'fuse-check' reads \['fuse_outputs'\]"):
-        check_steps(typo, work_schema(stages), _read(stages))
+        check_steps(typo, work_schema(stages), read_columns(stages))
     # a step before the one that writes what it reads
     early = [s for s in steps if s.name != "fuse-check"]
     early.insert(early.index(next(s for s in early if s.name == "fuse")), steps[check])
     with pytest.raises(StageContractError, match=r"'fuse-check' reads \[.*'fuse_output'"):
-        check_steps(early, work_schema(stages), _read(stages))
+        check_steps(early, work_schema(stages), read_columns(stages))
     # a column that is not a work column
     bad = dataclasses.replace(steps[0], outputs=("vlm_captions",))
     with pytest.raises(StageContractError, match=r"writes \['vlm_captions'\]"):
-        check_steps([bad], work_schema(stages), _read(stages))
+        check_steps([bad], work_schema(stages), read_columns(stages))
 
 
 def _only(rows: list[dict], reads, writes=()) -> pa.Table:

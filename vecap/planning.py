@@ -117,9 +117,9 @@ def _stream_of(
     in_order = [s for s in vocab.STREAM_STAGES if s in steps]
     first = next((s for s in in_order if need[s]), None)
     stream = in_order[in_order.index(first) :] if first is not None else []
-    stages = [*vocab.STREAM_STAGES, vocab.WRITE]
     for stage in [*stream[:1], *([vocab.WRITE] if need[vocab.WRITE] else [])]:
-        before = stages[stages.index(stage) - 1] if stages.index(stage) else None
+        i = vocab.STAGES.index(stage)
+        before = vocab.STAGES[i - 1] if i else None  # the stage whose output this one takes
         if before is not None and before not in stream and shard not in done[before]:
             raise ConfigError(f"shard {shard} has no {before} output yet: run `vecap {before}` (or `vecap run`) first")
     return stream, vocab.READS_FROM[first] if first is not None else None

@@ -17,7 +17,7 @@ from vecap.finalize import write_parts
 from vecap.layout import Layout
 from vecap.planning import ShardPlan
 from vecap.reuse import DUPLICATE, Reuse
-from vecap.stages.base import READ_STEP, Stage, Step, check_steps, work_schema
+from vecap.stages.base import READ_STEP, Stage, Step, check_steps, read_columns, work_schema
 from vecap.storage import Storage
 
 
@@ -77,14 +77,14 @@ def build_stream(
         concurrency=cfg.max_inflight_shards,
         memory_mb=1024,
     ).apply(ds)
-    for step in work_steps(in_stream, storage, layout):
+    for step in work_steps(in_stream, schema, storage, layout):
         ds = step.apply(ds)
     return ds
 
 
-def work_steps(in_stream: list[Stage], storage: Storage, layout: Layout) -> list[Step]:
+def work_steps(in_stream: list[Stage], schema: pa.Schema, storage: Storage, layout: Layout) -> list[Step]:
     """The steps after the read: each stream stage's, then the part writer; their declared columns
-    checked against what the read and the steps before them write, in the run's work schema
+    checked against what the read and the steps before them write, in the run's work ``schema``
     (:func:`vecap.stages.base.check_steps`)."""
     steps = [step for stage in in_stream for step in stage.steps()]
     reads = sorted({c for stage in in_stream for c in stage.reads} | {"caption_source", "engine_stats"})
@@ -96,8 +96,7 @@ def work_steps(in_stream: list[Stage], storage: Storage, layout: Layout) -> list
         num_cpus=0.25,
         timed=False,  # it returns manifest rows, not work rows: it sums the others' timings
     )
-    read = {c for stage in in_stream for c in stage.read_columns}
-    check_steps([*steps, writer], work_schema(in_stream), read)
+    check_steps([*steps, writer], schema, read_columns(in_stream))
     return [*steps, writer]
 
 

@@ -23,7 +23,7 @@ from vecap.backends.vllm_engine import VLLMEngine
 log = logging.getLogger(__name__)
 
 POISON_ENV = "VECAP_POISON_KEYS"
-DEAD_ENV, DEAD_AFTER_ENV = "VECAP_DEAD_KEYS", "VECAP_DEAD_AFTER"
+DEAD_ENV = "VECAP_DEAD_KEYS"
 
 
 class PoisonVLLMEngine(VLLMEngine):
@@ -44,8 +44,7 @@ class PoisonVLLMEngine(VLLMEngine):
 class DeadDeviceEngine(ChatEngine):
     """A model-less engine (``backend: vecap.demo.faulty:DeadDeviceEngine``) that answers every request
     with a fixed caption, except that a call holding a key of ``VECAP_DEAD_KEYS`` fails as a lost GPU
-    does (:class:`EngineFatal`, every time, after a restart too), once the file ``VECAP_DEAD_AFTER``
-    exists (so that what came before it is committed first). For the circuit breaker's test: the
+    does (:class:`EngineFatal`, every time, after a restart too). For the circuit breaker's test: the
     plumbing around fatal errors, without a model's start-up per restart."""
 
     max_concurrent_calls = 4
@@ -53,14 +52,8 @@ class DeadDeviceEngine(ChatEngine):
     def __init__(self, spec: EngineSpec) -> None:
         super().__init__(spec)
         self.dead = {k for k in os.environ.get(DEAD_ENV, "").split(",") if k}
-        self.after = os.environ.get(DEAD_AFTER_ENV)
 
     def _generate(self, requests: Sequence[Request]) -> list[Generation]:
-        import time
-
         if self.dead & {r.key for r in requests if r.key}:
-            deadline = time.monotonic() + 300
-            while self.after and not os.path.exists(self.after) and time.monotonic() < deadline:
-                time.sleep(0.1)
             raise EngineFatal("CUDA error: an illegal memory access was encountered (DeadDeviceEngine)")
         return [Generation(text="A red bus on a bridge.", finish_reason="stop", n_output_tokens=7) for _ in requests]

@@ -95,6 +95,11 @@ def work_schema(stages: Sequence[Stage]) -> pa.Schema:
     return pa.schema(list(fields.values()))
 
 
+def read_columns(stages: Sequence[Stage]) -> set[str]:
+    """What the stream's read step writes for a run of ``stages`` (a shard is read for its first stage)."""
+    return {c for stage in stages for c in stage.read_columns}
+
+
 def work_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Work rows (dicts; absent columns are null) as a table of the run's work schema."""
     return schemas.table(rows, schema)

@@ -243,27 +243,8 @@ class CaptionStage(Stage):
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.CAPTIONS
     columns: ClassVar[pa.Schema] = COLUMNS
-    read_columns: ClassVar[tuple[str, ...]] = (
-        "status",
-        "reason",
-        "error",
-        "alt_text",
-        "url",
-        "pixels",
-        "pixels_w",
-        "pixels_h",
-        "needs_caption",
-        "sha256",
-        "caption_source",
-        "caption_from",
-        "caption_from_shard",
-        "vlm_caption",  # a cached caption (vecap.reuse), and what follows it
-        "caption_finish_reason",
-        "caption_n_prompt_tokens",
-        "caption_n_output_tokens",
-        "caption_seed",
-        "caption_quality",
-    )
+    # an image shard's read writes every caption column (a cached caption's too: vecap.reuse)
+    read_columns: ClassVar[tuple[str, ...]] = ("status", "reason", "error", *COLUMNS.names)
     reads: ClassVar[tuple[str, ...]] = (
         "status",
         "reason",

@@ -41,11 +41,13 @@ from vecap.validation import fingerprint as checks_fingerprint
 
 STAGE = vocab.FUSE
 
-# The work columns of the fuse stage (beyond vecap.stages.base.ROW): what it reads of a committed
-# caption and its alt-text (the caption stage's columns), then the LLM's request, answer and verdict.
+# What the read of a captions shard takes of a committed caption and its alt-text (caption stage columns).
+FROM_CAPTIONS = ("alt_text", "url", "vlm_caption", "caption_seed", "caption_source")
+# The work columns of the fuse stage (beyond vecap.stages.base.ROW): those, then the LLM's request,
+# answer and verdict.
 COLUMNS = pa.schema(
     [
-        *(CAPTION_COLUMNS.field(name) for name in ("alt_text", "url", "vlm_caption", "caption_seed", "caption_source")),
+        *(CAPTION_COLUMNS.field(name) for name in FROM_CAPTIONS),
         ("needs_fuse", pa.bool_()),
         ("fuse_messages", pa.string()),  # JSON chat messages, built on CPU before the actor
         ("fuse_output", pa.string()),
@@ -181,15 +183,7 @@ class FuseStage(Stage):
     name: ClassVar[str] = STAGE
     schema: ClassVar[pa.Schema] = schemas.FUSED
     columns: ClassVar[pa.Schema] = COLUMNS
-    read_columns: ClassVar[tuple[str, ...]] = (
-        "status",
-        "error",
-        "alt_text",
-        "url",
-        "vlm_caption",
-        "caption_seed",
-        "caption_source",
-    )
+    read_columns: ClassVar[tuple[str, ...]] = ("status", "error", *FROM_CAPTIONS)
     reads: ClassVar[tuple[str, ...]] = (
         "fused_status",
         "error",
